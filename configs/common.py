@@ -1,0 +1,68 @@
+"""What the config files share: the `:arg` parser and the model sizes."""
+
+import ast
+import difflib
+from typing import Any
+
+import ml_collections as mlc
+
+# Stage I (`proj.uvim.vit`) and stage II (`proj.uvim.lm`) sizes. 'base'/'large' are the paper's;
+# 'smoke' trains in minutes on a CPU.
+STAGE_I_MODELS = {
+    "base": dict(oracle_depth=6, base_model_depth=12, num_heads=12, mlp_dim=3072, width=768),
+    "smoke": dict(oracle_depth=1, base_model_depth=2, num_heads=4, mlp_dim=512, width=128),
+}
+LM_MODELS = {
+    "base": dict(num_layers=12, num_heads=12, mlp_dim=3072, emb_dim=768),
+    "large": dict(num_layers=24, num_heads=16, mlp_dim=4096, emb_dim=1024),
+    "smoke": dict(num_layers=2, num_heads=4, mlp_dim=512, emb_dim=128),
+}
+
+# The built-in `toy_scenes` dataset (uvim/datasets): its panoptic classes (stuff and things)
+# and the most segments a scene can have.
+TOY_NUM_CLASSES = 8
+TOY_MAX_SEGMENTS = 16
+
+
+def parse_arg(arg: str | None, **spec: Any) -> mlc.ConfigDict:
+  """Parses a config's `:arg` string, e.g. `smoke,res=128`, against `spec` (name=default).
+
+  `k=v` sets k to v converted to the type of its default (a None default takes a Python literal
+  or a string); a bare word sets a boolean to True. Unknown names are errors naming the closest.
+  """
+  values = dict(spec)
+  for piece in (arg or "").split(","):
+    name, has_value, text = (s.strip() for s in piece.partition("="))
+    if not name:
+      continue
+    if name not in spec:
+      close = difflib.get_close_matches(name, spec, n=1)
+      hint = f"did you mean {close[0]!r}? " if close else ""
+      raise ValueError(f"Unknown config arg {name!r} in {arg!r}: {hint}valid args: {sorted(spec)}")
+    if not has_value:
+      if not isinstance(spec[name], bool):
+        raise ValueError(f"Config arg {name!r} needs a value ({name}=...), got a bare word")
+      values[name] = True
+    else:
+      values[name] = _convert(name, text, spec[name])
+  return mlc.ConfigDict(values)
+
+
+def _convert(name: str, text: str, default: Any) -> Any:
+  """`text` as the type of `default`."""
+  if isinstance(default, bool):
+    if text.lower() in ("1", "true", "yes", "on"):
+      return True
+    if text.lower() in ("0", "false", "no", "off"):
+      return False
+    raise ValueError(f"Config arg {name!r} is a boolean, got {text!r}")
+  if default is None:
+    try:
+      return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      return text
+  try:
+    return type(default)(text)
+  except ValueError:
+    raise ValueError(
+        f"Config arg {name!r} expects {type(default).__name__}, got {text!r}") from None

@@ -1,0 +1,1 @@
+"""Evaluators run from `config.evals`: panoptic quality, depth metrics, colorization FID."""

@@ -1,0 +1,102 @@
+"""Command-line plumbing shared by train.py and predict.py: the --config flag and clear errors.
+
+`--config configs/x.py:arg` loads `get_config(arg)` through ml_collections' config_flags, and
+`--config.a.b=value` overrides a key. Mistakes (an unknown key, an unknown `:arg`, a bad value)
+end the program with one line that names the key and the closest valid one, not a traceback.
+"""
+
+import difflib
+import importlib.util
+import sys
+from collections.abc import Sequence
+
+import ml_collections as mlc
+from absl import flags
+from ml_collections import config_flags
+
+CONFIG_FLAG = "config"
+
+
+def define_config_flag() -> flags.FlagHolder:
+  """Defines the required, locked `--config` flag (a typo'd key cannot be set by code either)."""
+  holder = config_flags.DEFINE_config_file(
+      CONFIG_FLAG, None, "Config file and variant, e.g. configs/panoptic_stage1.py:smoke",
+      lock_config=True)
+  flags.mark_flag_as_required(CONFIG_FLAG)
+  return holder
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl `flags_parser`: parses argv, exiting with one clear line on a config mistake."""
+  try:
+    rest = flags.FLAGS(list(argv))
+    flags.FLAGS[CONFIG_FLAG].value.keys()  # config_flags defers some load errors to first use.
+    return rest
+  except Exception as e:  # config_flags raises many types; all end the program here.
+    sys.exit(f"FATAL Flags parsing error: {explain_config_error(argv, e)}\n"
+             "Pass --helpshort or --helpfull to see help on flags.")
+
+
+def explain_config_error(argv: Sequence[str], error: Exception) -> str:
+  """A one-line reason for a flag error, naming the bad key or arg and the closest valid one."""
+  spec = _flag_value(argv, CONFIG_FLAG)
+  if spec is None:
+    return _last_line(error)
+  try:
+    config = load_config(spec)
+  except Exception as e:  # The config file itself (or its `:arg`) is bad.
+    return f"--{CONFIG_FLAG}={spec}: {_last_line(e)}"
+  for arg in argv:
+    if arg.startswith(f"--{CONFIG_FLAG}."):
+      path = arg[len(CONFIG_FLAG) + 3:].partition("=")[0]
+      problem = find_unknown_key(config, path)
+      if problem:
+        return f"{arg}: {problem}"
+  return _last_line(error)
+
+
+def load_config(spec: str) -> mlc.ConfigDict:
+  """Loads `path.py[:arg]` the way config_flags does: `get_config(arg)` or `get_config()`."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_uvim_config", path)
+  if module_spec is None or module_spec.loader is None:
+    raise FileNotFoundError(f"cannot load config file {path!r}")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def find_unknown_key(config: mlc.ConfigDict, path: str) -> str | None:
+  """Why the dotted `path` names no key of `config` (with the closest key), or None if it does."""
+  node, walked = config, []
+  for part in path.split("."):
+    if isinstance(node, mlc.ConfigDict | dict):
+      keys = list(node.keys())
+      if part not in keys:
+        where = f"config.{'.'.join(walked)}" if walked else "the config"
+        close = difflib.get_close_matches(part, keys, n=1)
+        hint = f"did you mean {'.'.join([*walked, close[0]])!r}? " if close else ""
+        return f"{where} has no key {part!r}; {hint}valid keys: {sorted(keys)}"
+      node = node[part]
+    elif isinstance(node, list | tuple) and part.isdigit() and int(part) < len(node):
+      node = node[int(part)]
+    else:
+      return f"config.{'.'.join(walked)} is a {type(node).__name__}, it has no key {part!r}"
+    walked.append(part)
+  return None
+
+
+def _flag_value(argv: Sequence[str], name: str) -> str | None:
+  """The value of `--name=v` or `--name v` in argv."""
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{name}="):
+      return arg.split("=", 1)[1]
+    if arg == f"--{name}" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _last_line(error: BaseException) -> str:
+  """The informative line of an error whose message may embed a whole traceback."""
+  lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+  return lines[-1] if lines else type(error).__name__
