@@ -10,6 +10,8 @@ import inspect
 from collections.abc import Sequence
 from typing import Any
 
+import tensorflow as tf
+
 from pp import registry
 from pp.registry import PPFn
 
@@ -28,14 +30,15 @@ class PPKeyError(KeyError):
 def get_preprocess_fn(spec: str, modules: Sequence[str] = registry.DEFAULT_MODULES) -> PPFn:
   """Parses `spec` into one `dict -> dict` function that applies its ops in order.
 
-  The function works eagerly and inside `tf.data.Dataset.map`. It copies the input dict, so
-  the caller's dict is never modified.
+  The function works eagerly (numpy arrays and bytes are converted to tensors) and inside
+  `tf.data.Dataset.map`. It copies the input dict, so the caller's dict is never modified.
   """
   registry.import_modules(modules)
   ops = [(piece, _build_op(spec, start, piece)) for start, piece in split_spec(spec)]
 
+  @tf.autograph.experimental.do_not_convert  # Ops use tf.cond explicitly; keeps errors as is.
   def preprocess(data: dict[str, Any]) -> dict[str, Any]:
-    data = dict(data)
+    data = tf.nest.map_structure(tf.convert_to_tensor, dict(data))
     for piece, op in ops:
       data = _apply(op, piece, data)
     return data

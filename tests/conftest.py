@@ -1,0 +1,41 @@
+"""Test setup: 8 simulated CPU devices, quiet TF, and helpers to run pp eagerly and in tf.data."""
+
+import os
+
+# Before any import of jax (TF imports it through keras): simulate 8 devices on the CPU.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+tf.config.set_visible_devices([], "GPU")
+
+
+def _to_numpy(tree):
+  return tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, tree)
+
+
+def run_pp_both(fn, example):
+  """Runs `fn` on `example` eagerly and inside tf.data.Dataset.map; returns both as numpy."""
+  eager = _to_numpy(fn(dict(example)))
+  dataset = tf.data.Dataset.from_tensors(example).map(fn)
+  graph = _to_numpy(next(iter(dataset)))
+  return eager, graph
+
+
+@pytest.fixture
+def run_pp():
+  """Fixture: `run_pp(fn, example)` -> result, asserting eager and tf.data agree exactly."""
+
+  def run(fn, example):
+    eager, graph = run_pp_both(fn, example)
+    assert sorted(eager) == sorted(graph)
+    for k in eager:
+      tf.nest.map_structure(np.testing.assert_array_equal, eager[k], graph[k])
+    return eager
+
+  return run
+

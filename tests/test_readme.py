@@ -1,0 +1,25 @@
+"""README's test command is the one CI runs, and its main command uses a real config."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+  blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+  return [b.strip() for b in blocks if b.strip().startswith("python3 -m venv")]
+
+
+def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
+  main, test = readme_commands()
+  assert "train.py --config configs/" in main
+  assert "pytest" in test
+  ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+  assert test in ci_lines
+
+
+def test_main_command_config_exists():
+  main, _ = readme_commands()
+  config = re.search(r"--config (\S+?)(:\S+)? ", main).group(1)
+  assert (ROOT / config).is_file()
