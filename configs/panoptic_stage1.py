@@ -21,8 +21,11 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   patch_size = 8 if arg.smoke else 16
 
   config = mlc.ConfigDict()
+  config.seed = 0
   config.task = "panoptic_segmentation"
+  config.pp_modules = ["ops_general", "ops_image", "proj.uvim.pp_ops"]
   config.dataset = "coco/2017_panoptic"
+  config.data_dir = mlc.config_dict.placeholder(str)  # default: $TFDS_DATA_DIR
   config.val_split = "train[:4096]"
   config.train_split = "train[4096:]"
   config.batch_size = 1024

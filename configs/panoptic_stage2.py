@@ -23,6 +23,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   patch_size = label_patch_size = 8 if arg.smoke else 16
 
   config = mlc.ConfigDict()
+  config.seed = 0
   config.pp_modules = ["ops_general", "ops_image", "proj.uvim.pp_ops"]
   config.pp_train = (
       'decode|coco_panoptic|'
@@ -54,6 +55,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       'keep("image", "image_ctx", "image/id")')
 
   config.dataset = "coco/2017_panoptic"
+  config.data_dir = mlc.config_dict.placeholder(str)  # default: $TFDS_DATA_DIR
   config.train_split = "train[4096:]"
   config.val_split = "train[:4096]"
   config.shuffle_buffer_size = 50_000

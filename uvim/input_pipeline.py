@@ -1,0 +1,218 @@
+"""Input pipeline: tfds split -> pp -> per-host batches -> global `jax.Array`s on the mesh.
+
+Training data is an endless, deterministic stream per host: epoch e is the host's even share of
+the split, shuffled with a seed made from (seed, host, e), and the example at stream position p
+carries the pp seed `[host_seed, p]`. So the stream is a function of its position, the number of
+examples this host has consumed: a restarted run rebuilds it at exactly the batch where it
+stopped (re-reading at most one epoch of raw records to get there).
+
+Evaluation covers every example of the split exactly once: every host runs the same number of
+batches, the last ones padded with zero examples whose `_mask` is False.
+"""
+
+import collections
+import itertools
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+
+from pp.builder import get_preprocess_fn
+from pp.utils import RNG_KEY
+
+MASK_KEY = "_mask"
+BATCH_AXES = ("data", "fsdp")  # mesh axes the batch is split over, where present
+
+
+class DatasetNotPreparedError(RuntimeError):
+  """A catalog dataset that is not in the data dir; says how to prepare it."""
+
+
+def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+  """The prepared tfds builder for `name` (e.g. 'toy_scenes', 'coco/2017_panoptic').
+
+  The built-in `toy_scenes` is generated on first use. Nothing is ever downloaded: a catalog
+  dataset missing from `data_dir` (default: $TFDS_DATA_DIR or ~/tensorflow_datasets) raises an
+  error that says how to prepare it.
+  """
+  from uvim import datasets  # Registers the local builders.
+
+  builder = tfds.builder(name, data_dir=data_dir)
+  if builder.is_prepared():
+    return builder
+  if isinstance(builder, datasets.toy_scenes.ToyScenes):
+    logging.info("Generating %s in %s (no download).", name, builder.data_dir)
+    builder.download_and_prepare()
+    return builder
+  if isinstance(builder, datasets.coco_folder.CocoPanopticFolder):
+    how = builder.MANUAL_DOWNLOAD_INSTRUCTIONS
+  else:
+    how = (f"prepare it once where the internet is reachable: python -c \"import "
+           f"tensorflow_datasets as tfds; tfds.builder('{name}', data_dir='{data_dir or 'DIR'}')"
+           f".download_and_prepare()\" (for COCO downloaded by hand, use the "
+           f"'coco_panoptic_folder' dataset instead)")
+  raise DatasetNotPreparedError(
+      f"Dataset {name!r} is not prepared in {builder.data_dir}. Point config.data_dir or "
+      f"$TFDS_DATA_DIR at the directory that holds it, or {how}.")
+
+
+def host_split(split: str, process_index: int, process_count: int) -> Any:
+  """This host's even share of a tfds split (e.g. 'train[4096:]')."""
+  return tfds.even_splits(split, n=process_count)[process_index]
+
+
+def _read(builder: tfds.core.DatasetBuilder, split: Any) -> tf.data.Dataset:
+  """Raw examples in a fixed order; `image` stays encoded so that pp starts with `decode`."""
+  features = builder.info.features
+  skip = "image" in features.keys() and isinstance(features["image"], tfds.features.Image)
+  decoders = {"image": tfds.decode.SkipDecoding()} if skip else None
+  return builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
+
+
+def make_for_train(builder: tfds.core.DatasetBuilder, split: str, pp_fn: Callable,
+                   local_batch_size: int, *, shuffle_buffer_size: int, seed: int,
+                   position: int = 0, process_index: int | None = None,
+                   process_count: int | None = None) -> tf.data.Dataset:
+  """This host's endless stream of training batches, starting at example `position`."""
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  split_of_host = host_split(split, process_index, process_count)
+  n = builder.info.splits[split_of_host].num_examples
+  if n < local_batch_size:
+    raise ValueError(f"{builder.name} {split!r} gives host {process_index} {n} examples, fewer "
+                     f"than one batch of {local_batch_size}")
+  raw = _read(builder, split_of_host)
+  host_seed = (seed % 2**31) * 65_537 + process_index
+  buffer = min(shuffle_buffer_size, n)
+
+  def epoch(e):
+    return raw.shuffle(buffer, seed=host_seed + e * 1_000_003, reshuffle_each_iteration=False)
+
+  def with_rng(p, example):
+    return {**example, RNG_KEY: tf.stack([tf.constant(host_seed, tf.int64), p])}
+
+  start_epoch, offset = divmod(position, n)
+  stream = (tf.data.Dataset.range(start_epoch, tf.int64.max).flat_map(epoch).skip(offset)
+            .enumerate(start=position).map(with_rng))
+  return _batch(stream.map(pp_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                .map(_drop_rng), local_batch_size)
+
+
+def make_for_inference(builder: tfds.core.DatasetBuilder, split: str, pp_fn: Callable,
+                       local_batch_size: int, *, process_index: int | None = None,
+                       process_count: int | None = None) -> tuple[tf.data.Dataset, int]:
+  """This host's batches covering its share of `split` once, padded; and the batch count.
+
+  Every host gets the same number of batches. Padding examples are zeros with `_mask` False.
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  splits = [host_split(split, i, process_count) for i in range(process_count)]
+  most = max(builder.info.splits[s].num_examples for s in splits)
+  num_batches = math.ceil(most / local_batch_size)
+  examples = (_read(builder, splits[process_index])
+              .map(pp_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+              .map(lambda ex: {**_drop_rng(ex), MASK_KEY: True}))
+  unknown = {k: s.shape for k, s in examples.element_spec.items()
+             if not s.shape.is_fully_defined()}
+  if unknown:
+    raise ValueError(f"Evaluation pp must give fixed shapes (add a resize); got {unknown}")
+  padding = tf.data.Dataset.from_tensors(
+      {k: _zeros(s) for k, s in examples.element_spec.items()} | {MASK_KEY: False}).repeat()
+  padded = examples.concatenate(padding).take(num_batches * local_batch_size)
+  return _batch(padded, local_batch_size), num_batches
+
+
+def _zeros(spec: tf.TensorSpec) -> tf.Tensor:
+  if spec.dtype == tf.string:
+    return tf.fill(spec.shape, "")
+  return tf.zeros(spec.shape, spec.dtype)
+
+
+def _drop_rng(example: dict) -> dict:
+  return {k: v for k, v in example.items() if k != RNG_KEY}
+
+
+def _batch(ds: tf.data.Dataset, local_batch_size: int) -> tf.data.Dataset:
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.batch(local_batch_size, drop_remainder=True).prefetch(2).with_options(options)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+  """Batches split their leading axis over the mesh's batch axes ('data', then 'fsdp')."""
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes or None))
+
+
+def to_global(batch: dict[str, np.ndarray],
+              sharding: jax.sharding.NamedSharding) -> dict[str, Any]:
+  """Host-local numpy batch -> global `jax.Array`s; strings stay host-local numpy arrays."""
+
+  def put(x):
+    if x.dtype.kind in "SUO":
+      return x
+    return jax.make_array_from_process_local_data(sharding, x)
+
+  return jax.tree.map(put, batch)
+
+
+class GlobalBatches:
+  """Iterates a host-local tf.data pipeline as global batches, a few transfers ahead.
+
+  `position` counts the examples this host has handed out, for resuming (see make_for_train).
+  """
+
+  def __init__(self, dataset: tf.data.Dataset, sharding: jax.sharding.NamedSharding,
+               local_batch_size: int, position: int = 0, prefetch: int = 2):
+    self._source = dataset.as_numpy_iterator()
+    self._sharding, self._local_batch_size = sharding, local_batch_size
+    self._queue: collections.deque = collections.deque()
+    self._prefetch = prefetch
+    self.position = position
+
+  def __iter__(self) -> Iterator[dict[str, Any]]:
+    return self
+
+  def __next__(self) -> dict[str, Any]:
+    for batch in itertools.islice(self._source, self._prefetch + 1 - len(self._queue)):
+      self._queue.append(to_global(batch, self._sharding))
+    if not self._queue:
+      raise StopIteration
+    self.position += self._local_batch_size
+    return self._queue.popleft()
+
+
+def local_batch_size(batch_size: int) -> int:
+  """This host's share of the global batch."""
+  if batch_size % jax.process_count():
+    raise ValueError(f"batch_size {batch_size} is not divisible by the number of hosts "
+                     f"({jax.process_count()})")
+  return batch_size // jax.process_count()
+
+
+def train_data(config, mesh: jax.sharding.Mesh, position: int = 0) -> GlobalBatches:
+  """Global training batches from `config` (dataset, data_dir, train_split, pp_train, pp_modules,
+  batch_size, shuffle_buffer_size, seed), starting at host-local example `position`."""
+  builder = get_builder(config.dataset, config.data_dir)
+  local = local_batch_size(config.batch_size)
+  pp_fn = get_preprocess_fn(config.pp_train, config.pp_modules)
+  ds = make_for_train(builder, config.train_split, pp_fn, local,
+                      shuffle_buffer_size=config.shuffle_buffer_size, seed=config.seed,
+                      position=position)
+  return GlobalBatches(ds, batch_sharding(mesh), local, position)
+
+
+def eval_data(config, split: str, pp: str, batch_size: int,
+              mesh: jax.sharding.Mesh) -> tuple[GlobalBatches, int]:
+  """Global evaluation batches of `split` of `config.dataset` (with `_mask`), and their count."""
+  builder = get_builder(config.dataset, config.data_dir)
+  local = local_batch_size(batch_size)
+  ds, num_batches = make_for_inference(builder, split, get_preprocess_fn(pp, config.pp_modules),
+                                       local)
+  return GlobalBatches(ds, batch_sharding(mesh), local), num_batches
