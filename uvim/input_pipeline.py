@@ -69,7 +69,7 @@ def host_split(split: str, process_index: int, process_count: int) -> Any:
 def _read(builder: tfds.core.DatasetBuilder, split: Any) -> tf.data.Dataset:
   """Raw examples in a fixed order; `image` stays encoded so that pp starts with `decode`."""
   features = builder.info.features
-  skip = "image" in features.keys() and isinstance(features["image"], tfds.features.Image)
+  skip = "image" in features and isinstance(features["image"], tfds.features.Image)
   decoders = {"image": tfds.decode.SkipDecoding()} if skip else None
   return builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
 

@@ -85,8 +85,8 @@ class CocoPanopticFolder(tfds.core.GeneratorBasedBuilder):
     annotations = sorted((root / "annotations").glob("panoptic_*.json"))
     splits = [(m, p) for p in annotations if (m := ANNOTATION_RE.fullmatch(p.name))]
     if not splits:
-      raise FileNotFoundError(
-          f"No annotations/panoptic_<split>2017.json in {root}. {self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+      raise FileNotFoundError(f"No annotations/panoptic_<split>2017.json in {root}. "
+                              f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
     categories = None
     generators = {}
     for match, json_path in splits:
