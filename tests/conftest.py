@@ -39,3 +39,15 @@ def run_pp():
 
   return run
 
+
+
+@pytest.fixture(scope="session")
+def toy_data_dir(tmp_path_factory):
+  """A tfds data dir holding `toy_scenes/tiny` (64 train / 16 validation), built once."""
+  import tensorflow_datasets as tfds
+
+  import uvim.datasets  # noqa: F401
+
+  data_dir = tmp_path_factory.mktemp("tfds")
+  tfds.builder("toy_scenes/tiny", data_dir=data_dir).download_and_prepare()
+  return data_dir

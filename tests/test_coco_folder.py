@@ -1,0 +1,79 @@
+"""COCO-panoptic folders: export the toy scenes, build them back, and reject bad folders."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from uvim.datasets import coco_folder, toy_scenes
+
+
+def export(toy_data_dir, root, image_format="png"):
+  builder = tfds.builder("toy_scenes/tiny", data_dir=toy_data_dir)
+  for split in ("train", "validation"):
+    coco_folder.export_coco_panoptic(tfds.as_numpy(builder.as_dataset(split=split)), root,
+                                     split, coco_folder.categories_of(builder), image_format)
+  return builder
+
+
+def build(root, data_dir, **kwargs):
+  builder = tfds.builder("coco_panoptic_folder", data_dir=data_dir, **kwargs)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=root))
+  return builder
+
+
+def by_id(builder, split):
+  return {int(ex["image/id"]): ex for ex in tfds.as_numpy(builder.as_dataset(split=split))}
+
+
+@pytest.mark.parametrize("image_format", ["png", "jpg"])
+def test_round_trip_toy_export_build_gives_identical_examples(toy_data_dir, tmp_path,
+                                                              image_format):
+  toy = export(toy_data_dir, tmp_path / "coco", image_format)
+  assert (tmp_path / "coco/annotations/panoptic_val2017.json").is_file()
+  assert (tmp_path / "coco/panoptic_train2017").is_dir()
+  folder = build(tmp_path / "coco", tmp_path / "tfds")
+  assert folder.info.metadata["categories"] == toy_scenes.CATEGORIES
+  assert folder.info.features["panoptic_objects"]["label"].names == list(toy_scenes.CLASSES)
+  for split in ("train", "validation"):
+    original, rebuilt = by_id(toy, split), by_id(folder, split)
+    assert sorted(original) == sorted(rebuilt)
+    for image_id, a in original.items():
+      b = rebuilt[image_id]
+      np.testing.assert_array_equal(a["panoptic_image"], b["panoptic_image"])
+      if image_format == "png":
+        np.testing.assert_array_equal(a["image"], b["image"])
+      else:
+        assert np.abs(a["image"].astype(int) - b["image"]).mean() < 6  # JPEG q95 on noise
+      for key in ("id", "label", "area", "is_crowd"):
+        np.testing.assert_array_equal(a["panoptic_objects"][key], b["panoptic_objects"][key])
+      np.testing.assert_allclose(a["panoptic_objects"]["bbox"], b["panoptic_objects"]["bbox"],
+                                 atol=1e-6)
+
+
+def test_corrupt_image_fails_or_is_skipped(toy_data_dir, tmp_path):
+  export(toy_data_dir, tmp_path / "coco")
+  bad = sorted((tmp_path / "coco/val2017").iterdir())[3]
+  bad.write_bytes(b"not an image")
+  with pytest.raises(ValueError, match=f"{bad.name}: unreadable image"):
+    build(tmp_path / "coco", tmp_path / "tfds1")
+  builder = build(tmp_path / "coco", tmp_path / "tfds2", skip_corrupt=True)
+  assert builder.info.splits["validation"].num_examples == 16 - 1
+  assert builder.info.splits["train"].num_examples == 64
+
+
+def test_png_whose_ids_do_not_match_the_json_fails_with_its_name(toy_data_dir, tmp_path):
+  export(toy_data_dir, tmp_path / "coco")
+  annotations = json.loads((tmp_path / "coco/annotations/panoptic_val2017.json").read_text())
+  ann = annotations["annotations"][2]
+  ann["segments_info"] = ann["segments_info"][1:]  # drop one listed segment
+  (tmp_path / "coco/annotations/panoptic_val2017.json").write_text(json.dumps(annotations))
+  with pytest.raises(ValueError, match=f"{ann['file_name']}: segment ids do not match"):
+    build(tmp_path / "coco", tmp_path / "tfds")
+
+
+def test_folder_without_annotations_says_what_layout_it_expects(tmp_path):
+  (tmp_path / "wrong" / "images").mkdir(parents=True)
+  with pytest.raises(FileNotFoundError, match=r"annotations/panoptic_<split>2017\.json"):
+    build(tmp_path / "wrong", tmp_path / "tfds")
