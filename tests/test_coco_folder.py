@@ -77,3 +77,17 @@ def test_folder_without_annotations_says_what_layout_it_expects(tmp_path):
   (tmp_path / "wrong" / "images").mkdir(parents=True)
   with pytest.raises(FileNotFoundError, match=r"annotations/panoptic_<split>2017\.json"):
     build(tmp_path / "wrong", tmp_path / "tfds")
+
+
+def test_export_command_writes_the_layout(toy_data_dir, tmp_path):
+  import subprocess
+  import sys
+  result = subprocess.run(
+      [sys.executable, "-m", "uvim.datasets.export_coco", "--dataset", "toy_scenes/tiny",
+       f"--data_dir={toy_data_dir}", "--split", "validation", f"--out={tmp_path}"],
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  data = json.loads((tmp_path / "annotations/panoptic_val2017.json").read_text())
+  assert len(data["images"]) == len(data["annotations"]) == 16
+  assert data["categories"] == toy_scenes.CATEGORIES
+  assert len(list((tmp_path / "val2017").glob("*.jpg"))) == 16

@@ -15,7 +15,7 @@ The categories (COCO ids, names, isthing) are kept in the dataset's metadata. Bu
 
 and export any panoptic tfds split (e.g. the toy scenes, as ground truth for PQ) with
 
-  python -m uvim.datasets.coco_folder --dataset toy_scenes --split validation --out ROOT
+  python -m uvim.datasets.export_coco --dataset toy_scenes --split validation --out ROOT
 """
 
 import io
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import app, flags, logging
+from absl import logging
 from PIL import Image
 
 FOLDER_TO_TFDS_SPLIT = {"val": "validation"}
@@ -211,22 +211,3 @@ def categories_of(builder: tfds.core.DatasetBuilder) -> list[dict]:
   if "categories" not in metadata:
     raise ValueError(f"{builder.name}: its metadata has no COCO categories; pass them explicitly")
   return metadata["categories"]
-
-
-def main(argv: list[str]) -> None:
-  del argv
-  from uvim import input_pipeline
-  f = flags.FLAGS
-  builder = input_pipeline.get_builder(f.dataset, f.data_dir)
-  examples = tfds.as_numpy(builder.as_dataset(split=f.split))
-  path = export_coco_panoptic(examples, f.out, f.split, categories_of(builder), f.image_format)
-  print(f"Wrote {path}")
-
-
-if __name__ == "__main__":
-  flags.DEFINE_string("dataset", "toy_scenes", "tfds name of a panoptic dataset.")
-  flags.DEFINE_string("split", "validation", "Split to export.")
-  flags.DEFINE_string("out", None, "Root folder to write the COCO layout into.", required=True)
-  flags.DEFINE_string("data_dir", None, "tfds data dir (default: $TFDS_DATA_DIR).")
-  flags.DEFINE_enum("image_format", "jpg", ["jpg", "png"], "Image file format.")
-  app.run(main)
