@@ -1,1 +1,1 @@
-"""Models, registered under the paper's names: `proj.uvim.vit` (stage I), `proj.uvim.lm` (stage II)."""
+"""Models under the paper's names: `proj.uvim.vit` (stage I) and `proj.uvim.lm` (stage II)."""

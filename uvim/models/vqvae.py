@@ -98,7 +98,7 @@ class Model(nn.Module):
   def setup(self):
     self.grid = tuple(int(i // p) for i, p in zip(self.input_size, self.patch_size, strict=True))
     num_tokens = int(np.prod(self.grid))
-    self.code_side = int(round(self.code_len**0.5))
+    self.code_side = round(self.code_len**0.5)
     if self.bottleneck_resize and self.code_side**2 != self.code_len:
       raise ValueError(f"bottleneck_resize needs a square code_len, got {self.code_len}")
     if self.code_dropout not in ("none", "random", "prefix"):
