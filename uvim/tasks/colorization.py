@@ -1,0 +1,26 @@
+"""Colorization: labels are the RGB image in [-1, 1]; the context is its grayscale version.
+
+Stage I sees the raw colours per patch ("color"), is trained with squared error, and predicts
+RGB clipped to [-1, 1].
+"""
+
+import jax.numpy as jnp
+
+from uvim.tasks import common
+
+
+def input_pp(batch: dict, model_config) -> tuple[dict, dict]:
+  return {"color": common.patchify(batch["labels"], model_config.patch_size)}, {}
+
+
+def loss_fn(logits: dict, batch: dict, model_config) -> tuple[jnp.ndarray, dict]:
+  """Per-example mean squared error of the colours."""
+  target = common.patchify(batch["labels"], model_config.patch_size)
+  loss = jnp.mean((logits["color"] - target) ** 2, axis=(1, 2, 3))
+  return loss, {"loss_color": loss}
+
+
+def predict_outputs(logits: dict, model_config) -> dict:
+  """{'color': (B, H, W, 3)} in [-1, 1]."""
+  rgb = common.unpatchify(logits["color"], model_config.patch_size, common.grid_of(model_config))
+  return {"color": jnp.clip(rgb, -1, 1)}

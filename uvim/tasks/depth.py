@@ -1,0 +1,44 @@
+"""Depth: labels (B, H, W, 1) in metres, quantised into uniform bins over [min, max].
+
+Stage I sees the bins one-hot ("depth"), is trained with cross-entropy masked where depth is
+missing (<= min), and predicts the centre of the most likely bin.
+"""
+
+import jax.numpy as jnp
+
+from uvim.tasks import common
+
+MIN_DEPTH, MAX_DEPTH = 1e-3, 10.0
+
+
+def depth_to_bins(depth: jnp.ndarray, num_bins: int) -> jnp.ndarray:
+  """floor((d - min) / (max - min) * bins), clipped to [0, bins - 1]."""
+  bins = jnp.floor((depth - MIN_DEPTH) / (MAX_DEPTH - MIN_DEPTH) * num_bins)
+  return jnp.clip(bins, 0, num_bins - 1).astype(jnp.int32)
+
+
+def bins_to_depth(bins: jnp.ndarray, num_bins: int) -> jnp.ndarray:
+  """Centre of each bin, in metres."""
+  return (bins + 0.5) / num_bins * (MAX_DEPTH - MIN_DEPTH) + MIN_DEPTH
+
+
+def input_pp(batch: dict, model_config) -> tuple[dict, dict]:
+  num_bins = model_config.inputs["depth"][0]
+  bins = depth_to_bins(batch["labels"][..., 0], num_bins)
+  return {"depth": common.one_hot_patches(bins, num_bins, model_config.patch_size)}, {}
+
+
+def loss_fn(logits: dict, batch: dict, model_config) -> tuple[jnp.ndarray, dict]:
+  """Per-example cross-entropy over the bins, averaged over pixels with a depth."""
+  inputs, _ = input_pp(batch, model_config)
+  valid = common.patchify(batch["labels"], model_config.patch_size)[:, :, 0] > MIN_DEPTH
+  xent = common.softmax_xent(logits["depth"], inputs["depth"])
+  loss = jnp.sum(xent * valid, axis=(1, 2)) / jnp.maximum(jnp.sum(valid, axis=(1, 2)), 1)
+  return loss, {"loss_depth": loss}
+
+
+def predict_outputs(logits: dict, model_config) -> dict:
+  """{'depth': (B, H, W)} in metres."""
+  probs = common.unpatchify(logits["depth"], model_config.patch_size,
+                            common.grid_of(model_config))
+  return {"depth": bins_to_depth(jnp.argmax(probs, axis=-1), probs.shape[-1])}

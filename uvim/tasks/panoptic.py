@@ -1,0 +1,49 @@
+"""Panoptic segmentation: labels (B, H, W, 2) = (semantic class + 1, canonical instance id).
+
+Stage I sees both channels one-hot ("semantics": void + classes, "instances": slots), is trained
+with softmax cross-entropy on both, and predicts an instance map (argmax) with one class per
+instance (argmax of the semantic logits summed over the instance's pixels), since panopticapi
+splits a segment whose pixels disagree.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from uvim.tasks import common
+
+
+def input_pp(batch: dict, model_config) -> tuple[dict, dict]:
+  """One-hot label patches, and counts of pixels whose ids do not fit the model."""
+  labels = batch["labels"]
+  num_classes = model_config.inputs["semantics"][0]
+  num_slots = model_config.inputs["instances"][0]
+  semantics, instances = labels[..., 0], labels[..., 1]
+  inputs = {
+      "semantics": common.one_hot_patches(semantics, num_classes, model_config.patch_size),
+      "instances": common.one_hot_patches(instances, num_slots, model_config.patch_size),
+  }
+  stats = {"pixels_class_out_of_range": jnp.sum((semantics < 0) | (semantics >= num_classes)),
+           "pixels_instance_out_of_range": jnp.sum(instances >= num_slots)}
+  return inputs, stats
+
+
+def loss_fn(logits: dict, batch: dict, model_config) -> tuple[jnp.ndarray, dict]:
+  """Per-example loss: mean cross-entropy of semantics plus that of instances."""
+  inputs, _ = input_pp(batch, model_config)
+  losses = {f"loss_{k}": jnp.mean(common.softmax_xent(logits[k], inputs[k]), axis=(1, 2))
+            for k in ("semantics", "instances")}
+  return losses["loss_semantics"] + losses["loss_instances"], losses
+
+
+def predict_outputs(logits: dict, model_config) -> dict:
+  """{'semantics', 'instances'}: (B, H, W) int32 maps, one class per instance."""
+  grid = common.grid_of(model_config)
+  semantic = common.unpatchify(logits["semantics"], model_config.patch_size, grid)
+  instance = common.unpatchify(logits["instances"], model_config.patch_size, grid)
+  instances = jnp.argmax(instance, axis=-1)
+  membership = jax.nn.one_hot(instances, instance.shape[-1], dtype=semantic.dtype)
+  class_logits = jnp.einsum("bhwn,bhwc->bnc", membership, semantic)
+  class_of_instance = jnp.argmax(class_logits, axis=-1)  # (B, slots)
+  semantics = jnp.take_along_axis(class_of_instance, instances.reshape(len(instances), -1), 1)
+  return {"semantics": semantics.reshape(instances.shape).astype(jnp.int32),
+          "instances": instances.astype(jnp.int32)}
