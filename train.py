@@ -6,7 +6,7 @@ r"""Trains a UViM model (stage I or stage II, chosen by the config's model).
 
 from absl import app, flags
 
-from uvim import cli
+from uvim import cli, trainer
 
 _CONFIG = cli.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.")
@@ -17,11 +17,11 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
-  task = config.get("task") or config.oracle.task
-  print(f"Config OK: task={task!r} model={config.model_name!r} dataset={config.dataset!r} "
-        f"batch_size={config.batch_size} -> {_WORKDIR.value}")
-  print("NOT YET: this version has the config system and preprocessing only; the trainer "
-        "comes with the stage I issue. Nothing was trained.")
+  if config.model_name != "proj.uvim.vit":
+    raise app.UsageError(f"NOT YET: model {config.model_name!r} (stage II) comes with the "
+                         "stage II issue; this version trains stage I ('proj.uvim.vit').")
+  cli.quiet_library_logs()
+  trainer.train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
 
   config.dataset = "coco/2017_panoptic"
   config.data_dir = mlc.config_dict.placeholder(str)  # default: $TFDS_DATA_DIR
+  config.mesh = [("data", -1)]  # (axis, size): all devices on the data axis
+  config.total_steps = mlc.config_dict.placeholder(int)  # overrides num_epochs when set
   config.train_split = "train[4096:]"
   config.val_split = "train[:4096]"
   config.shuffle_buffer_size = 50_000
@@ -110,11 +112,14 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
 
   # Evaluation section: (name, evaluator type) pairs, each configured by `config.<name>`.
   config.evals = [
+      ("val", "validation"),
       ("panoptic_train", "coco_panoptic"),
       ("panoptic_holdout", "coco_panoptic"),
       ("panoptic_val", "coco_panoptic"),
   ]
   base_eval = dict(pp=pp_predict, log_steps=10_000)
+  config.val = mlc.ConfigDict(dict(pp=config.pp_eval, prefix="val/"))
+  config.val.split = config.get_ref("val_split")  # every log_eval_steps: mean loss
   config.panoptic_train = mlc.ConfigDict(base_eval)
   config.panoptic_train.prefix = "coco_panoptic_train/"
   config.panoptic_train.split = "train[4096:8192]"

@@ -89,7 +89,7 @@ def test_colorization_mse_and_clipped_prediction():
   cfg = model_config(color=(3, 4))
   labels = np.full((1, 4, 4, 3), 0.5, np.float32)
   logits = {"color": jnp.full((1, 4, 3, 4), 1.5)}
-  loss, parts = colorization.loss_fn(logits, {"labels": labels}, cfg)
+  loss, _ = colorization.loss_fn(logits, {"labels": labels}, cfg)
   np.testing.assert_allclose(loss, [1.0], rtol=1e-6)
   np.testing.assert_array_equal(colorization.predict_outputs(logits, cfg)["color"], 1.0)
 

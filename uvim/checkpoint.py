@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 
 def unflatten(flat: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -43,3 +44,39 @@ def save_npz(path: str | Path, tree: Any) -> None:
   with open(tmp, "wb") as f:
     np.savez(f, **flatten(tree))
   tmp.replace(path)
+
+
+def flatten_json(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """Nested JSON-like dicts -> {'a.b': leaf}."""
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(flatten_json(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def load_params_from_workdir(workdir: str | Path) -> dict[str, Any]:
+  """{'params', 'state'} of the latest checkpoint in one of our training workdirs."""
+  directory = Path(workdir).absolute() / "checkpoints"
+  manager = ocp.CheckpointManager(directory, item_names=("state",))
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint in {directory} (expected a training workdir or a "
+                            "big_vision .npz file)")
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  state = restored["state"]
+  return {"params": state["params"], "state": state["model_state"]}
+
+
+def merge_into(init: Any, loaded: Any, source: str) -> Any:
+  """`loaded` in the structure and dtypes of `init`; names missing or mismatched keys."""
+  want, have = flatten(init), flatten(loaded)
+  missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+  wrong = sorted(k for k in want.keys() & have.keys() if want[k].shape != have[k].shape)
+  if missing or extra or wrong:
+    raise ValueError(
+        f"{source} does not fit the model: missing {missing[:10]}, unexpected {extra[:10]}, "
+        f"shape mismatch {[(k, have[k].shape, want[k].shape) for k in wrong[:10]]}")
+  leaves = [have[k].astype(want[k].dtype) for k in flatten(init)]
+  return jax.tree.unflatten(jax.tree.structure(init), leaves)

@@ -26,6 +26,17 @@ def define_config_flag() -> flags.FlagHolder:
   return holder
 
 
+def quiet_library_logs(prefixes: Sequence[str] = ("orbax", "tensorflow_datasets", "etils")) -> None:
+  """Drops INFO logs of chatty libraries (orbax logs every checkpoint step in detail)."""
+  import logging
+
+  def keep(record: logging.LogRecord) -> bool:
+    chatty = any(f"/{p}/" in record.pathname for p in prefixes)
+    return record.levelno >= logging.WARNING or not chatty
+
+  logging.getLogger("absl").addFilter(keep)
+
+
 def parse_flags(argv: Sequence[str]) -> list[str]:
   """absl `flags_parser`: parses argv, exiting with one clear line on a config mistake."""
   try:

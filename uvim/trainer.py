@@ -1,0 +1,285 @@
+"""The one training loop for both stages: config -> data -> jitted step -> logs, checkpoints, evals.
+
+Everything a run needs to continue is in its workdir: orbax checkpoints of the whole
+`TrainState` (parameters, optimizer, the stage I dictionary, rng, step) and the resolved config.
+The data position is a function of the step (each host has consumed `step * local_batch`
+examples), so a run killed and restarted with the same command ends where an uninterrupted one
+would have, bit for bit.
+"""
+
+import difflib
+import json
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from clu import metric_writers
+
+from evaluators import common as evaluators_common
+from uvim import checkpoint, input_pipeline, models, optim, sharding, tasks
+
+# Top-level config keys the trainer reads (plus one ConfigDict per evaluator in `evals`).
+KNOWN_KEYS = {
+    "seed", "task", "dataset", "data_dir", "train_split", "val_split", "batch_size",
+    "num_epochs", "total_steps", "pp_modules", "pp_train", "pp_eval", "shuffle_buffer_size",
+    "log_training_steps", "log_eval_steps", "checkpoint_steps", "keep_checkpoint_steps",
+    "model_name", "model", "model_init", "optax_name", "optax", "lr", "wd", "schedule",
+    "grad_clip_norm", "lr_mults", "evals", "mesh",
+}
+# Keys that must not change when a run resumes from its workdir.
+RESUME_KEYS = ("task", "model_name", "model", "optax_name", "optax")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  model_state: Any  # Stage I: the dictionary sums and counts.
+  rng: jax.Array
+
+
+class TrainingDivergedError(RuntimeError):
+  """The loss became NaN or inf."""
+
+
+def check_config(config: mlc.ConfigDict) -> None:
+  """Rejects unknown top-level keys, naming the closest known one."""
+  known = KNOWN_KEYS | {name for name, _ in config.get("evals", [])}
+  for key in config:
+    if key not in known:
+      close = difflib.get_close_matches(key, known, n=1)
+      hint = f"; did you mean {close[0]!r}?" if close else ""
+      raise ValueError(f"Unknown config key {key!r}{hint}")
+
+
+def total_steps_of(config, num_train_examples: int) -> int:
+  """`total_steps` if set, else `num_epochs` over the training split."""
+  if config.get("total_steps") is not None:
+    return int(config.total_steps)
+  return int(config.num_epochs * num_train_examples // config.batch_size)
+
+
+def model_inputs(task, batch: dict, model_config) -> tuple[dict, jnp.ndarray]:
+  """Stage I inputs from a batch: the task's label patches and the context image."""
+  inputs, _ = task.input_pp(batch, model_config)
+  return inputs, batch.get("image_ctx", batch["image"])
+
+
+def train_step(state: TrainState, batch: dict, *, model, task, tx, lr_fn,
+               model_config) -> tuple[TrainState, dict]:
+  """One optimisation step of stage I on a global batch; returns the new state and metrics."""
+  rng_dropout, rng_vqvae = jax.random.split(jax.random.fold_in(state.rng, state.step))
+  inputs, ctx = model_inputs(task, batch, model_config)
+
+  def loss_fn(params):
+    (logits, aux), new_vars = model.apply(
+        {"params": params, "state": state.model_state}, inputs, ctx=ctx, train=True,
+        mutable=["state"], rngs={"dropout": rng_dropout, "vqvae": rng_vqvae})
+    loss, parts = task.loss_fn(logits, batch, model_config)
+    return jnp.mean(loss), (parts, aux, new_vars["state"])
+
+  (loss, (parts, aux, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  _, stats = task.input_pp(batch, model_config)
+  metrics = {
+      "training_loss": loss, **{k: jnp.mean(v) for k, v in parts.items()},
+      **{k: v for k, v in aux.items() if k.startswith("codebook_")}, **stats,
+      "l2_grads": optax.global_norm(grads), "l2_params": optax.global_norm(params),
+      "l2_updates": optax.global_norm(updates), "lr": lr_fn(state.step),
+  }
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            model_state=model_state)
+  return new_state, metrics
+
+
+def eval_loss(state: TrainState, batch: dict, *, model, task, model_config):
+  """Per-example loss in eval mode (no code dropout, no dictionary update)."""
+  inputs, ctx = model_inputs(task, batch, model_config)
+  logits, _ = model.apply({"params": state.params, "state": state.model_state}, inputs, ctx=ctx)
+  return task.loss_fn(logits, batch, model_config)
+
+
+class JsonlWriter:
+  """Appends one JSON object per logging step to `<workdir>/metrics.jsonl`."""
+
+  def __init__(self, path: Path):
+    self.path = path
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+
+
+def _compare_configs(saved: dict, current: dict) -> list[str]:
+  """Dotted keys under RESUME_KEYS whose values differ."""
+  a, b = (checkpoint.flatten_json({k: d.get(k) for k in RESUME_KEYS}) for d in (saved, current))
+  return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def _variables_fn(model, task, config, example_batch) -> Callable[[jax.Array], dict]:
+  """rng -> the model's initial variables ({'params', 'state'})."""
+  def init_variables(rng):
+    rng_params, rng_state = jax.random.split(rng)
+    inputs, ctx = model_inputs(task, example_batch, config.model)
+    return model.init({"params": rng_params, "state": rng_state}, inputs, ctx=ctx)
+  return init_variables
+
+
+def _state_fn(init_variables: Callable, tx) -> Callable[[jax.Array], TrainState]:
+  def init(rng):
+    rng_variables, rng_train = jax.random.split(rng)
+    variables = init_variables(rng_variables)
+    return TrainState(step=jnp.zeros([], jnp.int32), params=variables["params"],
+                      opt_state=tx.init(variables["params"]), model_state=variables["state"],
+                      rng=rng_train)
+  return init
+
+
+def load_model_init(path: str, state: TrainState) -> TrainState:
+  """Parameters (and the stage I dictionary) from a big_vision npz or one of our workdirs."""
+  if str(path).endswith(".npz"):
+    tree = checkpoint.load_npz(path)
+  else:
+    tree = checkpoint.load_params_from_workdir(path)
+  params = checkpoint.merge_into(state.params, tree["params"], path)
+  model_state = checkpoint.merge_into(state.model_state, tree.get("state", {}), path)
+  return state.replace(params=params, model_state=model_state)
+
+
+def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> TrainState:
+  """Trains (or resumes) the model of `config` in `workdir`; evaluates on the way and at the end."""
+  check_config(config)
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  is_main = jax.process_index() == 0
+  mesh = sharding.make_mesh(config.get("mesh") or [("data", -1)])
+  repl = sharding.replicated(mesh)
+  model = models.get_model(config.model_name, config.model)
+  task = tasks.get_task(config.task)
+
+  builder = input_pipeline.get_builder(config.dataset, config.data_dir)
+  num_train = builder.info.splits[config.train_split].num_examples
+  total_steps = total_steps_of(config, num_train)
+  local_batch = input_pipeline.local_batch_size(config.batch_size)
+
+  # Compare with a previous run in this workdir before writing anything.
+  manager = ocp.CheckpointManager(
+      (workdir / "checkpoints").absolute(), item_names=("state",),
+      options=ocp.CheckpointManagerOptions(max_to_keep=1,
+                                           keep_period=config.keep_checkpoint_steps,
+                                           enable_async_checkpointing=True))
+  config_path = workdir / "config.json"
+  current = json.loads(config.to_json_best_effort())
+  if manager.latest_step() is not None and config_path.exists():
+    differ = _compare_configs(json.loads(config_path.read_text()), current)
+    if differ:
+      raise ValueError(f"{workdir} holds a checkpoint of a different config (keys {differ}); "
+                       "use another --workdir or restore the config.")
+  if is_main:
+    config_path.write_text(json.dumps(current, indent=2))
+
+  init_variables = _variables_fn(model, task, config, _example_batch(config, builder))
+  abstract_params = jax.eval_shape(init_variables, jax.random.PRNGKey(0))["params"]
+  tx, schedule = optim.make(config, abstract_params, total_steps)
+  init = _state_fn(init_variables, tx)
+  abstract_state = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
+  state_sharding = jax.tree.map(lambda _: repl, abstract_state)
+
+  start = manager.latest_step()
+  if start is not None:
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          abstract_state, state_sharding)
+    state = manager.restore(start, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))["state"]
+    logging.info("Resumed from %s at step %d.", workdir, start)
+  else:
+    state = jax.jit(init, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
+    if config.get("model_init"):
+      state = jax.device_put(load_model_init(config.model_init, state), state_sharding)
+    start = 0
+
+  lr_fn = lambda step: config.lr * schedule(step)
+  step_fn = jax.jit(partial(train_step, model=model, task=task, tx=tx, lr_fn=lr_fn,
+                            model_config=config.model),
+                    donate_argnums=0, out_shardings=(state_sharding, repl))
+  evaluators = evaluators_common.from_config(
+      config, mesh=mesh, loss_fn=partial(eval_loss, model=model, task=task,
+                                         model_config=config.model))
+  writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_main)
+  jsonl = JsonlWriter(workdir / "metrics.jsonl") if is_main else None
+
+  def write(step: int, scalars: dict) -> None:
+    writer.write_scalars(step, scalars)
+    if jsonl:
+      jsonl.write(step, scalars)
+
+  def run_evals(step: int, final: bool) -> None:
+    for ev in evaluators:
+      every = ev.log_steps or config.log_eval_steps
+      if final or (every and step % every == 0):
+        write(step, {f"{ev.prefix}{k}": v for k, v in ev.run(state).items()})
+
+  data = input_pipeline.train_data(config, mesh, position=start * local_batch)
+  logging.info("Training %s for %d steps (%d examples, batch %d) on %d devices.",
+               config.model_name, total_steps, num_train, config.batch_size, jax.device_count())
+  timer_step, timer = start, time.perf_counter()
+  for step in range(start + 1, total_steps + 1):
+    state, metrics = step_fn(state, next(data))
+    log_now = step % config.log_training_steps == 0 or step == total_steps
+    save_now = step % config.checkpoint_steps == 0 or step == total_steps
+    if log_now or save_now:
+      metrics = jax.device_get(metrics)
+      if not np.isfinite(metrics["training_loss"]):
+        manager.wait_until_finished()
+        raise TrainingDivergedError(f"Loss is {metrics['training_loss']} at step {step}; the last "
+                               f"good checkpoint (step {manager.latest_step()}) is kept.")
+    if log_now:
+      elapsed = time.perf_counter() - timer
+      per_step = elapsed / max(step - timer_step, 1)
+      metrics["img_per_sec"] = config.batch_size / per_step
+      metrics["eta_hours"] = per_step * (total_steps - step) / 3600
+      write(step, metrics)
+      logging.info("step %d/%d loss %.4f, %.1f img/s, ETA %s", step, total_steps,
+                   metrics["training_loss"], metrics["img_per_sec"],
+                   _duration(per_step * (total_steps - step)))
+      timer_step, timer = step, time.perf_counter()
+    if save_now:
+      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    if step != total_steps:
+      run_evals(step, final=False)
+  run_evals(total_steps, final=True)
+  manager.wait_until_finished()
+  if is_main:
+    checkpoint.save_npz(workdir / "params.npz",
+                        {"params": state.params, "state": state.model_state})
+  writer.flush()
+  return state
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+def _example_batch(config, builder) -> dict:
+  """A batch of one zero example with the shapes the training pp produces (for init)."""
+  from pp.builder import get_preprocess_fn
+
+  ds = builder.as_dataset(split=config.train_split)
+  spec = ds.map(get_preprocess_fn(config.pp_train, config.pp_modules)).element_spec
+  return {k: jnp.zeros((1, *s.shape), s.dtype.as_numpy_dtype) for k, s in spec.items()
+          if s.dtype.is_numeric or s.dtype.is_bool}
+
