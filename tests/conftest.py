@@ -6,6 +6,9 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Repeated runs of the same step (resume tests, subprocesses) reuse compiled executables.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/uvim-tests-jax-cache")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import numpy as np
 import pytest

@@ -226,15 +226,31 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> TrainState:
     if jsonl:
       jsonl.write(step, scalars)
 
-  def run_evals(step: int, final: bool) -> None:
+  def run_evals(step: int, state: TrainState, final: bool) -> bool:
+    ran = False
     for ev in evaluators:
       every = ev.log_steps or config.log_eval_steps
       if final or (every and step % every == 0):
         write(step, {f"{ev.prefix}{k}": v for k, v in ev.run(state).items()})
+        ran = True
+    return ran
 
   data = input_pipeline.train_data(config, mesh, position=start * local_batch)
   logging.info("Training %s for %d steps (%d examples, batch %d) on %d devices.",
                config.model_name, total_steps, num_train, config.batch_size, jax.device_count())
+  try:
+    state = _loop(state, data, step_fn, start, total_steps, config, manager, write, run_evals)
+  finally:
+    manager.wait_until_finished()  # An interrupted run keeps its last complete checkpoint.
+  if is_main:
+    checkpoint.save_npz(workdir / "params.npz",
+                        {"params": state.params, "state": state.model_state})
+  writer.flush()
+  return state
+
+
+def _loop(state, data, step_fn, start, total_steps, config, manager, write, run_evals):
+  """Steps from `start` to `total_steps`: log, check for divergence, checkpoint, evaluate."""
   timer_step, timer = start, time.perf_counter()
   for step in range(start + 1, total_steps + 1):
     state, metrics = step_fn(state, next(data))
@@ -244,11 +260,11 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> TrainState:
       metrics = jax.device_get(metrics)
       if not np.isfinite(metrics["training_loss"]):
         manager.wait_until_finished()
-        raise TrainingDivergedError(f"Loss is {metrics['training_loss']} at step {step}; the last "
-                               f"good checkpoint (step {manager.latest_step()}) is kept.")
+        raise TrainingDivergedError(
+            f"Loss is {metrics['training_loss']} at step {step}; the last good checkpoint "
+            f"(step {manager.latest_step()}) is kept.")
     if log_now:
-      elapsed = time.perf_counter() - timer
-      per_step = elapsed / max(step - timer_step, 1)
+      per_step = (time.perf_counter() - timer) / max(step - timer_step, 1)
       metrics["img_per_sec"] = config.batch_size / per_step
       metrics["eta_hours"] = per_step * (total_steps - step) / 3600
       write(step, metrics)
@@ -258,14 +274,9 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> TrainState:
       timer_step, timer = step, time.perf_counter()
     if save_now:
       manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-    if step != total_steps:
-      run_evals(step, final=False)
-  run_evals(total_steps, final=True)
-  manager.wait_until_finished()
-  if is_main:
-    checkpoint.save_npz(workdir / "params.npz",
-                        {"params": state.params, "state": state.model_state})
-  writer.flush()
+    if step != total_steps and run_evals(step, state, final=False):
+      timer_step, timer = step, time.perf_counter()  # img/s counts training time only
+  run_evals(total_steps, state, final=True)
   return state
 
 

@@ -1,0 +1,120 @@
+"""The trainer end to end on toy scenes: resume equality, 1 vs 8 devices, errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from configs import panoptic_stage1
+from uvim import checkpoint, input_pipeline, trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(width=32, mlp_dim=64, num_heads=2, oracle_depth=1, base_model_depth=1,
+            dict_size=16, codeword_dim=8)
+
+
+def tiny_config(data_dir, **overrides):
+  c = panoptic_stage1.get_config("smoke")
+  c.dataset, c.data_dir = "toy_scenes/tiny", str(data_dir)
+  c.train_split, c.val_split = "train", "validation"
+  c.batch_size, c.total_steps = 8, 6
+  c.log_training_steps, c.log_eval_steps, c.checkpoint_steps = 1, 3, 3
+  c.model.update(TINY)
+  c.update(overrides)
+  return c
+
+
+def losses(workdir):
+  lines = [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  return {x["step"]: x["training_loss"] for x in lines if "training_loss" in x}
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(toy_data_dir, tmp_path,
+                                                               monkeypatch):
+  straight = trainer.train_and_evaluate(tiny_config(toy_data_dir), tmp_path / "a")
+  assert sorted(losses(tmp_path / "a")) == [1, 2, 3, 4, 5, 6]
+  assert (tmp_path / "a/config.json").is_file() and (tmp_path / "a/params.npz").is_file()
+  assert list((tmp_path / "a").glob("events.out.tfevents.*"))
+
+  # Kill the second run while it fetches the batch of step 5 (step 3 is checkpointed).
+  original, calls = input_pipeline.GlobalBatches.__next__, []
+
+  def dying_next(self):
+    calls.append(1)
+    if len(calls) == 5:
+      raise KeyboardInterrupt("killed")
+    return original(self)
+
+  monkeypatch.setattr(input_pipeline.GlobalBatches, "__next__", dying_next)
+  with pytest.raises(KeyboardInterrupt):
+    trainer.train_and_evaluate(tiny_config(toy_data_dir), tmp_path / "b")
+  monkeypatch.setattr(input_pipeline.GlobalBatches, "__next__", original)
+  resumed = trainer.train_and_evaluate(tiny_config(toy_data_dir), tmp_path / "b")
+
+  assert int(resumed.step) == 6
+  for a, b in zip(checkpoint.flatten(straight.params).values(),
+                  checkpoint.flatten(resumed.params).values(), strict=True):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(straight.model_state["dictionary"],
+                                resumed.model_state["dictionary"])
+  assert losses(tmp_path / "a")[6] == losses(tmp_path / "b")[6]
+
+  # The same workdir with a different model refuses to resume and names the keys.
+  with pytest.raises(ValueError, match=r"different config.*model\.width"):
+    trainer.train_and_evaluate(tiny_config(toy_data_dir, model=dict(TINY, width=64)),
+                               tmp_path / "a")
+
+
+@pytest.mark.slow
+def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(toy_data_dir,
+                                                                           tmp_path):
+  config = tiny_config(toy_data_dir, lr=1e30, checkpoint_steps=1, grad_clip_norm=0.0,
+                       schedule=dict(decay_type="constant", warmup_steps=0))
+  with pytest.raises(trainer.TrainingDivergedError, match=r"at step (\d+).*step (\d+)\) is kept"):
+    trainer.train_and_evaluate(config, tmp_path)
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps and all(np.isfinite(v) for v in losses(tmp_path).values())
+
+
+def test_unknown_config_keys_are_rejected(toy_data_dir, tmp_path):
+  config = tiny_config(toy_data_dir)
+  config.unlock()
+  config.num_epoch = 3
+  with pytest.raises(ValueError, match="Unknown config key 'num_epoch'; did you mean 'num_epochs'"):
+    trainer.train_and_evaluate(config, tmp_path)
+
+
+def test_total_steps_from_epochs():
+  config = panoptic_stage1.get_config()
+  assert trainer.total_steps_of(config, 113_287) == 1000 * 113_287 // 1024
+  config.total_steps = 7
+  assert trainer.total_steps_of(config, 113_287) == 7
+
+
+def run_train(data_dir, workdir, devices):
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  args = ["--config=configs/panoptic_stage1.py:smoke", f"--workdir={workdir}",
+          "--config.dataset=toy_scenes/tiny", f"--config.data_dir={data_dir}",
+          "--config.train_split=train", "--config.val_split=validation",
+          "--config.batch_size=8", "--config.total_steps=3", "--config.log_training_steps=1",
+          *[f"--config.model.{k}={v}" for k, v in TINY.items()]]
+  result = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return checkpoint.load_npz(Path(workdir) / "params.npz")
+
+
+@pytest.mark.slow
+def test_eight_devices_train_like_one(toy_data_dir, tmp_path):
+  one = run_train(toy_data_dir, tmp_path / "one", 1)
+  eight = run_train(toy_data_dir, tmp_path / "eight", 8)
+  np.testing.assert_allclose(list(losses(tmp_path / "one").values()),
+                             list(losses(tmp_path / "eight").values()), rtol=1e-5)
+  for (k, a), b in zip(checkpoint.flatten(one).items(), checkpoint.flatten(eight).values(),
+                       strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=k)
