@@ -92,7 +92,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   ]
   base_eval = dict(pp=config.pp_eval.replace("decode|", ""), log_steps=10_000)
   config.val = mlc.ConfigDict(dict(pp=config.pp_eval, prefix="val/"))
-  config.val.split = config.get_ref("val_split")  # every log_eval_steps: mean loss
+  config.val.split = config.get_ref("val_split")
+  config.val.log_steps = config.get_ref("log_eval_steps")
   config.panoptic_train = mlc.ConfigDict(base_eval)
   config.panoptic_train.prefix = "coco_panoptic_train/"
   config.panoptic_train.split = "train[4096:8192]"

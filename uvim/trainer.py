@@ -229,8 +229,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> TrainState:
   def run_evals(step: int, state: TrainState, final: bool) -> bool:
     ran = False
     for ev in evaluators:
-      every = ev.log_steps or config.log_eval_steps
-      if final or (every and step % every == 0):
+      if final or (ev.log_steps and step % ev.log_steps == 0):
         write(step, {f"{ev.prefix}{k}": v for k, v in ev.run(state).items()})
         ran = True
     return ran
