@@ -66,3 +66,37 @@ def _convert(name: str, text: str, default: Any) -> Any:
   except ValueError:
     raise ValueError(
         f"Config arg {name!r} expects {type(default).__name__}, got {text!r}") from None
+
+
+def apply_smoke(config: mlc.ConfigDict) -> None:
+  """`:smoke` settings shared by every config: toy data, small batches, frequent logs."""
+  config.dataset = "toy_scenes"
+  config.train_split = "train[256:]"
+  config.val_split = "train[:256]"
+  config.batch_size = 32
+  config.num_epochs = 10
+  config.shuffle_buffer_size = 1_000
+  config.log_training_steps = 10
+  config.log_eval_steps = 100
+  config.checkpoint_steps = 200
+  config.keep_checkpoint_steps = 1_000
+  config.lr = 1e-3
+  config.schedule.warmup_steps = 100
+
+
+def stage1_model(size: str, res: int, patch_size: int, inputs: dict) -> mlc.ConfigDict:
+  """The stage I (`proj.uvim.vit`) model section of the paper, at `size` ('base' or 'smoke')."""
+  model = mlc.ConfigDict(STAGE_I_MODELS[size])
+  model.input_size = (res, res)
+  model.patch_size = (patch_size, patch_size)
+  model.code_len = 16 if size == "smoke" else 256
+  model.dict_size = 256 if size == "smoke" else 4096
+  model.codeword_dim = 32 if size == "smoke" else 768
+  model.dict_momentum = 0.995
+  model.with_encoder_ctx = True
+  model.with_decoder_ctx = True
+  model.code_dropout = "random"
+  model.bottleneck_resize = True
+  model.inputs = inputs
+  model.outputs = inputs
+  return model

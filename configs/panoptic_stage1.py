@@ -108,16 +108,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     config.batch_size = 128
     config.num_epochs = 100
   if arg.smoke:
-    config.dataset = "toy_scenes"
-    config.train_split = "train[256:]"
-    config.val_split = "train[:256]"
-    config.batch_size = 32
-    config.num_epochs = 10
-    config.shuffle_buffer_size = 1_000
-    config.log_training_steps = 10
-    config.log_eval_steps = 100
-    config.checkpoint_steps = 200
-    config.keep_checkpoint_steps = 1_000
+    common.apply_smoke(config)
     config.model.code_len = 16
     config.model.dict_size = 256
     config.model.codeword_dim = 32
@@ -126,8 +117,6 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         "instances": (common.TOY_MAX_SEGMENTS, patch_size**2),
     }
     config.model.outputs = config.model.inputs
-    config.lr = 1e-3
-    config.schedule.warmup_steps = 100
     for name in ("panoptic_train", "panoptic_holdout", "panoptic_val"):
       config[name].log_steps = 200
     config.panoptic_train.split = "train[256:512]"

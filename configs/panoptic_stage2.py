@@ -132,21 +132,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   config.panoptic_val.split = "validation"
 
   if arg.singlehost:
-    config.batch_size = 32
     config.num_epochs = 50
   if arg.smoke:
-    config.dataset = "toy_scenes"
-    config.train_split = "train[256:]"
-    config.val_split = "train[:256]"
-    config.shuffle_buffer_size = 1_000
+    common.apply_smoke(config)
     config.batch_size = 32
-    config.num_epochs = 10
-    config.log_training_steps = 10
-    config.log_eval_steps = 100
-    config.checkpoint_steps = 200
-    config.keep_checkpoint_steps = 1_000
-    config.lr = 1e-3
-    config.schedule.warmup_steps = 100
     config.oracle.model_init = "runs/panoptic_stage1"
     config.oracle.model.code_len = 16
     config.oracle.model.dict_size = 256

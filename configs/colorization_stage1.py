@@ -1,0 +1,84 @@
+r"""UViM stage I (restricted oracle) for ImageNet colorization.
+
+  python train.py --config configs/colorization_stage1.py --workdir runs/colorization_stage1
+
+The oracle sees the colours and the grayscale image; the code carries what grayscale cannot.
+Variants: smoke (tiny model on the built-in `toy_scenes`), singlehost (batch 128, 20 epochs),
+res=N (default 512; 64 with smoke).
+"""
+
+import ml_collections as mlc
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+  """The stage I colorization config."""
+  arg = common.parse_arg(arg, smoke=False, singlehost=False, res=None)
+  res = arg.res or (64 if arg.smoke else 512)
+  patch_size = 8 if arg.smoke else 16
+
+  config = mlc.ConfigDict()
+  config.seed = 0
+  config.task = "colorization"
+  config.pp_modules = ["ops_general", "ops_image", "proj.uvim.pp_ops"]
+  config.dataset = "imagenet2012"
+  config.data_dir = mlc.config_dict.placeholder(str)
+  config.mesh = [("data", -1)]
+  config.train_split = "train[4096:]"
+  config.val_split = "train[:4096]"
+  config.batch_size = 1024
+  config.num_epochs = 100
+  config.total_steps = mlc.config_dict.placeholder(int)
+  config.pp_train = (
+      f'decode_jpeg_and_inception_crop({res})|flip_lr|'
+      'copy(inkey="image", outkey="labels")|'
+      'rgb_to_grayscale_to_rgb(inkey="image", outkey="image")|'
+      'value_range(-1, 1, key="image")|value_range(-1, 1, key="labels")|'
+      'keep("image", "labels")')
+  config.pp_eval = (
+      f'decode|resize({res})|'
+      'copy(inkey="image", outkey="labels")|'
+      'rgb_to_grayscale_to_rgb(inkey="image", outkey="image")|'
+      'value_range(-1, 1, key="image")|value_range(-1, 1, key="labels")|'
+      'keep("image", "labels")')
+  config.shuffle_buffer_size = 25_000
+  config.log_training_steps = 50
+  config.log_eval_steps = 250
+  config.checkpoint_steps = 1000
+  config.keep_checkpoint_steps = 20_000
+
+  config.model_name = "proj.uvim.vit"
+  config.model = common.stage1_model("smoke" if arg.smoke else "base", res, patch_size,
+                                     {"color": (3, patch_size**2)})
+
+  config.optax_name = "scale_by_adafactor"
+  config.optax = dict(beta2_cap=0.95)
+  config.lr = 4e-4
+  config.wd = 4e-5
+  config.schedule = dict(decay_type="cosine", warmup_steps=4_000)
+  config.grad_clip_norm = 1.0
+
+  config.evals = [
+      ("val", "validation"),
+      ("colorization_val", "psnr"),
+      ("colorization_val_fid", "coltran_fid"),
+  ]
+  config.val = mlc.ConfigDict(dict(pp=config.pp_eval, prefix="val/"))
+  config.val.split = config.get_ref("val_split")
+  config.val.log_steps = config.get_ref("log_eval_steps")
+  config.colorization_val = mlc.ConfigDict(dict(
+      pp=config.pp_eval.replace("decode|", ""), split="validation", log_steps=2500,
+      prefix="colorization/"))
+  config.colorization_val_fid = mlc.ConfigDict(dict(
+      split="validation", log_steps=100_000, prefix="colorization/"))
+
+  if arg.singlehost:
+    config.batch_size = 128
+    config.num_epochs = 20
+  if arg.smoke:
+    common.apply_smoke(config)
+    config.colorization_val.split = "validation"
+    config.colorization_val.log_steps = 200
+    config.colorization_val_fid.log_steps = 200
+  return config
