@@ -132,10 +132,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   config.panoptic_val.split = "validation"
 
   if arg.singlehost:
+    config.batch_size = 32
     config.num_epochs = 50
   if arg.smoke:
     common.apply_smoke(config)
-    config.batch_size = 32
     config.oracle.model_init = "runs/panoptic_stage1"
     config.oracle.model.code_len = 16
     config.oracle.model.dict_size = 256
