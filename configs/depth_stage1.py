@@ -52,6 +52,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   config.keep_checkpoint_steps = 20_000
 
   config.model_name = "proj.uvim.vit"
+  config.model_init = mlc.config_dict.placeholder(str)  # a *_stageI_params.npz or a workdir
   bins = 64 if arg.smoke else QUANTIZATION_BINS
   config.model = common.stage1_model("smoke" if arg.smoke else "base", res, patch_size,
                                      {"depth": (bins, patch_size**2)})

@@ -58,6 +58,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
 
   # Model section.
   config.model_name = "proj.uvim.vit"
+  config.model_init = mlc.config_dict.placeholder(str)  # a *_stageI_params.npz or a workdir
   config.model = mlc.ConfigDict(common.STAGE_I_MODELS["smoke" if arg.smoke else "base"])
   config.model.input_size = (res, res)
   config.model.patch_size = (patch_size, patch_size)

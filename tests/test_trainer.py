@@ -64,6 +64,15 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(toy_data_dir, tmp
                                 resumed.model_state["dictionary"])
   assert losses(tmp_path / "a")[6] == losses(tmp_path / "b")[6]
 
+  # Its exported big_vision npz (params and dictionary) initialises a new run exactly.
+  imported = trainer.train_and_evaluate(
+      tiny_config(toy_data_dir, total_steps=0, model_init=str(tmp_path / "a/params.npz")),
+      tmp_path / "c")
+  for a, b in zip(checkpoint.flatten(straight.params).values(),
+                  checkpoint.flatten(imported.params).values(), strict=True):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(straight.model_state["counts"], imported.model_state["counts"])
+
   # The same workdir with a different model refuses to resume and names the keys.
   with pytest.raises(ValueError, match=r"different config.*model\.width"):
     trainer.train_and_evaluate(tiny_config(toy_data_dir, model=dict(TINY, width=64)),
