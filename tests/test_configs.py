@@ -102,7 +102,7 @@ def test_variants_change_what_they_say():
   assert panoptic_stage1.get_config("singlehost").batch_size == 128
   assert panoptic_stage2.get_config("singlehost").batch_size == 32
   smoke = panoptic_stage1.get_config("smoke")
-  assert smoke.dataset == "toy_scenes" and smoke.model.input_size == (64, 64)
+  assert smoke.dataset == "toy_scenes/medium" and smoke.model.input_size == (64, 64)
   assert smoke.model.inputs["semantics"] == (common.TOY_NUM_CLASSES + 1, 64)
   assert panoptic_stage1.get_config("smoke,res=32").model.input_size == (32, 32)
   assert "resize(256)" in panoptic_stage1.get_config("res=256").pp_train
@@ -149,7 +149,7 @@ def test_config_flag_applies_arg_and_overrides():
                                            sys_argv=argv)
   values(argv)
   config = holder.value
-  assert (config.dataset, config.batch_size, config.lr) == ("toy_scenes", 2, 3e-4)
+  assert (config.dataset, config.batch_size, config.lr) == ("toy_scenes/medium", 2, 3e-4)
   assert config.model.input_size == (32, 32)
   assert config.val.log_steps == 7  # follows log_eval_steps by reference
 
