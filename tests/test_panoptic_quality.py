@@ -109,10 +109,10 @@ def test_mismatched_prediction_names_the_image():
   acc = panoptic.PQAccumulator(CATEGORIES)
   gt = np.ones((2, 2), np.int64)
   seg = panoptic.Segments(np.array([1]), np.array([1]), np.array([False]), np.array([4]))
-  with pytest.raises(KeyError, match="image 7.*segment ids \\[5\\] are in the prediction PNG"):
+  with pytest.raises(KeyError, match=r"image 7.*segment ids \[5\] are in the prediction PNG"):
     acc.add(gt, seg, np.full((2, 2), 5), panoptic.Segments(np.array([1]), np.array([1])),
             image="image 7")
-  with pytest.raises(ValueError, match="image 8: prediction \\(3, 2\\)"):
+  with pytest.raises(ValueError, match=r"image 8: prediction \(3, 2\)"):
     acc.add(gt, seg, np.ones((3, 2), np.int64), seg, image="image 8")
 
 
