@@ -12,7 +12,7 @@ from absl import logging
 
 EVALUATORS: dict[str, type] = {}
 # Types of the paper's configs that a later version provides; configs using them still run.
-NOT_YET = {"coco_panoptic", "nyu_depth", "coltran_fid", "psnr", "save_predictions"}
+NOT_YET = {"coltran_fid", "save_predictions"}
 
 
 def register(name: str) -> Callable[[type], type]:
@@ -24,7 +24,7 @@ def register(name: str) -> Callable[[type], type]:
 
 def from_config(config, **kwargs) -> list:
   """The evaluators of `config.evals`; `kwargs` (mesh, model functions) go to each."""
-  from evaluators import validation  # noqa: F401  (registers)
+  from evaluators import colorization, depth, panoptic, validation  # noqa: F401  (registers)
 
   evaluators = []
   for name, kind in config.evals:
@@ -44,5 +44,61 @@ def from_config(config, **kwargs) -> list:
     if unknown:
       raise ValueError(f"config.{name}: unknown option(s) {sorted(unknown)} for evaluator "
                        f"{kind!r}; valid: {sorted(EVALUATORS[kind].OPTIONS)}")
+    if "split" not in options:
+      raise ValueError(f"config.{name} needs a `split` (evaluator {kind!r})")
     evaluators.append(EVALUATORS[kind](name, config, options, **kwargs))
   return evaluators
+
+
+class Evaluator:
+  """Options every evaluator takes: `split`, `pp`, `log_steps`, `prefix`, `batch_size`."""
+
+  OPTIONS = frozenset({"split", "pp", "log_steps", "prefix", "batch_size"})
+
+  def __init__(self, name: str, config, options: dict, *, mesh, fns: dict):
+    self.config, self.mesh, self.fns = config, mesh, fns
+    self.split, self.pp = options["split"], options.get("pp")
+    self.log_steps = options.get("log_steps")
+    self.prefix = options.get("prefix", f"{name}/")
+    self.batch_size = options.get("batch_size", config.batch_size)
+
+  def batches(self):
+    """Global batches covering `split` once (padding has `_mask` False)."""
+    from uvim import input_pipeline
+    batches, _ = input_pipeline.eval_data(self.config, self.split, self.pp, self.batch_size,
+                                          self.mesh)
+    return batches
+
+
+class MeanEvaluator(Evaluator):
+  """Masked mean over every example of `split` of per-example metrics, jitted once."""
+
+  def __init__(self, name: str, config, options: dict, *, mesh, fns: dict):
+    import jax
+    import jax.numpy as jnp
+
+    super().__init__(name, config, options, mesh=mesh, fns=fns)
+    per_example = self.per_example(fns, options)
+
+    def sums(state, batch):
+      mask = batch["_mask"].astype(jnp.float32)
+      return ({k: jnp.sum(v * mask) for k, v in per_example(state, batch).items()},
+              jnp.sum(mask))
+
+    self._sums = jax.jit(sums)
+
+  def per_example(self, fns: dict, options: dict) -> Callable:
+    """(state, batch) -> {metric: (B,) values}."""
+    raise NotImplementedError
+
+  def run(self, state) -> dict[str, float]:
+    import jax
+    import jax.numpy as jnp
+
+    totals, count = None, 0.0
+    for batch in self.batches():  # Dispatch every batch, then fetch once.
+      sums, n = self._sums(state, batch)
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+      count = count + n
+    totals, count = jax.device_get((totals, count))
+    return {k: float(v / count) for k, v in totals.items()}

@@ -20,8 +20,12 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
 from PIL import Image
+
+from evaluators.common import Evaluator, register
+from uvim import input_pipeline
 
 VOID = 0
 
@@ -182,6 +186,93 @@ def resize_nearest(x: np.ndarray, shape: Sequence[int]) -> np.ndarray:
   rows = np.minimum(((np.arange(shape[0]) + 0.5) * h / shape[0]).astype(int), h - 1)
   cols = np.minimum(((np.arange(shape[1]) + 0.5) * w / shape[1]).astype(int), w - 1)
   return x[rows][:, cols]
+
+
+def panoptic_categories(builder) -> list[dict]:
+  """COCO categories of a panoptic tfds dataset (label k is the k-th by id).
+
+  Local builders keep them in their metadata; for the catalog `coco/2017_panoptic` (labels
+  sorted by category id, the 80 things first) the ids are stand-ins, which PQ does not depend
+  on; write predictions for official scoring from a `coco_panoptic_folder` dataset instead.
+  """
+  metadata = builder.info.metadata or {}
+  if "categories" in metadata:
+    return sorted(metadata["categories"], key=lambda c: c["id"])
+  names = builder.info.features["panoptic_objects"]["label"].names
+  return [{"id": k + 1, "name": n, "isthing": int(k < 80)} for k, n in enumerate(names)]
+
+
+@register("coco_panoptic")
+class CocoPanoptic(Evaluator):
+  """PQ of the model's panoptic predictions, scored at each image's original resolution.
+
+  `pp` makes the model inputs (evaluators hand in decoded images); `write_predictions` names
+  a folder to write COCO-format PNGs and JSON into.
+  """
+
+  OPTIONS = Evaluator.OPTIONS | {"write_predictions"}
+
+  def __init__(self, name: str, config, options: dict, *, mesh, fns):
+    super().__init__(name, config, options, mesh=mesh, fns=fns)
+    self.write_to = options.get("write_predictions")
+    self._predict = jax.jit(fns["predict"])
+
+  def run(self, state) -> dict[str, float]:
+    builder = input_pipeline.get_builder(self.config.dataset, self.config.data_dir)
+    categories = panoptic_categories(builder)
+    category_ids = np.array([c["id"] for c in categories])
+    accumulator, writer = PQAccumulator(categories), None
+    if self.write_to:
+      writer = PredictionWriter(Path(self.write_to), categories)
+    ground_truth = input_pipeline.host_examples(builder, self.split)
+    for batch in self.batches():
+      pred = jax.tree.map(input_pipeline.local_rows, self._predict(state, batch))
+      mask = input_pipeline.local_rows(batch[input_pipeline.MASK_KEY])
+      for i in np.nonzero(mask)[0]:
+        gt = next(ground_truth)
+        gt_ids = rgb_to_id(gt["panoptic_image"])
+        objects = gt["panoptic_objects"]
+        gt_segments = Segments(objects["id"], category_ids[objects["label"]],
+                               objects["is_crowd"].astype(bool), objects["area"])
+        semantics = resize_nearest(pred["semantics"][i], gt_ids.shape)
+        instances = resize_nearest(pred["instances"][i], gt_ids.shape)
+        pred_ids, pred_segments = panoptic_from_two_channels(semantics, instances, category_ids)
+        image = f"image {int(gt['image/id'])}"
+        accumulator.add(gt_ids, gt_segments, pred_ids, pred_segments, image=image)
+        if writer:
+          writer.add(int(gt["image/id"]), pred_ids, pred_segments)
+    if writer:
+      writer.close()
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      accumulator.load_state(multihost_utils.process_allgather(accumulator.state()).sum(0))
+    results = accumulator.results()
+    return {f"{metric}{suffix}": 100 * results[group][metric.lower()]
+            for group, suffix in (("All", ""), ("Things", "_things"), ("Stuff", "_stuff"))
+            for metric in ("PQ", "SQ", "RQ")}
+
+
+class PredictionWriter:
+  """Writes predictions in COCO panoptic format: <dir>/panoptic_pred/*.png and a JSON."""
+
+  def __init__(self, directory: Path, categories: list[dict]):
+    self.directory, self.categories = directory, categories
+    (directory / "panoptic_pred").mkdir(parents=True, exist_ok=True)
+    self.annotations = []
+
+  def add(self, image_id: int, ids: np.ndarray, segments: Segments) -> None:
+    name = f"{image_id:012d}.png"
+    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)
+    Image.fromarray(rgb).save(self.directory / "panoptic_pred" / name)
+    self.annotations.append({"image_id": image_id, "file_name": name, "segments_info": [
+        {"id": int(i), "category_id": int(c)}
+        for i, c in zip(segments.ids, segments.category_ids, strict=True)]})
+
+  def close(self) -> None:
+    suffix = f".{jax.process_index()}" if jax.process_count() > 1 else ""
+    path = self.directory / f"panoptic_pred{suffix}.json"
+    path.write_text(json.dumps({"annotations": self.annotations,
+                                "categories": self.categories}))
 
 
 def score_folders(gt_json: str, gt_folder: str, pred_json: str, pred_folder: str) -> dict:

@@ -11,13 +11,11 @@ import pytest
 from uvim import checkpoint
 from uvim.models import vqvae
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/bigvision_uvim_parity.npz"
+FIXTURE = Path(__file__).resolve().parent / "fixtures/bigvision_uvim_parity.npz"
 
 
 @pytest.fixture(scope="module")
 def parity():
-  if not FIXTURE.is_file():
-    pytest.fail(f"missing fixture {FIXTURE} (shared/ must sit beside the repository)")
   tree = checkpoint.load_npz(FIXTURE)
   cfg = json.loads(str(np.load(FIXTURE)["config_json"]))["stage1"]
   model = vqvae.Model(

@@ -66,10 +66,12 @@ def host_split(split: str, process_index: int, process_count: int) -> Any:
   return tfds.even_splits(split, n=process_count)[process_index]
 
 
-def _read(builder: tfds.core.DatasetBuilder, split: Any) -> tf.data.Dataset:
-  """Raw examples in a fixed order; `image` stays encoded so that pp starts with `decode`."""
+def _read(builder: tfds.core.DatasetBuilder, split: Any, decode: bool = False) -> tf.data.Dataset:
+  """Raw examples in a fixed order. For training `image` stays encoded (pp starts with `decode`
+  or decodes only a crop); evaluators get it decoded (their pp may omit `decode`)."""
   features = builder.info.features
-  skip = "image" in features and isinstance(features["image"], tfds.features.Image)
+  skip = not decode and "image" in features and isinstance(features["image"],
+                                                              tfds.features.Image)
   decoders = {"image": tfds.decode.SkipDecoding()} if skip else None
   return builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
 
@@ -115,7 +117,7 @@ def make_for_inference(builder: tfds.core.DatasetBuilder, split: str, pp_fn: Cal
   splits = [host_split(split, i, process_count) for i in range(process_count)]
   most = max(builder.info.splits[s].num_examples for s in splits)
   num_batches = math.ceil(most / local_batch_size)
-  examples = (_read(builder, splits[process_index])
+  examples = (_read(builder, splits[process_index], decode=True)
               .map(pp_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
               .map(lambda ex: {**_drop_rng(ex), MASK_KEY: True}))
   unknown = {k: s.shape for k, s in examples.element_spec.items()
@@ -186,6 +188,20 @@ class GlobalBatches:
       raise StopIteration
     self.position += self._local_batch_size
     return self._queue.popleft()
+
+
+def host_examples(builder: tfds.core.DatasetBuilder, split: str) -> Iterator[dict]:
+  """This host's raw examples of `split` as numpy, in the order of `make_for_inference`."""
+  share = host_split(split, jax.process_index(), jax.process_count())
+  return iter(tfds.as_numpy(_read(builder, share, decode=True)))
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This host's rows of a global batch array, as numpy."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  return np.concatenate([np.asarray(s.data) for s in shards])
 
 
 def local_batch_size(batch_size: int) -> int:

@@ -105,11 +105,24 @@ def train_step(state: TrainState, batch: dict, *, model, task, tx, lr_fn,
   return new_state, metrics
 
 
-def eval_loss(state: TrainState, batch: dict, *, model, task, model_config):
-  """Per-example loss in eval mode (no code dropout, no dictionary update)."""
+def eval_logits(state: TrainState, batch: dict, *, model, task, model_config) -> dict:
+  """Stage I logits in eval mode (no code dropout, no dictionary update)."""
   inputs, ctx = model_inputs(task, batch, model_config)
   logits, _ = model.apply({"params": state.params, "state": state.model_state}, inputs, ctx=ctx)
-  return task.loss_fn(logits, batch, model_config)
+  return logits
+
+
+def eval_functions(model, task, model_config) -> dict[str, Callable]:
+  """What evaluators may call: `loss` (per-example) and `predict` (the task's outputs).
+
+  For stage I, `predict` is the oracle's reconstruction: labels + image -> code -> labels.
+  """
+  logits_fn = partial(eval_logits, model=model, task=task, model_config=model_config)
+  return {
+      "loss": lambda state, batch: task.loss_fn(logits_fn(state, batch), batch, model_config),
+      "predict": lambda state, batch: task.predict_outputs(logits_fn(state, batch),
+                                                           model_config),
+  }
 
 
 class JsonlWriter:
@@ -216,8 +229,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> TrainState:
                             model_config=config.model),
                     donate_argnums=0, out_shardings=(state_sharding, repl))
   evaluators = evaluators_common.from_config(
-      config, mesh=mesh, loss_fn=partial(eval_loss, model=model, task=task,
-                                         model_config=config.model))
+      config, mesh=mesh, fns=eval_functions(model, task, config.model))
   writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_main)
   jsonl = JsonlWriter(workdir / "metrics.jsonl") if is_main else None
 
