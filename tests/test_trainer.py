@@ -24,6 +24,8 @@ def tiny_config(data_dir, **overrides):
   c.batch_size, c.total_steps = 8, 6
   c.log_training_steps, c.log_eval_steps, c.checkpoint_steps = 1, 3, 3
   c.model.update(TINY)
+  for name in ("panoptic_train", "panoptic_holdout", "panoptic_val"):
+    c[name].split = "validation[:8]"
   c.update(overrides)
   return c
 
@@ -38,6 +40,8 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(toy_data_dir, tmp
                                                                monkeypatch):
   straight = trainer.train_and_evaluate(tiny_config(toy_data_dir), tmp_path / "a")
   assert sorted(losses(tmp_path / "a")) == [1, 2, 3, 4, 5, 6]
+  final = [json.loads(x) for x in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
+  assert any("coco_panoptic/PQ" in x and x["step"] == 6 for x in final)
   assert (tmp_path / "a/config.json").is_file() and (tmp_path / "a/params.npz").is_file()
   assert list((tmp_path / "a").glob("events.out.tfevents.*"))
 
@@ -111,6 +115,8 @@ def run_train(data_dir, workdir, devices):
           "--config.dataset=toy_scenes/tiny", f"--config.data_dir={data_dir}",
           "--config.train_split=train", "--config.val_split=validation",
           "--config.batch_size=8", "--config.total_steps=3", "--config.log_training_steps=1",
+          *[f"--config.{n}.split=validation[:8]"
+            for n in ("panoptic_train", "panoptic_holdout", "panoptic_val")],
           *[f"--config.model.{k}={v}" for k, v in TINY.items()]]
   result = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
