@@ -7,8 +7,9 @@ than half of it lies on void or on the (last listed) crowd region of its categor
 RQ are computed per category and averaged over the categories that occur, for All, Things and
 Stuff. Ground-truth areas come from the annotations, predicted areas from the pixels.
 
-Per image, all (ground truth, prediction) intersections come from one `np.bincount` over compact
-segment indices; the per-category sums add across images and hosts.
+Per image, all (ground truth, prediction) intersections come from one `np.unique` over the
+combined id map; the matching rules then work on arrays of segments, and the per-category sums
+add across images and hosts.
 
 Score a COCO-format prediction folder:
 
@@ -28,6 +29,7 @@ from evaluators.common import Evaluator, register
 from uvim import input_pipeline
 
 VOID = 0
+OFFSET = 256**3  # segment ids are below 256^3 (three 8-bit channels)
 
 
 def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
@@ -77,14 +79,17 @@ class PQAccumulator:
     if gt_ids.shape != pred_ids.shape:
       raise ValueError(f"{image}: prediction {pred_ids.shape} and ground truth {gt_ids.shape} "
                        "differ in size")
-    gt_index = _index_of(gt_ids, gt.ids, void=len(gt.ids), unknown=len(gt.ids) + 1)
-    pred_index = _index_of(pred_ids, pred.ids, void=len(pred.ids), unknown=-1)
+    # Pixel counts of every (ground truth, prediction) id pair, then the pairs' segment indices.
+    combined = gt_ids.astype(np.uint64) * OFFSET + pred_ids.astype(np.uint64)
+    pairs, counts = np.unique(combined, return_counts=True)
+    pair_gt, pair_pred = (pairs // OFFSET).astype(np.int64), (pairs % OFFSET).astype(np.int64)
+    gt_index = _index_of(pair_gt, gt.ids, void=len(gt.ids), unknown=len(gt.ids) + 1)
+    pred_index = _index_of(pair_pred, pred.ids, void=len(pred.ids), unknown=-1)
     if (pred_index < 0).any():
-      raise KeyError(f"{image}: segment ids {_ints(pred_ids[pred_index < 0])} are in the "
+      raise KeyError(f"{image}: segment ids {_ints(pair_pred[pred_index < 0])} are in the "
                      "prediction PNG but not in its segments_info")
-    n_gt, n_pred = len(gt.ids) + 2, len(pred.ids) + 1
-    inter = np.bincount((gt_index * n_pred + pred_index).ravel(),
-                        minlength=n_gt * n_pred).reshape(n_gt, n_pred)
+    inter = np.zeros((len(gt.ids) + 2, len(pred.ids) + 1), np.int64)
+    np.add.at(inter, (gt_index, pred_index), counts)
     pred_area = inter.sum(0)[:-1]
     if (pred_area == 0).any():
       raise KeyError(f"{image}: segments {_ints(pred.ids[pred_area == 0])} are in "
