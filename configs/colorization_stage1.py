@@ -72,7 +72,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       pp=config.pp_eval.replace("decode|", ""), split="validation", log_steps=2500,
       prefix="colorization/"))
   config.colorization_val_fid = mlc.ConfigDict(dict(
-      split="validation", log_steps=100_000, prefix="colorization/"))
+      split="validation[:5000]", ref_split="validation[10000:15000]",
+      pp=config.pp_eval.replace("decode|", ""), inception_weights="inception_fid.npz",
+      log_steps=100_000, prefix="colorization/"))
 
   if arg.singlehost:
     config.batch_size = 128
@@ -82,4 +84,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     config.colorization_val.split = "validation"
     config.colorization_val.log_steps = 200
     config.colorization_val_fid.log_steps = 200
+    config.colorization_val_fid.split = "validation"
+    config.colorization_val_fid.ref_split = "train[:512]"
+    # No Inception weights offline: a random network (not comparable with published FIDs).
+    config.colorization_val_fid.inception_weights = "random:0"
   return config
