@@ -8,11 +8,7 @@ training; `run(state)` returns {metric name: value}, which the trainer writes un
 import difflib
 from collections.abc import Callable
 
-from absl import logging
-
 EVALUATORS: dict[str, type] = {}
-# Types of the paper's configs that a later version provides; configs using them still run.
-NOT_YET = {"save_predictions"}
 
 
 def register(name: str) -> Callable[[type], type]:
@@ -24,16 +20,18 @@ def register(name: str) -> Callable[[type], type]:
 
 def from_config(config, **kwargs) -> list:
   """The evaluators of `config.evals`; `kwargs` (mesh, model functions) go to each."""
-  from evaluators import colorization, depth, panoptic, validation  # noqa: F401  (registers)
+  from evaluators import (  # noqa: F401  (registers the evaluator types)
+      colorization,
+      depth,
+      panoptic,
+      save_predictions,
+      validation,
+  )
 
   evaluators = []
   for name, kind in config.evals:
     if kind not in EVALUATORS:
-      if kind in NOT_YET:
-        logging.warning("Evaluator type %r (config.evals %r) is not implemented yet; skipped.",
-                        kind, name)
-        continue
-      close = difflib.get_close_matches(kind, [*EVALUATORS, *NOT_YET], n=1)
+      close = difflib.get_close_matches(kind, EVALUATORS, n=1)
       hint = f"did you mean {close[0]!r}? " if close else ""
       raise ValueError(f"Unknown evaluator type {kind!r} for {name!r} in config.evals: {hint}"
                        f"known: {sorted(EVALUATORS)}")

@@ -83,3 +83,19 @@ def test_coco_panoptic_evaluator_agrees_with_panopticapi(toy_data_dir, tmp_path)
                                str(tmp_path / "pred/panoptic_pred.json"),
                                str(tmp_path / "pred/panoptic_pred"))
   assert abs(cli["All"]["pq"] - official["All"]["pq"]) < 1e-9
+
+
+def test_save_predictions_writes_inputs_and_predictions(toy_data_dir, tmp_path):
+  from evaluators import save_predictions
+
+  config = panoptic_stage1.get_config("smoke")
+  config.dataset, config.data_dir = "toy_scenes/tiny", str(toy_data_dir)
+  fns = {"predict": lambda state, batch: {"instances": batch["labels"][..., 1] * 2}}
+  options = dict(split="validation", pp=config.pp_eval, batch_size=24,
+                 outfile=str(tmp_path / "out/pred.npz"))
+  evaluator = save_predictions.SavePredictions("save", config, options,
+                                               mesh=sharding.make_mesh([("data", -1)]), fns=fns)
+  assert evaluator.run(None) == {"num_examples": 16.0}  # 16 examples, padding dropped
+  saved = np.load(tmp_path / "out/pred.npz")
+  assert sorted(saved.files) == ["image", "labels", "pred/instances"]
+  np.testing.assert_array_equal(saved["pred/instances"], saved["labels"][..., 1] * 2)

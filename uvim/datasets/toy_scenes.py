@@ -44,8 +44,9 @@ class ToyScenesConfig(tfds.core.BuilderConfig):
 class ToyScenes(tfds.core.GeneratorBasedBuilder):
   """Procedural scenes with COCO-panoptic, NYU-depth and image features (no download)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First version."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First version.",
+                   "1.1.0": "Larger things (radius ~ depth^-1/2): most were too small to learn."}
   BUILDER_CONFIGS = [
       ToyScenesConfig(name="small", description="1024 train / 128 validation, 96x128."),
       ToyScenesConfig(name="medium", train_size=8192, validation_size=512,
@@ -200,7 +201,8 @@ def _sample_thing(rng, height, width, horizon):
   base = rng.uniform(horizon + 4, height + 0.2 * height)
   depth = float(min(NEAREST_GROUND_DEPTH * (height - horizon) / (base - horizon),
                     MAX_GROUND_DEPTH))
-  radius = max(rng.uniform(0.45, 0.9) * NEAREST_GROUND_DEPTH * height * 0.18 / depth, 3.0)
+  # Perspective, damped (depth^-1/2 rather than depth^-1) so that far things stay visible.
+  radius = max(rng.uniform(0.6, 1.0) * 0.22 * height * (NEAREST_GROUND_DEPTH / depth) ** 0.5, 3.0)
   return {"label": int(rng.integers(len(THING_CLASSES))), "depth": depth, "radius": radius,
           "cy": base - radius, "cx": rng.uniform(0, width)}
 
