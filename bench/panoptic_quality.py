@@ -18,7 +18,7 @@ from absl import app, flags
 from PIL import Image
 
 from evaluators import panoptic
-from uvim.datasets.toy_scenes import id_to_rgb
+from uvim.datasets.coco_folder import id_to_rgb
 
 _IMAGES = flags.DEFINE_integer("images", 50, "Images to score.")
 _HEIGHT = flags.DEFINE_integer("height", 480, "Image height.")

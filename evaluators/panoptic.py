@@ -27,14 +27,10 @@ from PIL import Image
 
 from evaluators.common import Evaluator, register
 from uvim import input_pipeline
+from uvim.datasets.coco_folder import id_to_rgb, rgb_to_id
 
 VOID = 0
 OFFSET = 256**3  # segment ids are below 256^3 (three 8-bit channels)
-
-
-def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-  rgb = rgb.astype(np.int64)
-  return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
 
 
 @dataclasses.dataclass
@@ -267,8 +263,7 @@ class PredictionWriter:
 
   def add(self, image_id: int, ids: np.ndarray, segments: Segments) -> None:
     name = f"{image_id:012d}.png"
-    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)
-    Image.fromarray(rgb).save(self.directory / "panoptic_pred" / name)
+    Image.fromarray(id_to_rgb(ids)).save(self.directory / "panoptic_pred" / name)
     self.annotations.append({"image_id": image_id, "file_name": name, "segments_info": [
         {"id": int(i), "category_id": int(c)}
         for i, c in zip(segments.ids, segments.category_ids, strict=True)]})

@@ -35,12 +35,34 @@ ANNOTATION_RE = re.compile(r"panoptic_(?P<split>[a-z]+)(?P<year>\d*)\.json")
 
 
 def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
+  """COCO panoptic PNG colours -> segment ids: R + 256 G + 256^2 B."""
   rgb = rgb.astype(np.int64)
   return rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2]
 
 
 def id_to_rgb(ids: np.ndarray) -> np.ndarray:
+  """Segment ids -> COCO panoptic PNG colours (uint8, ..., 3)."""
   return np.stack([ids % 256, ids // 256 % 256, ids // 256**2], -1).astype(np.uint8)
+
+
+def panoptic_features(label: tfds.features.ClassLabel, image_format: str | None = None,
+                      **extra: tfds.features.FeatureConnector) -> tfds.features.FeaturesDict:
+  """The features of tfds `coco/2017_panoptic`, plus `extra` ones."""
+  return tfds.features.FeaturesDict({
+      "image": tfds.features.Image(shape=(None, None, 3), encoding_format=image_format),
+      "image/filename": tfds.features.Text(),
+      "image/id": np.int64,
+      "panoptic_image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+      "panoptic_image/filename": tfds.features.Text(),
+      "panoptic_objects": tfds.features.Sequence({
+          "area": np.int64,
+          "bbox": tfds.features.BBoxFeature(),
+          "id": np.int64,
+          "is_crowd": np.bool_,
+          "label": label,
+      }),
+      **extra,
+  })
 
 
 class CocoPanopticFolder(tfds.core.GeneratorBasedBuilder):
@@ -63,20 +85,7 @@ class CocoPanopticFolder(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description="A COCO-panoptic-format folder, with the features of coco/2017_panoptic.",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3)),
-            "image/filename": tfds.features.Text(),
-            "image/id": np.int64,
-            "panoptic_image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
-            "panoptic_image/filename": tfds.features.Text(),
-            "panoptic_objects": tfds.features.Sequence({
-                "area": np.int64,
-                "bbox": tfds.features.BBoxFeature(),
-                "id": np.int64,
-                "is_crowd": np.bool_,
-                "label": tfds.features.ClassLabel(),
-            }),
-        }),
+        features=panoptic_features(tfds.features.ClassLabel()),
         metadata=tfds.core.MetadataDict(),
     )
 

@@ -16,6 +16,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from uvim.datasets import coco_folder
+
 THING_CLASSES = ("circle", "square", "triangle", "diamond", "bar")
 STUFF_CLASSES = ("sky", "ground", "water")
 CLASSES = THING_CLASSES + STUFF_CLASSES  # Label = index; things first, as in COCO.
@@ -59,22 +61,10 @@ class ToyScenes(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
-            "image/filename": tfds.features.Text(),
-            "image/id": np.int64,
-            "panoptic_image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
-            "panoptic_image/filename": tfds.features.Text(),
-            "panoptic_objects": tfds.features.Sequence({
-                "area": np.int64,
-                "bbox": tfds.features.BBoxFeature(),
-                "id": np.int64,
-                "is_crowd": np.bool_,
-                "label": tfds.features.ClassLabel(names=CLASSES),
-            }),
-            "depth": tfds.features.Tensor(shape=(None, None), dtype=np.float32,
-                                          encoding=tfds.features.Encoding.ZLIB),
-        }),
+        features=coco_folder.panoptic_features(
+            tfds.features.ClassLabel(names=CLASSES), image_format="png",
+            depth=tfds.features.Tensor(shape=(None, None), dtype=np.float32,
+                                       encoding=tfds.features.Encoding.ZLIB)),
         metadata=tfds.core.MetadataDict(categories=CATEGORIES),
     )
 
@@ -116,7 +106,7 @@ def example_from_scene(scene: dict, image_id: int) -> dict:
       "image": encode_png(scene["image"]),
       "image/filename": f"{image_id:012d}.png",
       "image/id": image_id,
-      "panoptic_image": encode_png(id_to_rgb(pixel_ids)),
+      "panoptic_image": encode_png(coco_folder.id_to_rgb(pixel_ids)),
       "panoptic_image/filename": f"{image_id:012d}.png",
       "panoptic_objects": objects,
       "depth": scene["depth"],
@@ -128,11 +118,6 @@ def encode_png(image: np.ndarray) -> bytes:
   buf = io.BytesIO()
   Image.fromarray(image).save(buf, format="PNG", compress_level=1)
   return buf.getvalue()
-
-
-def id_to_rgb(ids: np.ndarray) -> np.ndarray:
-  """COCO panoptic encoding of segment ids: id = R + 256 G + 256^2 B."""
-  return np.stack([ids % 256, ids // 256 % 256, ids // 256**2], -1).astype(np.uint8)
 
 
 def render_scene(rng: np.random.Generator, height: int, width: int, max_things: int) -> dict:
