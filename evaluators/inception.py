@@ -34,8 +34,10 @@ class BasicConv(nn.Module):
   @nn.compact
   def __call__(self, x):
     pad = self.padding if isinstance(self.padding, str) else [(p, p) for p in self.padding]
+    # He initialisation keeps a random network's features informative (tests, smoke runs);
+    # real weights replace it.
     x = nn.Conv(self.features, tuple(self.kernel), strides=self.strides, padding=pad,
-                use_bias=False, name="conv")(x)
+                use_bias=False, kernel_init=nn.initializers.he_normal(), name="conv")(x)
     x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, name="bn")(x)
     return nn.relu(x)
 

@@ -70,17 +70,17 @@ def total_steps_of(config, num_train_examples: int) -> int:
   return int(config.num_epochs * num_train_examples // config.batch_size)
 
 
-def model_inputs(task, batch: dict, model_config) -> tuple[dict, jnp.ndarray]:
-  """Stage I inputs from a batch: the task's label patches and the context image."""
-  inputs, _ = task.input_pp(batch, model_config)
-  return inputs, batch.get("image_ctx", batch["image"])
+def model_inputs(task, batch: dict, model_config) -> tuple[dict, jnp.ndarray, dict]:
+  """Stage I inputs from a batch: the task's label patches, the context image, label stats."""
+  inputs, stats = task.input_pp(batch, model_config)
+  return inputs, batch.get("image_ctx", batch["image"]), stats
 
 
 def train_step(state: TrainState, batch: dict, *, model, task, tx, lr_fn,
                model_config) -> tuple[TrainState, dict]:
   """One optimisation step of stage I on a global batch; returns the new state and metrics."""
   rng_dropout, rng_vqvae = jax.random.split(jax.random.fold_in(state.rng, state.step))
-  inputs, ctx = model_inputs(task, batch, model_config)
+  inputs, ctx, stats = model_inputs(task, batch, model_config)
 
   def loss_fn(params):
     (logits, aux), new_vars = model.apply(
@@ -93,7 +93,6 @@ def train_step(state: TrainState, batch: dict, *, model, task, tx, lr_fn,
       state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  _, stats = task.input_pp(batch, model_config)
   metrics = {
       "training_loss": loss, **{k: jnp.mean(v) for k, v in parts.items()},
       **{k: v for k, v in aux.items() if k.startswith("codebook_")}, **stats,
@@ -107,7 +106,7 @@ def train_step(state: TrainState, batch: dict, *, model, task, tx, lr_fn,
 
 def eval_logits(state: TrainState, batch: dict, *, model, task, model_config) -> dict:
   """Stage I logits in eval mode (no code dropout, no dictionary update)."""
-  inputs, ctx = model_inputs(task, batch, model_config)
+  inputs, ctx, _ = model_inputs(task, batch, model_config)
   logits, _ = model.apply({"params": state.params, "state": state.model_state}, inputs, ctx=ctx)
   return logits
 
@@ -146,7 +145,7 @@ def _variables_fn(model, task, config, example_batch) -> Callable[[jax.Array], d
   """rng -> the model's initial variables ({'params', 'state'})."""
   def init_variables(rng):
     rng_params, rng_state = jax.random.split(rng)
-    inputs, ctx = model_inputs(task, example_batch, config.model)
+    inputs, ctx, _ = model_inputs(task, example_batch, config.model)
     return model.init({"params": rng_params, "state": rng_state}, inputs, ctx=ctx)
   return init_variables
 

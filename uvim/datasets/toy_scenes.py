@@ -48,7 +48,8 @@ class ToyScenes(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {"1.0.0": "First version.",
-                   "1.1.0": "Larger things (radius ~ depth^-1/2): most were too small to learn."}
+                   "1.1.0": "Larger things (radius ~ depth^-1/2): most were too small to learn; "
+                            "depth has a fixed shape."}
   BUILDER_CONFIGS = [
       ToyScenesConfig(name="small", description="1024 train / 128 validation, 96x128."),
       ToyScenesConfig(name="medium", train_size=8192, validation_size=512,
@@ -63,8 +64,10 @@ class ToyScenes(tfds.core.GeneratorBasedBuilder):
         description=__doc__,
         features=coco_folder.panoptic_features(
             tfds.features.ClassLabel(names=CLASSES), image_format="png",
-            depth=tfds.features.Tensor(shape=(None, None), dtype=np.float32,
-                                       encoding=tfds.features.Encoding.ZLIB)),
+            # A fixed shape, as nyu_depth_v2's (480, 640): eval pps keep the depth at full size.
+            depth=tfds.features.Tensor(
+                shape=(self.builder_config.height, self.builder_config.width),
+                dtype=np.float32, encoding=tfds.features.Encoding.ZLIB)),
         metadata=tfds.core.MetadataDict(categories=CATEGORIES),
     )
 
