@@ -99,3 +99,19 @@ def test_save_predictions_writes_inputs_and_predictions(toy_data_dir, tmp_path):
   saved = np.load(tmp_path / "out/pred.npz")
   assert sorted(saved.files) == ["image", "labels", "pred/instances"]
   np.testing.assert_array_equal(saved["pred/instances"], saved["labels"][..., 1] * 2)
+
+
+def test_nyu_depth_evaluator_on_toy_scenes(toy_data_dir):
+  from configs import depth_stage1
+
+  config = depth_stage1.get_config("smoke")
+  config.dataset, config.data_dir = "toy_scenes/tiny", str(toy_data_dir)
+  mesh = sharding.make_mesh([("data", -1)])
+  options = dict(split="validation", pp=config.nyu_depth_val.pp, batch_size=8)
+  exact = {"predict": lambda state, batch: {"depth": batch["ground_truth"][..., 0]}}
+  metrics = depth.NyuDepth("d", config, options, mesh=mesh, fns=exact).run(None)
+  assert metrics["rmse"] < 1e-6 and metrics["delta1"] == 1.0
+  # The 64 px labels, resized back: small errors at depth edges only.
+  coarse = {"predict": lambda state, batch: {"depth": batch["labels"][..., 0]}}
+  metrics = depth.NyuDepth("d", config, options, mesh=mesh, fns=coarse).run(None)
+  assert 0 < metrics["rmse"] < 1.0 and metrics["delta1"] > 0.9
