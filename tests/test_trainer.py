@@ -132,4 +132,9 @@ def test_eight_devices_train_like_one(toy_data_dir, tmp_path):
                              list(losses(tmp_path / "eight").values()), rtol=1e-5)
   for (k, a), b in zip(checkpoint.flatten(one).items(), checkpoint.flatten(eight).values(),
                        strict=True):
+    if k.endswith("key/bias"):
+      # Its gradient is zero up to rounding (softmax ignores a per-query constant), and
+      # Adafactor scales that noise to a full step of either sign: only the size is defined.
+      assert np.abs(a).max() < 1e-4 and np.abs(b).max() < 1e-4, k
+      continue
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=k)
