@@ -4,9 +4,9 @@ import difflib
 
 import flax.linen as nn
 
-from uvim.models import vqvae
+from uvim.models import lm, vqvae
 
-MODELS = {"proj.uvim.vit": vqvae.Model}
+MODELS = {"proj.uvim.vit": vqvae.Model, "proj.uvim.lm": lm.Model}
 
 
 def get_model(name: str, model_config) -> nn.Module:
