@@ -67,6 +67,9 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(toy_data_dir, tmp
   np.testing.assert_array_equal(straight.model_state["dictionary"],
                                 resumed.model_state["dictionary"])
   assert losses(tmp_path / "a")[6] == losses(tmp_path / "b")[6]
+  steps = [json.loads(x)["step"] for x in (tmp_path / "b/metrics.jsonl").read_text().splitlines()
+           if "training_loss" in json.loads(x)]
+  assert steps == [1, 2, 3, 4, 5, 6]  # step 4 of the killed run was logged once, not twice
 
   # Its exported big_vision npz (params and dictionary) initialises a new run exactly.
   imported = trainer.train_and_evaluate(

@@ -125,10 +125,17 @@ def eval_functions(model, task, model_config) -> dict[str, Callable]:
 
 
 class JsonlWriter:
-  """Appends one JSON object per logging step to `<workdir>/metrics.jsonl`."""
+  """Appends one JSON object per logging step to `<workdir>/metrics.jsonl`.
 
-  def __init__(self, path: Path):
+  When a run resumes at `start`, lines a killed run logged after its last checkpoint are dropped,
+  since those steps are about to be run (and logged) again.
+  """
+
+  def __init__(self, path: Path, start: int = 0):
     self.path = path
+    if path.exists():
+      lines = path.read_text().splitlines()
+      path.write_text("".join(f"{x}\n" for x in lines if json.loads(x)["step"] <= start))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     with open(self.path, "a") as f:
@@ -230,7 +237,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> TrainState:
   evaluators = evaluators_common.from_config(
       config, mesh=mesh, fns=eval_functions(model, task, config.model))
   writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_main)
-  jsonl = JsonlWriter(workdir / "metrics.jsonl") if is_main else None
+  jsonl = JsonlWriter(workdir / "metrics.jsonl", start) if is_main else None
 
   def write(step: int, scalars: dict) -> None:
     writer.write_scalars(step, scalars)
