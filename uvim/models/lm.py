@@ -4,16 +4,25 @@ The decoder is a transformer over code tokens (vocabulary = dictionary size + 1:
 code + 1, and id 0 is BOS) with causal self-attention, cross-attention to the image tokens and an
 MLP per block. Parameter names and computation follow big_vision's UViM (`vtt.py`), so released
 `*_stageII_params.npz` files load.
+
+Besides teacher forcing (`__call__`), the model decodes one token at a time against a cache
+(`init_cache`, `decode_step`): the self-attention keys/values of the tokens so far, and the
+cross-attention keys/values of the image, computed once per image rather than at every step.
 """
 
 from collections.abc import Mapping, Sequence
 
 import einops
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from uvim.models import vit
+
+# Per decoder block: `self_k`/`self_v` (B, L, H, D) filled as tokens are decoded, and
+# `cross_k`/`cross_v` (B, image tokens, H, D) of the image.
+Cache = list[dict[str, jnp.ndarray]]
 
 
 def shift_right(tokens_BxL: jnp.ndarray) -> jnp.ndarray:
@@ -21,25 +30,84 @@ def shift_right(tokens_BxL: jnp.ndarray) -> jnp.ndarray:
   return jnp.pad(tokens_BxL, ((0, 0), (1, 0)))[:, :-1]
 
 
+class Attention(nn.Module):
+  """Multi-head dot-product attention without biases, with flax's parameter layout and
+  arithmetic (`query`/`key`/`value` (E, H, D), `out` (H, D, E)), split into the key/value
+  projection and the attention itself so that decoding can cache keys and values."""
+  width: int
+  num_heads: int
+  dropout_rate: float = 0.0
+
+  def setup(self):
+    heads = (self.num_heads, self.width // self.num_heads)
+    self.query = nn.DenseGeneral(heads, use_bias=False)
+    self.key = nn.DenseGeneral(heads, use_bias=False)
+    self.value = nn.DenseGeneral(heads, use_bias=False)
+    self.out = nn.DenseGeneral(self.width, axis=(-2, -1), use_bias=False)
+
+  def keys_values(self, x_BxSxE: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(keys, values) of the attended sequence, each (B, S, H, D)."""
+    return self.key(x_BxSxE), self.value(x_BxSxE)
+
+  def attend(self, x_BxLxE: jnp.ndarray, k_BxSxHxD: jnp.ndarray, v_BxSxHxD: jnp.ndarray,
+             mask: jnp.ndarray | None = None, deterministic: bool = True) -> jnp.ndarray:
+    """Queries from `x` attend to the keys/values; `mask` broadcasts to (B, H, L, S)."""
+    q = self.query(x_BxLxE) / jnp.sqrt(k_BxSxHxD.shape[-1]).astype(x_BxLxE.dtype)
+    logits = jnp.einsum("blhd,bshd->bhls", q, k_BxSxHxD)
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    weights = jax.nn.softmax(logits, axis=-1)
+    if not deterministic and self.dropout_rate > 0:
+      keep = jax.random.bernoulli(self.make_rng("dropout"), 1 - self.dropout_rate, weights.shape)
+      weights = jnp.where(keep, weights / (1 - self.dropout_rate), 0)
+    return self.out(jnp.einsum("bhls,bshd->blhd", weights, v_BxSxHxD))
+
+  def __call__(self, x_BxLxE, context_BxSxE, mask=None, deterministic: bool = True):
+    return self.attend(x_BxLxE, *self.keys_values(context_BxSxE), mask, deterministic)
+
+
 class EncDecBlock(nn.Module):
   """Causal self-attention, cross-attention to the image, MLP; pre-LayerNorm, no biases in
   attention."""
+  width: int
   mlp_dim: int
   num_heads: int
   dropout_rate: float = 0.0
 
-  @nn.compact
+  def setup(self):
+    attention = dict(width=self.width, num_heads=self.num_heads, dropout_rate=self.dropout_rate)
+    self.LayerNorm1, self.LayerNorm2, self.LayerNorm3 = (nn.LayerNorm() for _ in range(3))
+    self.SelfAttn = Attention(**attention)
+    self.CrossAttn = Attention(**attention)
+    self.MLP = vit.MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout_rate)
+    self.dropout = nn.Dropout(rate=self.dropout_rate)
+
   def __call__(self, y_BxLxE, encoded_BxPxE, mask, deterministic: bool = True):
-    attention = dict(num_heads=self.num_heads, use_bias=False, broadcast_dropout=False,
-                     dropout_rate=self.dropout_rate, deterministic=deterministic)
-    x = nn.LayerNorm(name="LayerNorm1")(y_BxLxE)
-    x = nn.MultiHeadDotProductAttention(**attention, name="SelfAttn")(x, x, mask=mask)
-    x = y_BxLxE + nn.Dropout(rate=self.dropout_rate)(x, deterministic)
-    z = nn.LayerNorm(name="LayerNorm2")(x)
-    z = nn.MultiHeadDotProductAttention(**attention, name="CrossAttn")(z, encoded_BxPxE)
-    z = x + nn.Dropout(rate=self.dropout_rate)(z, deterministic)
-    mlp = vit.MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout_rate, name="MLP")
-    return z + mlp(nn.LayerNorm(name="LayerNorm3")(z), deterministic)
+    x = self.LayerNorm1(y_BxLxE)
+    x = y_BxLxE + self.dropout(self.SelfAttn(x, x, mask, deterministic), deterministic)
+    return self._cross_and_mlp(x, *self.CrossAttn.keys_values(encoded_BxPxE), deterministic)
+
+  def _cross_and_mlp(self, x, cross_k, cross_v, deterministic: bool = True):
+    z = self.CrossAttn.attend(self.LayerNorm2(x), cross_k, cross_v, None, deterministic)
+    z = x + self.dropout(z, deterministic)
+    return z + self.MLP(self.LayerNorm3(z), deterministic)
+
+  def init_cache(self, encoded_BxPxE: jnp.ndarray, seq_len: int) -> dict[str, jnp.ndarray]:
+    """Empty self-attention buffers and the image's cross-attention keys/values."""
+    cross_k, cross_v = self.CrossAttn.keys_values(encoded_BxPxE)
+    empty = jnp.zeros((encoded_BxPxE.shape[0], seq_len, *cross_k.shape[2:]), cross_k.dtype)
+    return {"self_k": empty, "self_v": empty, "cross_k": cross_k, "cross_v": cross_v}
+
+  def step(self, y_Bx1xE: jnp.ndarray, cache: dict, t: jnp.ndarray) -> tuple[jnp.ndarray, dict]:
+    """The block at position `t` for one new token, reading and extending the cache."""
+    x = self.LayerNorm1(y_Bx1xE)
+    k, v = self.SelfAttn.keys_values(x)
+    cache = {**cache,
+             "self_k": jax.lax.dynamic_update_slice_in_dim(cache["self_k"], k, t, axis=1),
+             "self_v": jax.lax.dynamic_update_slice_in_dim(cache["self_v"], v, t, axis=1)}
+    seen = jnp.arange(cache["self_k"].shape[1]) <= t
+    x = y_Bx1xE + self.SelfAttn.attend(x, cache["self_k"], cache["self_v"], seen)
+    return self._cross_and_mlp(x, cache["cross_k"], cache["cross_v"]), cache
 
 
 class Decoder(nn.Module):
@@ -51,20 +119,38 @@ class Decoder(nn.Module):
   vocab_size: int
   dropout_rate: float = 0.0
 
-  @nn.compact
+  def setup(self):
+    self.EmbedTargets = nn.Embed(self.vocab_size, self.emb_dim,
+                                 embedding_init=nn.initializers.normal(stddev=1.0))
+    self.blocks = [EncDecBlock(width=self.emb_dim, mlp_dim=self.mlp_dim,
+                               num_heads=self.num_heads, dropout_rate=self.dropout_rate,
+                               name=f"EncDecBlock{i}") for i in range(self.num_layers)]
+    self.dropout = nn.Dropout(rate=self.dropout_rate)
+    self.LayerNorm = nn.LayerNorm()
+    self.LogitsDense = nn.Dense(self.vocab_size, kernel_init=nn.initializers.zeros)
+
   def __call__(self, encoded_BxPxE, inputs_BxL, pos_emb_1xLxE, deterministic: bool = True):
     """`inputs_BxL` are the decoder inputs, already shifted right (BOS first)."""
-    y = nn.Embed(self.vocab_size, self.emb_dim, name="EmbedTargets",
-                 embedding_init=nn.initializers.normal(stddev=1.0))(inputs_BxL.astype(jnp.int32))
-    y = y + pos_emb_1xLxE[:, :inputs_BxL.shape[1]]
-    y = nn.Dropout(rate=self.dropout_rate)(y, deterministic)
+    y = self.EmbedTargets(inputs_BxL.astype(jnp.int32)) + pos_emb_1xLxE[:, :inputs_BxL.shape[1]]
+    y = self.dropout(y, deterministic)
     mask = nn.make_causal_mask(inputs_BxL)
-    for i in range(self.num_layers):
-      y = EncDecBlock(mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-                      dropout_rate=self.dropout_rate, name=f"EncDecBlock{i}")(
-                          y, encoded_BxPxE, mask, deterministic)
-    y = nn.LayerNorm(name="LayerNorm")(y)
-    return nn.Dense(self.vocab_size, kernel_init=nn.initializers.zeros, name="LogitsDense")(y)
+    for block in self.blocks:
+      y = block(y, encoded_BxPxE, mask, deterministic)
+    return self.LogitsDense(self.LayerNorm(y))
+
+  def init_cache(self, encoded_BxPxE: jnp.ndarray, seq_len: int) -> Cache:
+    return [block.init_cache(encoded_BxPxE, seq_len) for block in self.blocks]
+
+  def step(self, cache: Cache, tokens_B: jnp.ndarray, t: jnp.ndarray,
+           pos_emb_1xLxE: jnp.ndarray) -> tuple[jnp.ndarray, Cache]:
+    """Logits (B, V) for position t + 1 given the token at position t."""
+    pos = jax.lax.dynamic_slice_in_dim(pos_emb_1xLxE, t, 1, axis=1)
+    y = self.EmbedTargets(tokens_B[:, None].astype(jnp.int32)) + pos
+    new_cache = []
+    for block, block_cache in zip(self.blocks, cache, strict=True):
+      y, block_cache = block.step(y, block_cache, t)
+      new_cache.append(block_cache)
+    return self.LogitsDense(self.LayerNorm(y))[:, 0], new_cache
 
 
 class Model(nn.Module):
@@ -110,3 +196,13 @@ class Model(nn.Module):
 
   def __call__(self, image: jnp.ndarray, targets: jnp.ndarray, train: bool = False):
     return self.decode(self.encode(image, train=train), targets, train=train)
+
+  def init_cache(self, encoded_BxPxE: jnp.ndarray) -> Cache:
+    """The decoding cache of a batch of encoded images (cross-attention keys/values)."""
+    return self.decoder.init_cache(encoded_BxPxE, self.seq_len)
+
+  def decode_step(self, cache: Cache, tokens_B: jnp.ndarray,
+                  t: jnp.ndarray) -> tuple[jnp.ndarray, Cache]:
+    """Feeds the token at position t (BOS at t = 0); returns the logits of the next token
+    (B, vocab) and the extended cache."""
+    return self.decoder.step(cache, tokens_B, t, self.pos_embedding_decoder)

@@ -1,0 +1,110 @@
+"""Cached sampling of the guiding code against step-by-step recomputation and the softmax."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from uvim import decoding
+from uvim.models import lm
+
+
+def random_model(vocab_size=11, seq_len=7, num_layers=2, seed=0):
+  """A small stage II model with random (non-zero) logits head, and a batch of 3 images."""
+  model = lm.Model(patches={"size": (8, 8)}, num_heads=2, num_layers=num_layers, mlp_dim=32,
+                   emb_dim=16, vocab_size=vocab_size, seq_len=seq_len, input_size=(16, 16))
+  images = jax.random.normal(jax.random.key(seed), (3, 16, 16, 3))
+  params = model.init(jax.random.key(seed + 1), images,
+                      jnp.zeros((3, seq_len), jnp.int32))["params"]
+  params["decoder"]["LogitsDense"]["kernel"] = 2 * jax.random.normal(
+      jax.random.key(seed + 2), (16, vocab_size))
+  return model, params, images
+
+
+def step_by_step_argmax(model, params, images):
+  """Plain Python loop, full recomputation of the teacher-forced logits at every position."""
+  tokens = np.zeros((len(images), model.seq_len), np.int32)
+  for t in range(model.seq_len):
+    logits = np.array(model.apply({"params": params}, images, jnp.asarray(tokens))[:, t])
+    logits[:, 0] = -np.inf
+    tokens[:, t] = logits.argmax(-1)
+  return tokens
+
+
+@pytest.mark.parametrize("seed,num_layers", [(0, 1), (5, 3)])
+def test_cached_and_uncached_greedy_equal_step_by_step_argmax(seed, num_layers):
+  model, params, images = random_model(num_layers=num_layers, seed=seed)
+  keys = jax.random.split(jax.random.key(0), 3)
+  expected = step_by_step_argmax(model, params, images)
+  for cached in (True, False):
+    tokens, logprob = jax.jit(lambda p, i, k, c=cached: decoding.sample(
+        model, p, i, k, cached=c))(params, images, keys)
+    np.testing.assert_array_equal(tokens[:, 0], expected)
+    teacher = jax.nn.log_softmax(model.apply({"params": params}, images, jnp.asarray(expected)))
+    want = np.take_along_axis(np.asarray(teacher), expected[..., None], -1).sum((1, 2))
+    np.testing.assert_allclose(logprob[:, 0], want, rtol=1e-5)
+  assert len(np.unique(expected)) > 2  # the random model does not emit a constant code
+
+
+def test_cached_sampling_follows_the_model_joint_distribution():
+  """At T = 1, frequencies of whole 2-token codes match p(t0) p(t1 | t0) without BOS."""
+  model, params, images = random_model(vocab_size=4, seq_len=2, seed=3)
+  n = 6000
+  tokens, _ = jax.jit(lambda p, i, k: decoding.sample(
+      model, p, i, k, temperature=1.0, num_samples=n))(
+          params, images[:1], jax.random.split(jax.random.key(1), 1))
+  codes = np.asarray(tokens[0])
+  assert codes.min() >= 1
+  for a, b in itertools.product(range(1, 4), repeat=2):
+    logits = np.asarray(model.apply({"params": params}, images[:1], jnp.array([[a, b]]))[0])
+    p0 = np.exp(logits[0, 1:]) / np.exp(logits[0, 1:]).sum()
+    p1 = np.exp(logits[1, 1:]) / np.exp(logits[1, 1:]).sum()
+    p = p0[a - 1] * p1[b - 1]
+    freq = np.mean((codes[:, 0] == a) & (codes[:, 1] == b))
+    assert abs(freq - p) < 5 * np.sqrt(p * (1 - p) / n) + 1e-3, (a, b, freq, p)
+
+
+def test_filter_logits_matches_brute_force():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(5, 9)).astype(np.float32) * 2
+  for top_k, top_p in [(3, 1.0), (0, 0.6), (0, 0.95), (4, 0.5), (1, 1.0)]:
+    out = np.asarray(decoding.filter_logits(jnp.asarray(logits), top_k=top_k, top_p=top_p))
+    for row, got in zip(logits, out, strict=True):
+      order = np.argsort(-row)
+      keep = set(order[:top_k]) if top_k else set(order)
+      probs = np.where(np.isin(np.arange(9), list(keep)), np.exp(row - row.max()), 0)
+      probs /= probs.sum()  # top-p applies to the distribution left by top-k
+      nucleus, mass = set(), 0.0
+      for i in order:  # smallest prefix of the sorted vocabulary reaching top_p
+        if mass >= top_p:
+          break
+        nucleus.add(i)
+        mass += probs[i]
+      keep &= nucleus if top_p < 1 else keep
+      assert set(np.flatnonzero(np.isfinite(got))) == keep
+
+
+def test_top_k_samples_only_the_k_most_likely_tokens():
+  model, params, images = random_model(vocab_size=9, seq_len=1, seed=4)
+  params["decoder"]["LogitsDense"]["kernel"] *= 0.1  # flat enough that both tokens occur
+  tokens, _ = jax.jit(lambda p, i, k: decoding.sample(
+      model, p, i, k, temperature=1.0, top_k=2, num_samples=500))(
+          params, images[:1], jax.random.split(jax.random.key(2), 1))
+  logits = np.asarray(model.apply({"params": params}, images[:1], jnp.ones((1, 1), jnp.int32)))
+  top2 = set(np.argsort(-logits[0, 0, 1:])[:2] + 1)
+  assert set(np.unique(tokens)) == top2
+
+
+def test_each_image_has_its_own_random_stream():
+  """An image's samples do not depend on the rest of the batch; different keys differ."""
+  model, params, images = random_model(seed=6)
+  keys = jax.random.split(jax.random.key(7), 3)
+  fn = jax.jit(lambda p, i, k: decoding.sample(model, p, i, k, temperature=1.0, num_samples=4))
+  together, _ = fn(params, images, keys)
+  alone, _ = fn(params, images[1:2], keys[1:2])
+  np.testing.assert_array_equal(together[1], alone[0])
+  assert len({tuple(s) for s in np.asarray(together[1])}) > 1  # samples of one image differ
+  other, _ = fn(params, images[1:2], keys[2:3])
+  assert not np.array_equal(other[0], alone[0])
