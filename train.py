@@ -17,9 +17,6 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
-  if config.model_name != "proj.uvim.vit":
-    raise app.UsageError(f"NOT YET: model {config.model_name!r} (stage II) comes with the "
-                         "stage II issue; this version trains stage I ('proj.uvim.vit').")
   cli.quiet_library_logs()
   trainer.train_and_evaluate(config, _WORKDIR.value)
 

@@ -81,7 +81,7 @@ class ColtranFid(Evaluator):
     self.inception = _inception(options["inception_weights"])
 
     def fid_images(state, batch):
-      return quantize_8bit(area_resize(fns["predict"](state, batch)["color"], FID_SIZE))
+      return quantize_8bit(area_resize(self.fns["predict"](state, batch)["color"], FID_SIZE))
 
     self._fid_images = jax.jit(fid_images)
 

@@ -2,10 +2,13 @@
 ConfigDict `config.<name>` holds `split`, `pp`, `log_steps`, `prefix` and type-specific options.
 
 An evaluator is built once and run by the trainer on its own cadence and at the end of
-training; `run(state)` returns {metric name: value}, which the trainer writes under `prefix`.
+training; `run(variables)` returns {metric name: value}, which the trainer writes under `prefix`.
+It computes through the model functions `fns` the stage gives it (uvim/stages.py): `loss` and
+`predict`, both (variables, batch) -> per-example arrays, jit-compiled by the evaluator.
 """
 
 import difflib
+import functools
 from collections.abc import Callable
 
 EVALUATORS: dict[str, type] = {}
@@ -49,11 +52,15 @@ def from_config(config, **kwargs) -> list:
 
 
 class Evaluator:
-  """Options every evaluator takes: `split`, `pp`, `log_steps`, `prefix`, `batch_size`."""
+  """Options every evaluator takes: `split`, `pp`, `log_steps`, `prefix`, `batch_size`, and
+  `predict_kwargs` for stage II's sampler (e.g. `dict(temperature=1.0)`; default greedy)."""
 
-  OPTIONS = frozenset({"split", "pp", "log_steps", "prefix", "batch_size"})
+  OPTIONS = frozenset({"split", "pp", "log_steps", "prefix", "batch_size", "predict_kwargs"})
 
   def __init__(self, name: str, config, options: dict, *, mesh, fns: dict):
+    predict_kwargs = dict(options.get("predict_kwargs") or {})
+    if predict_kwargs:
+      fns = {**fns, "predict": functools.partial(fns["predict"], **predict_kwargs)}
     self.config, self.mesh, self.fns = config, mesh, fns
     self.split, self.pp = options["split"], options.get("pp")
     self.log_steps = options.get("log_steps")
@@ -76,7 +83,7 @@ class MeanEvaluator(Evaluator):
     import jax.numpy as jnp
 
     super().__init__(name, config, options, mesh=mesh, fns=fns)
-    per_example = self.per_example(fns, options)
+    per_example = self.per_example(self.fns, options)
 
     def sums(state, batch):
       mask = batch["_mask"].astype(jnp.float32)

@@ -216,7 +216,7 @@ class CocoPanoptic(Evaluator):
   def __init__(self, name: str, config, options: dict, *, mesh, fns):
     super().__init__(name, config, options, mesh=mesh, fns=fns)
     self.write_to = options.get("write_predictions")
-    self._predict = jax.jit(fns["predict"])
+    self._predict = jax.jit(self.fns["predict"])
 
   def run(self, state) -> dict[str, float]:
     builder = input_pipeline.get_builder(self.config.dataset, self.config.data_dir)

@@ -22,7 +22,7 @@ class SavePredictions(Evaluator):
     if "outfile" not in options:
       raise ValueError(f"config.{name}: save_predictions needs an `outfile`")
     self.outfile = Path(options["outfile"])
-    self._predict = jax.jit(fns["predict"])
+    self._predict = jax.jit(self.fns["predict"])
 
   def run(self, state) -> dict[str, float]:
     rows: dict[str, list] = {}

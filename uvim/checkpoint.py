@@ -69,14 +69,21 @@ def load_params_from_workdir(workdir: str | Path) -> dict[str, Any]:
   return {"params": state["params"], "state": state["model_state"]}
 
 
+def _leaves_by_name(tree: Any) -> dict[str, Any]:
+  """{'a/b': leaf}, leaves untouched (arrays or jax.ShapeDtypeStruct)."""
+  return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def merge_into(init: Any, loaded: Any, source: str) -> Any:
-  """`loaded` in the structure and dtypes of `init`; names missing or mismatched keys."""
-  want, have = flatten(init), flatten(loaded)
+  """`loaded` in the structure and dtypes of `init` (arrays or shapes); names missing or
+  mismatched keys."""
+  want, have = _leaves_by_name(init), flatten(loaded)
   missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
   wrong = sorted(k for k in want.keys() & have.keys() if want[k].shape != have[k].shape)
   if missing or extra or wrong:
     raise ValueError(
         f"{source} does not fit the model: missing {missing[:10]}, unexpected {extra[:10]}, "
         f"shape mismatch {[(k, have[k].shape, want[k].shape) for k in wrong[:10]]}")
-  leaves = [have[k].astype(want[k].dtype) for k in flatten(init)]
+  leaves = [have[k].astype(want[k].dtype) for k in want]
   return jax.tree.unflatten(jax.tree.structure(init), leaves)

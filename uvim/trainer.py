@@ -26,7 +26,7 @@ from absl import logging
 from clu import metric_writers
 
 from evaluators import common as evaluators_common
-from uvim import checkpoint, input_pipeline, models, optim, sharding, tasks
+from uvim import checkpoint, input_pipeline, optim, sharding, stages
 
 # Top-level config keys the trainer reads (plus one ConfigDict per evaluator in `evals`).
 KNOWN_KEYS = {
@@ -34,10 +34,10 @@ KNOWN_KEYS = {
     "num_epochs", "total_steps", "pp_modules", "pp_train", "pp_eval", "shuffle_buffer_size",
     "log_training_steps", "log_eval_steps", "checkpoint_steps", "keep_checkpoint_steps",
     "model_name", "model", "model_init", "optax_name", "optax", "lr", "wd", "schedule",
-    "grad_clip_norm", "lr_mults", "evals", "mesh",
+    "grad_clip_norm", "lr_mults", "evals", "mesh", "oracle",
 }
 # Keys that must not change when a run resumes from its workdir.
-RESUME_KEYS = ("task", "model_name", "model", "optax_name", "optax")
+RESUME_KEYS = ("task", "model_name", "model", "optax_name", "optax", "oracle")
 
 
 @flax.struct.dataclass
@@ -70,58 +70,22 @@ def total_steps_of(config, num_train_examples: int) -> int:
   return int(config.num_epochs * num_train_examples // config.batch_size)
 
 
-def model_inputs(task, batch: dict, model_config) -> tuple[dict, jnp.ndarray, dict]:
-  """Stage I inputs from a batch: the task's label patches, the context image, label stats."""
-  inputs, stats = task.input_pp(batch, model_config)
-  return inputs, batch.get("image_ctx", batch["image"]), stats
-
-
-def train_step(state: TrainState, batch: dict, *, model, task, tx, lr_fn,
-               model_config) -> tuple[TrainState, dict]:
-  """One optimisation step of stage I on a global batch; returns the new state and metrics."""
-  rng_dropout, rng_vqvae = jax.random.split(jax.random.fold_in(state.rng, state.step))
-  inputs, ctx, stats = model_inputs(task, batch, model_config)
-
-  def loss_fn(params):
-    (logits, aux), new_vars = model.apply(
-        {"params": params, "state": state.model_state}, inputs, ctx=ctx, train=True,
-        mutable=["state"], rngs={"dropout": rng_dropout, "vqvae": rng_vqvae})
-    loss, parts = task.loss_fn(logits, batch, model_config)
-    return jnp.mean(loss), (parts, aux, new_vars["state"])
-
-  (loss, (parts, aux, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
+def train_step(state: TrainState, batch: dict, frozen: Any, *, stage, tx,
+               lr_fn) -> tuple[TrainState, dict]:
+  """One optimisation step on a global batch; returns the new state and metrics."""
+  rng = jax.random.fold_in(state.rng, state.step)
+  (loss, (metrics, model_state)), grads = jax.value_and_grad(stage.loss, has_aux=True)(
+      state.params, state.model_state, frozen, batch, rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {
-      "training_loss": loss, **{k: jnp.mean(v) for k, v in parts.items()},
-      **{k: v for k, v in aux.items() if k.startswith("codebook_")}, **stats,
-      "l2_grads": optax.global_norm(grads), "l2_params": optax.global_norm(params),
-      "l2_updates": optax.global_norm(updates), "lr": lr_fn(state.step),
+      "training_loss": loss, **metrics,
+      "l2_grads": optax.tree.norm(grads), "l2_params": optax.tree.norm(params),
+      "l2_updates": optax.tree.norm(updates), "lr": lr_fn(state.step),
   }
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             model_state=model_state)
   return new_state, metrics
-
-
-def eval_logits(state: TrainState, batch: dict, *, model, task, model_config) -> dict:
-  """Stage I logits in eval mode (no code dropout, no dictionary update)."""
-  inputs, ctx, _ = model_inputs(task, batch, model_config)
-  logits, _ = model.apply({"params": state.params, "state": state.model_state}, inputs, ctx=ctx)
-  return logits
-
-
-def eval_functions(model, task, model_config) -> dict[str, Callable]:
-  """What evaluators may call: `loss` (per-example) and `predict` (the task's outputs).
-
-  For stage I, `predict` is the oracle's reconstruction: labels + image -> code -> labels.
-  """
-  logits_fn = partial(eval_logits, model=model, task=task, model_config=model_config)
-  return {
-      "loss": lambda state, batch: task.loss_fn(logits_fn(state, batch), batch, model_config),
-      "predict": lambda state, batch: task.predict_outputs(logits_fn(state, batch),
-                                                           model_config),
-  }
 
 
 class JsonlWriter:
@@ -148,15 +112,6 @@ def _compare_configs(saved: dict, current: dict) -> list[str]:
   return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
-def _variables_fn(model, task, config, example_batch) -> Callable[[jax.Array], dict]:
-  """rng -> the model's initial variables ({'params', 'state'})."""
-  def init_variables(rng):
-    rng_params, rng_state = jax.random.split(rng)
-    inputs, ctx, _ = model_inputs(task, example_batch, config.model)
-    return model.init({"params": rng_params, "state": rng_state}, inputs, ctx=ctx)
-  return init_variables
-
-
 def _state_fn(init_variables: Callable, tx) -> Callable[[jax.Array], TrainState]:
   def init(rng):
     rng_variables, rng_train = jax.random.split(rng)
@@ -167,17 +122,6 @@ def _state_fn(init_variables: Callable, tx) -> Callable[[jax.Array], TrainState]
   return init
 
 
-def load_model_init(path: str, state: TrainState) -> TrainState:
-  """Parameters (and the stage I dictionary) from a big_vision npz or one of our workdirs."""
-  if str(path).endswith(".npz"):
-    tree = checkpoint.load_npz(path)
-  else:
-    tree = checkpoint.load_params_from_workdir(path)
-  params = checkpoint.merge_into(state.params, tree["params"], path)
-  model_state = checkpoint.merge_into(state.model_state, tree.get("state", {}), path)
-  return state.replace(params=params, model_state=model_state)
-
-
 def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> TrainState:
   """Trains (or resumes) the model of `config` in `workdir`; evaluates on the way and at the end."""
   check_config(config)
@@ -186,8 +130,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> TrainState:
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config.get("mesh") or [("data", -1)])
   repl = sharding.replicated(mesh)
-  model = models.get_model(config.model_name, config.model)
-  task = tasks.get_task(config.task)
+  stage = stages.get_stage(config)
 
   builder = input_pipeline.get_builder(config.dataset, config.data_dir)
   num_train = builder.info.splits[config.train_split].num_examples
@@ -210,7 +153,8 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> TrainState:
   if is_main:
     config_path.write_text(json.dumps(current, indent=2))
 
-  init_variables = _variables_fn(model, task, config, _example_batch(config, builder))
+  example_batch = _example_batch(config, builder)
+  init_variables = partial(stage.init_variables, batch=example_batch)
   abstract_params = jax.eval_shape(init_variables, jax.random.PRNGKey(0))["params"]
   tx, schedule = optim.make(config, abstract_params, total_steps)
   init = _state_fn(init_variables, tx)
@@ -227,15 +171,16 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> TrainState:
   else:
     state = jax.jit(init, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
     if config.get("model_init"):
-      state = jax.device_put(load_model_init(config.model_init, state), state_sharding)
+      params, model_state = stage.load_init(config.model_init, state.params, state.model_state)
+      state = jax.device_put(state.replace(params=params, model_state=model_state),
+                             state_sharding)
     start = 0
+  frozen = jax.device_put(stage.frozen_variables(example_batch), repl)
 
   lr_fn = lambda step: config.lr * schedule(step)
-  step_fn = jax.jit(partial(train_step, model=model, task=task, tx=tx, lr_fn=lr_fn,
-                            model_config=config.model),
+  step_fn = jax.jit(partial(train_step, stage=stage, tx=tx, lr_fn=lr_fn),
                     donate_argnums=0, out_shardings=(state_sharding, repl))
-  evaluators = evaluators_common.from_config(
-      config, mesh=mesh, fns=eval_functions(model, task, config.model))
+  evaluators = evaluators_common.from_config(config, mesh=mesh, fns=stage.eval_fns())
   writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_main)
   jsonl = JsonlWriter(workdir / "metrics.jsonl", start) if is_main else None
 
@@ -248,7 +193,8 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> TrainState:
     ran = False
     for ev in evaluators:
       if final or (ev.log_steps and step % ev.log_steps == 0):
-        write(step, {f"{ev.prefix}{k}": v for k, v in ev.run(state).items()})
+        variables = stage.variables(state.params, state.model_state, frozen)
+        write(step, {f"{ev.prefix}{k}": v for k, v in ev.run(variables).items()})
         ran = True
     return ran
 
@@ -256,7 +202,8 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> TrainState:
   logging.info("Training %s for %d steps (%d examples, batch %d) on %d devices.",
                config.model_name, total_steps, num_train, config.batch_size, jax.device_count())
   try:
-    state = _loop(state, data, step_fn, start, total_steps, config, manager, write, run_evals)
+    state = _loop(state, data, partial(step_fn, frozen=frozen), start, total_steps, config,
+                  manager, write, run_evals)
   finally:
     manager.wait_until_finished()  # An interrupted run keeps its last complete checkpoint.
   if is_main:

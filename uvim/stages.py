@@ -1,0 +1,219 @@
+"""What differs between stage I and stage II: the model, its inputs, its loss and its predictions.
+
+The trainer (uvim/trainer.py) is the same for both. A stage provides
+  init_variables(rng, batch)          -> {'params', 'state'} of a fresh model
+  loss(params, model_state, frozen, batch, rng) -> (loss, (metrics, new model_state))
+  frozen_variables(example_batch)     -> variables of fixed models (stage II: the oracle), passed
+                                         to every step as an argument, never optimised
+  variables(params, model_state, frozen) -> what `eval_fns` take
+  eval_fns()                          -> {'loss': per-example losses, 'predict': task outputs}
+  load_init(model_init, params, model_state) -> (params, model_state) from `config.model_init`
+
+`StageII.predict_samples` is the one predict path (image -> sampled code -> stage I decoder with
+the image context -> task output), used by the evaluators during training and by predict.py.
+"""
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from absl import logging
+
+from uvim import checkpoint, decoding, models, tasks
+from uvim.models import vit_init
+
+
+def load_variables(path: str) -> dict[str, Any]:
+  """{'params', 'state'} from a big_vision npz file or one of our training workdirs."""
+  if str(path).endswith(".npz"):
+    if not Path(path).exists():
+      raise FileNotFoundError(f"Checkpoint file {path} does not exist")
+    return checkpoint.load_npz(path)
+  return checkpoint.load_params_from_workdir(path)
+
+
+def label_inputs(task, batch: dict, model_config) -> tuple[dict, jnp.ndarray, dict]:
+  """Stage I inputs from a batch: the task's label patches, the context image, label stats."""
+  inputs, stats = task.input_pp(batch, model_config)
+  return inputs, batch.get("image_ctx", batch["image"]), stats
+
+
+class StageI:
+  """`proj.uvim.vit`, the restricted oracle: labels (+ image) -> code -> labels."""
+
+  def __init__(self, config):
+    self.model = models.get_model(config.model_name, config.model)
+    self.task = tasks.get_task(config.task)
+    self.model_config = config.model
+
+  def init_variables(self, rng: jax.Array, batch: dict) -> dict:
+    rng_params, rng_state = jax.random.split(rng)
+    inputs, ctx, _ = label_inputs(self.task, batch, self.model_config)
+    return self.model.init({"params": rng_params, "state": rng_state}, inputs, ctx=ctx)
+
+  def frozen_variables(self, example_batch: dict) -> dict:
+    return {}
+
+  def loss(self, params, model_state, frozen, batch: dict, rng: jax.Array):
+    rng_dropout, rng_vqvae = jax.random.split(rng)
+    inputs, ctx, stats = label_inputs(self.task, batch, self.model_config)
+    (logits, aux), new_vars = self.model.apply(
+        {"params": params, "state": model_state}, inputs, ctx=ctx, train=True,
+        mutable=["state"], rngs={"dropout": rng_dropout, "vqvae": rng_vqvae})
+    loss, parts = self.task.loss_fn(logits, batch, self.model_config)
+    metrics = {**{k: jnp.mean(v) for k, v in parts.items()}, **stats,
+               **{k: v for k, v in aux.items() if k.startswith("codebook_")}}
+    return jnp.mean(loss), (metrics, new_vars["state"])
+
+  def variables(self, params, model_state, frozen) -> dict:
+    return {"params": params, "state": model_state}
+
+  def _logits(self, variables: dict, batch: dict) -> dict:
+    """Logits in eval mode (no code dropout, no dictionary update)."""
+    inputs, ctx, _ = label_inputs(self.task, batch, self.model_config)
+    return self.model.apply(variables, inputs, ctx=ctx)[0]
+
+  def eval_fns(self) -> dict[str, Callable]:
+    """`predict` is the oracle's reconstruction: labels + image -> code -> labels."""
+    return {
+        "loss": lambda v, batch: self.task.loss_fn(self._logits(v, batch), batch,
+                                                   self.model_config),
+        "predict": lambda v, batch: self.task.predict_outputs(self._logits(v, batch),
+                                                              self.model_config),
+    }
+
+  def load_init(self, model_init: str, params, model_state):
+    tree = load_variables(model_init)
+    return (checkpoint.merge_into(params, tree["params"], model_init),
+            checkpoint.merge_into(model_state, tree.get("state", {}), model_init))
+
+
+class StageII:
+  """`proj.uvim.lm`: image -> guiding code, trained on the codes the frozen oracle gives the
+  (augmented) labels of each batch; predictions decode sampled codes with the oracle."""
+
+  def __init__(self, config):
+    self.model = models.get_model(config.model_name, config.model)
+    self.oracle = models.get_model(config.oracle.model_name, config.oracle.model)
+    self.task = tasks.get_task(config.oracle.task)
+    self.oracle_config = config.oracle.model
+    self.oracle_init = config.oracle.model_init
+    if self.model.seq_len != self.oracle.code_len:
+      raise ValueError(f"config.model.seq_len ({self.model.seq_len}) must equal "
+                       f"config.oracle.model.code_len ({self.oracle.code_len})")
+    if self.model.vocab_size != self.oracle.dict_size + 1:
+      raise ValueError(f"config.model.vocab_size ({self.model.vocab_size}) must be "
+                       f"config.oracle.model.dict_size + 1 ({self.oracle.dict_size + 1})")
+
+  def init_variables(self, rng: jax.Array, batch: dict) -> dict:
+    targets = jnp.zeros((batch["image"].shape[0], self.model.seq_len), jnp.int32)
+    return {"params": self.model.init(rng, batch["image"], targets)["params"], "state": {}}
+
+  def frozen_variables(self, example_batch: dict) -> dict:
+    """The oracle's {'params', 'state'} from `config.oracle.model_init`, checked against the
+    oracle model of the config."""
+    if not self.oracle_init:
+      raise ValueError("config.oracle.model_init is not set: stage II needs a trained stage I "
+                       "(a training workdir or a big_vision *_stageI_params.npz)")
+    inputs, ctx, _ = label_inputs(self.task, example_batch, self.oracle_config)
+    shapes = jax.eval_shape(lambda: self.oracle.init(
+        {"params": jax.random.key(0), "state": jax.random.key(1)}, inputs, ctx=ctx))
+    tree = load_variables(self.oracle_init)
+    source = f"config.oracle.model_init={self.oracle_init}"
+    return {"params": checkpoint.merge_into(shapes["params"], tree["params"], source),
+            "state": checkpoint.merge_into(shapes["state"], tree.get("state", {}), source)}
+
+  def targets(self, oracle_variables: dict, batch: dict) -> tuple[jnp.ndarray, dict]:
+    """The oracle's code of the batch's labels, + 1 (id 0 is BOS), and code statistics."""
+    inputs, ctx, stats = label_inputs(self.task, batch, self.oracle_config)
+    _, aux = self.oracle.apply(oracle_variables, inputs, ctx=ctx, method=self.oracle.encode)
+    codebook = {f"oracle_{k}": v for k, v in aux.items() if k.startswith("codebook_")}
+    return jax.lax.stop_gradient(aux["code"]) + 1, {**stats, **codebook}
+
+  def _xent(self, logits_BxLxV: jnp.ndarray, targets_BxL: jnp.ndarray) -> jnp.ndarray:
+    """Per-example cross-entropy, averaged over the code."""
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL),
+                    axis=-1)
+
+  def loss(self, params, model_state, frozen, batch: dict, rng: jax.Array):
+    targets, stats = self.targets(frozen, batch)
+    logits = self.model.apply({"params": params}, batch["image"], targets, train=True,
+                              rngs={"dropout": rng})
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == targets)
+    return jnp.mean(self._xent(logits, targets)), ({"token_accuracy": accuracy, **stats},
+                                                   model_state)
+
+  def variables(self, params, model_state, frozen) -> dict:
+    return {"params": params, "oracle": frozen}
+
+  def predict_samples(self, variables: dict, batch: dict, *, temperature: float = 0.0,
+                      top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
+                      seed: int = 0) -> dict:
+    """Task outputs for `num_samples` sampled codes per image: each (B, num_samples, ...), plus
+    `code` (B, num_samples, code_len) and its log-probability `code_logprob`."""
+    images = batch["image"]
+    batch_size = images.shape[0]
+    tokens, logprob = decoding.sample(
+        self.model, variables["params"], images, image_rngs(images, seed),
+        temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples)
+    codes = tokens.reshape(batch_size * num_samples, -1) - 1
+    ctx = jnp.repeat(batch.get("image_ctx", images), num_samples, axis=0)
+    logits, _ = self.oracle.apply(variables["oracle"], codes, ctx=ctx, discrete_input=True,
+                                  method=self.oracle.decode)
+    outputs = self.task.predict_outputs(logits, self.oracle_config)
+    outputs = jax.tree.map(lambda x: x.reshape(batch_size, num_samples, *x.shape[1:]), outputs)
+    return {**outputs, "code": tokens - 1, "code_logprob": logprob}
+
+  def eval_fns(self) -> dict[str, Callable]:
+    """`loss`: teacher-forced cross-entropy on the oracle's code; `predict`: the end task
+    from one sampled code per image (greedy unless `predict_kwargs` say otherwise)."""
+    def loss(v, batch):
+      targets, _ = self.targets(v["oracle"], batch)
+      xent = self._xent(self.model.apply({"params": v["params"]}, batch["image"], targets),
+                        targets)
+      return xent, {"loss_code": xent}
+
+    def predict(v, batch, **kwargs):
+      return jax.tree.map(lambda x: x[:, 0], self.predict_samples(v, batch, **kwargs))
+
+    return {"loss": loss, "predict": predict}
+
+  def load_init(self, model_init: Any, params, model_state):
+    """A whole stage II model (npz or workdir), or `{'encoder': ViT name or npz}`."""
+    if isinstance(model_init, str):
+      tree = load_variables(model_init)
+      return checkpoint.merge_into(params, tree["params"], model_init), model_state
+    unknown = set(model_init) - {"encoder"}
+    if unknown:
+      raise ValueError(f"config.model_init: unknown part(s) {sorted(unknown)}; stage II "
+                       "takes a checkpoint path or {'encoder': <ViT name or .npz>}")
+    if model_init.get("encoder"):
+      grid = tuple(int(s // p) for s, p in zip(self.model.input_size,
+                                                self.model.patches["size"], strict=True))
+      logging.info("Stage II encoder from %s", model_init["encoder"])
+      params = vit_init.load_encoder(model_init["encoder"], jax.device_get(params), grid=grid)
+    return params, model_state
+
+
+def image_rngs(images_BxHxWxC: jnp.ndarray, seed: int = 0) -> jax.Array:
+  """One key per image, from its 8-bit content (exact integer hash): the same image gets the
+  same random stream whatever batch, device or host it is processed on."""
+  pixels = jnp.round((images_BxHxWxC + 1) * 127.5).astype(jnp.uint32)
+  pixels = pixels.reshape(len(pixels), -1)
+  weights = jnp.arange(pixels.shape[1], dtype=jnp.uint32) * jnp.uint32(2654435761) | 1
+  hashes = jnp.sum(pixels * weights, axis=1, dtype=jnp.uint32)
+  return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), hashes)
+
+
+STAGES = {"proj.uvim.vit": StageI, "proj.uvim.lm": StageII}
+
+
+def get_stage(config) -> StageI | StageII:
+  """The stage of `config.model_name`."""
+  if config.model_name not in STAGES:
+    models.get_model(config.model_name, config.model)  # raises, naming the known models
+  return STAGES[config.model_name](config)
+
