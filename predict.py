@@ -1,26 +1,232 @@
-r"""Predicts panoptic segmentation, depth or colour for images with a trained UViM model.
+r"""Predicts panoptic segmentation, depth or colour for images with a trained UViM (stage II).
 
-  python predict.py --config configs/panoptic_stage2.py --workdir runs/panoptic_stage2 \
-      --input photo.jpg --output predictions/
+  python predict.py --config configs/panoptic_stage2.py:smoke --workdir runs/panoptic_stage2 \
+      --input photos/ --output predictions/
+
+`--input` is an image file, a folder of images, or a tfds split (`toy_scenes/medium:train[:8]`,
+whose ground truth then appears on the contact sheet). Each image is converted to RGB, resized
+for the model and its prediction resized back; the task writes its files per image (panoptic:
+COCO PNG + JSON + overlay; depth: 16-bit PNG in mm + preview; colour: JPEG), and
+`contact_sheet.png` shows, like the paper's Figures 7-9: ground truth | input | T=0 | T=1 samples.
+An unreadable file is reported and skipped; the exit status is then non-zero.
 """
 
-from absl import app, flags
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
-from uvim import cli
+import jax
+import numpy as np
+from absl import app, flags, logging
+from PIL import Image
+
+from uvim import checkpoint, cli, input_pipeline, stages, visualize
 
 _CONFIG = cli.define_config_flag()
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training directory holding the checkpoint.")
-_INPUT = flags.DEFINE_string("input", None, "An image file, a folder of images or a tfds split.")
-_OUTPUT = flags.DEFINE_string("output", None, "Directory to write predictions to.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Stage II training directory (latest checkpoint).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
+                                  "Stage II parameters (.npz or workdir); overrides --workdir.")
+_ORACLE = flags.DEFINE_string(
+    "oracle_checkpoint", None, "Stage I parameters (.npz or workdir); default "
+    "config.oracle.model_init.")
+_INPUT = flags.DEFINE_string("input", None, "An image file, a folder of images or a tfds split "
+                             "(`dataset:split`).", required=True)
+_OUTPUT = flags.DEFINE_string("output", None, "Directory to write predictions to.", required=True)
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0: argmax).")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1.0: all).")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Predictions per image; sample k > 0 is "
+                                    "written as `<name>_s<k>.*`.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (each image also hashes its pixels).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
+_SHEET_ROWS = flags.DEFINE_integer("sheet_rows", 8, "Images on the contact sheet (0: none).")
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+SHEET_SAMPLES = 2  # T = 1 samples per row of the contact sheet
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli.quiet_library_logs()
   config = _CONFIG.value
-  task = config.get("task") or config.oracle.task
-  print(f"Config OK: task={task!r} model={config.model_name!r}")
-  print("NOT YET: prediction comes with the stage II issue. Nothing was predicted.")
+  if config.model_name != "proj.uvim.lm":
+    raise app.UsageError(f"predict.py runs stage II models ('proj.uvim.lm'); this config has "
+                         f"{config.model_name!r}. A stage I oracle needs labels: evaluate it with "
+                         "train.py --config.total_steps=0 --config.model_init=<checkpoint>.")
+  if _ORACLE.value:
+    config.oracle.model_init = _ORACLE.value
+  stage = stages.StageII(config)
+  variables = load_variables(stage, _CHECKPOINT.value or _WORKDIR.value)
+  failures = run(stage, variables, config, Path(_OUTPUT.value))
+  if failures:
+    print(f"{len(failures)} input(s) failed:", *failures, sep="\n  ", file=sys.stderr)
+    sys.exit(1)
+
+
+def load_variables(stage: stages.StageII, source: str | None) -> dict:
+  """Stage II parameters from an npz or workdir, and the frozen oracle."""
+  if not source:
+    raise app.UsageError("Give --workdir or --checkpoint (the trained stage II model).")
+  image = np.zeros((1, *stage.model.input_size, 3), np.float32)
+  shapes = jax.eval_shape(stage.init_variables, jax.random.key(0), {"image": image})
+  params = checkpoint.merge_into(shapes["params"], stages.load_variables(source)["params"],
+                                 source)
+  return jax.device_put(stage.variables(params, {}, stage.frozen_variables()))
+
+
+def run(stage: stages.StageII, variables: dict, config, output: Path) -> list[str]:
+  """Predicts every input, writes the task's files and the contact sheet; returns failures."""
+  output.mkdir(parents=True, exist_ok=True)
+  predict = jax.jit(stage.predict_samples, static_argnames=(
+      "temperature", "top_k", "top_p", "num_samples", "seed"))
+  sampling = dict(top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
+  categories = panoptic_categories(config, stage)
+  failures: list[str] = []
+  examples = read_inputs(_INPUT.value, config, failures)
+  total = examples.total
+  rows, done, start = [], 0, time.perf_counter()
+  for batch_examples in batched(examples, _BATCH_SIZE.value):
+    batch = pad_batch([e["model"] for e in batch_examples], _BATCH_SIZE.value)
+    outputs = jax.device_get(predict(variables, batch, temperature=_TEMPERATURE.value,
+                                     num_samples=_NUM_SAMPLES.value, **sampling))
+    want_sheet = len(rows) < _SHEET_ROWS.value
+    if want_sheet:
+      greedy = jax.device_get(predict(variables, batch, temperature=0.0, num_samples=1,
+                                      **sampling))
+      samples = jax.device_get(predict(variables, batch, temperature=1.0,
+                                       num_samples=SHEET_SAMPLES, **sampling))
+    for i, example in enumerate(batch_examples):
+      image, name = example["image"], example["name"]
+      for k in range(_NUM_SAMPLES.value):
+        stem = output / (name if k == 0 else f"{name}_s{k}")
+        stage.task.save(take(outputs, i, k), image, stem, categories)
+      if want_sheet and len(rows) < _SHEET_ROWS.value:
+        truth = example.get("labels")
+        rows.append(([None if truth is None else stage.task.render_labels(truth, image)]
+                     + [image, stage.task.render(take(greedy, i, 0), image)]
+                     + [stage.task.render(take(samples, i, k), image)
+                        for k in range(SHEET_SAMPLES)], name))
+    done += len(batch_examples)
+    show_progress(done, total, start)
+  print(file=sys.stderr)
+  if rows:
+    titles = ["ground truth", "input", "T=0", *(f"T=1 #{k + 1}" for k in range(SHEET_SAMPLES))]
+    sheet = visualize.contact_sheet([r for r, _ in rows], titles, [n[:16] for _, n in rows],
+                                    cell_size=160)
+    visualize.save_png(output / "contact_sheet.png", sheet)
+  print(f"Wrote predictions for {done} image(s) to {output}", file=sys.stderr)
+  return failures
+
+
+def take(outputs: dict, i: int, k: int) -> dict:
+  """Image i, sample k of a batch of outputs (B, samples, ...)."""
+  return {key: value[i, k] for key, value in outputs.items()}
+
+
+class Inputs:
+  """An iterator of examples {'name', 'image' (uint8 RGB), 'model' (pp'd), ['labels']} with a
+  known `total` (for the ETA)."""
+
+  def __init__(self, iterator: Iterator[dict], total: int):
+    self.iterator, self.total = iterator, total
+
+  def __iter__(self) -> Iterator[dict]:
+    return self.iterator
+
+
+def read_inputs(source: str, config, failures: list[str]) -> Inputs:
+  """Files, a folder, or a tfds split; unreadable files are appended to `failures`."""
+  from pp.builder import get_preprocess_fn
+
+  path = Path(source)
+  if path.is_dir() or path.is_file():
+    files = [path] if path.is_file() else sorted(
+        p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+      raise app.UsageError(f"No images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {path}")
+    pp = get_preprocess_fn(config.pp_predict, config.pp_modules)
+    return Inputs(_file_examples(files, pp, failures), len(files))
+  if ":" not in source:
+    raise app.UsageError(f"--input {source}: no such file or folder (a tfds split is written "
+                         "`dataset:split`, e.g. toy_scenes/medium:train[:8])")
+  colon = source.split("[", 1)[0].rindex(":")  # the split's slice may hold colons too
+  dataset, split = source[:colon], source[colon + 1:]
+  builder = input_pipeline.get_builder(dataset, config.data_dir)
+  pp = get_preprocess_fn(config.pp_eval, config.pp_modules)
+  total = builder.info.splits[split].num_examples
+  return Inputs(_tfds_examples(builder, split, pp), total)
+
+
+def _file_examples(files: list[Path], pp, failures: list[str]) -> Iterator[dict]:
+  for file in files:
+    try:
+      with Image.open(file) as f:
+        image = np.asarray(f.convert("RGB"))
+    except Exception as e:  # any unreadable file is reported and skipped
+      logging.error("Cannot read %s: %s", file, e)
+      failures.append(f"{file}: {e}")
+      continue
+    yield {"name": file.stem, "image": image,
+           "model": _numpy(pp({"image": image}))}
+
+
+def _tfds_examples(builder, split: str, pp) -> Iterator[dict]:
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+
+  skip = {"image": tfds.decode.SkipDecoding()}
+  for index, example in enumerate(builder.as_dataset(split=split, decoders=skip)):
+    processed = _numpy(pp(dict(example)))
+    image = tf.io.decode_image(example["image"], channels=3, expand_animations=False).numpy()
+    yield {"name": f"{index:05d}", "image": image, "labels": processed.get("labels"),
+           "model": processed}
+
+
+def _numpy(example: dict) -> dict:
+  return {k: np.asarray(v) for k, v in example.items()
+          if np.asarray(v).dtype.kind in "biuf"}
+
+
+def batched(examples, size: int) -> Iterator[list[dict]]:
+  batch = []
+  for example in examples:
+    batch.append(example)
+    if len(batch) == size:
+      yield batch
+      batch = []
+  if batch:
+    yield batch
+
+
+def pad_batch(examples: list[dict], size: int) -> dict:
+  """Stacks the model inputs, repeating the last example up to `size` (one compilation)."""
+  keys = ("image", "image_ctx")
+  rows = examples + [examples[-1]] * (size - len(examples))
+  return {k: np.stack([r[k] for r in rows]) for k in keys if k in examples[0]}
+
+
+def panoptic_categories(config, stage) -> list[dict]:
+  """The dataset's COCO categories when known, else ids 1..N for the N classes."""
+  if config.oracle.task != "panoptic_segmentation":
+    return []
+  from evaluators.panoptic import panoptic_categories as categories_of
+
+  try:
+    return categories_of(input_pipeline.get_builder(config.dataset, config.data_dir))
+  except Exception as e:  # any reason: fall back to class indices
+    logging.warning("No categories from %s (%s); category_id = class index + 1", config.dataset,
+                    e)
+    num_classes = stage.oracle_config.inputs["semantics"][0] - 1
+    return [{"id": k + 1, "name": f"class {k + 1}", "isthing": 1} for k in range(num_classes)]
+
+
+def show_progress(done: int, total: int, start: float) -> None:
+  rate = done / max(time.perf_counter() - start, 1e-9)
+  eta = (total - done) / rate if rate else 0
+  print(f"\r{done}/{total} images ({100 * done / max(total, 1):.0f}%), {rate:.1f} img/s, "
+        f"ETA {int(eta) // 60}m{int(eta) % 60:02d}s", end="", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -47,12 +47,13 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       'value_range(-1, 1, key="image_ctx")|'
       'value_range(-1, 1)|make_canonical|'
       'keep("image", "image_ctx", "labels")')
-  pp_predict = (
+  # From a decoded image to the model inputs: evaluators and predict.py.
+  config.pp_predict = (
       f'resize({label_res}, inkey="image", outkey="image_ctx")|'
       f'resize({res})|'
       'value_range(-1, 1, key="image_ctx")|'
       'value_range(-1, 1)|'
-      'keep("image", "image_ctx", "image/id")')
+      'keep("image", "image_ctx")')
 
   config.dataset = "coco/2017_panoptic"
   config.data_dir = mlc.config_dict.placeholder(str)  # default: $TFDS_DATA_DIR
@@ -117,7 +118,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       ("panoptic_holdout", "coco_panoptic"),
       ("panoptic_val", "coco_panoptic"),
   ]
-  base_eval = dict(pp=pp_predict, log_steps=10_000)
+  base_eval = dict(pp=config.pp_predict, log_steps=10_000)
   config.val = mlc.ConfigDict(dict(pp=config.pp_eval, prefix="val/"))
   config.val.split = config.get_ref("val_split")
   config.val.log_steps = config.get_ref("log_eval_steps")

@@ -3,7 +3,7 @@
 The trainer (uvim/trainer.py) is the same for both. A stage provides
   init_variables(rng, batch)          -> {'params', 'state'} of a fresh model
   loss(params, model_state, frozen, batch, rng) -> (loss, (metrics, new model_state))
-  frozen_variables(example_batch)     -> variables of fixed models (stage II: the oracle), passed
+  frozen_variables()                  -> variables of fixed models (stage II: the oracle), passed
                                          to every step as an argument, never optimised
   variables(params, model_state, frozen) -> what `eval_fns` take
   eval_fns()                          -> {'loss': per-example losses, 'predict': task outputs}
@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
 
@@ -54,7 +55,7 @@ class StageI:
     inputs, ctx, _ = label_inputs(self.task, batch, self.model_config)
     return self.model.init({"params": rng_params, "state": rng_state}, inputs, ctx=ctx)
 
-  def frozen_variables(self, example_batch: dict) -> dict:
+  def frozen_variables(self) -> dict:
     return {}
 
   def loss(self, params, model_state, frozen, batch: dict, rng: jax.Array):
@@ -112,15 +113,18 @@ class StageII:
     targets = jnp.zeros((batch["image"].shape[0], self.model.seq_len), jnp.int32)
     return {"params": self.model.init(rng, batch["image"], targets)["params"], "state": {}}
 
-  def frozen_variables(self, example_batch: dict) -> dict:
+  def frozen_variables(self) -> dict:
     """The oracle's {'params', 'state'} from `config.oracle.model_init`, checked against the
     oracle model of the config."""
     if not self.oracle_init:
       raise ValueError("config.oracle.model_init is not set: stage II needs a trained stage I "
                        "(a training workdir or a big_vision *_stageI_params.npz)")
-    inputs, ctx, _ = label_inputs(self.task, example_batch, self.oracle_config)
+    size, patch = self.oracle_config.input_size, self.oracle_config.patch_size
+    tokens = int(np.prod(np.array(size) // np.array(patch)))
+    inputs = {k: jnp.zeros((1, tokens, *shape)) for k, shape in self.oracle_config.inputs.items()}
     shapes = jax.eval_shape(lambda: self.oracle.init(
-        {"params": jax.random.key(0), "state": jax.random.key(1)}, inputs, ctx=ctx))
+        {"params": jax.random.key(0), "state": jax.random.key(1)}, inputs,
+        ctx=jnp.zeros((1, *size, 3))))
     tree = load_variables(self.oracle_init)
     source = f"config.oracle.model_init={self.oracle_init}"
     return {"params": checkpoint.merge_into(shapes["params"], tree["params"], source),

@@ -31,7 +31,8 @@ from uvim import checkpoint, input_pipeline, optim, sharding, stages
 # Top-level config keys the trainer reads (plus one ConfigDict per evaluator in `evals`).
 KNOWN_KEYS = {
     "seed", "task", "dataset", "data_dir", "train_split", "val_split", "batch_size",
-    "num_epochs", "total_steps", "pp_modules", "pp_train", "pp_eval", "shuffle_buffer_size",
+    "num_epochs", "total_steps", "pp_modules", "pp_train", "pp_eval", "pp_predict",
+    "shuffle_buffer_size",
     "log_training_steps", "log_eval_steps", "checkpoint_steps", "keep_checkpoint_steps",
     "model_name", "model", "model_init", "optax_name", "optax", "lr", "wd", "schedule",
     "grad_clip_norm", "lr_mults", "evals", "mesh", "oracle",
@@ -175,7 +176,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> TrainState:
       state = jax.device_put(state.replace(params=params, model_state=model_state),
                              state_sharding)
     start = 0
-  frozen = jax.device_put(stage.frozen_variables(example_batch), repl)
+  frozen = jax.device_put(stage.frozen_variables(), repl)
 
   lr_fn = lambda step: config.lr * schedule(step)
   step_fn = jax.jit(partial(train_step, stage=stage, tx=tx, lr_fn=lr_fn),

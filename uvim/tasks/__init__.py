@@ -4,6 +4,9 @@ A task module provides
   input_pp(batch, model_config) -> (inputs, stats): labels -> stage I inputs (B, tokens, C, p^2)
   loss_fn(logits, batch, model_config) -> (loss per example (B,), per-example task losses)
   predict_outputs(logits, model_config) -> task predictions (panoptic ids, depth, colour)
+and, for predict.py, on one example's numpy outputs and its uint8 image:
+  render(outputs, image), render_labels(labels, image) -> uint8 pictures at the image's size
+  save(outputs, image, stem, categories) -> writes the prediction files `<stem>.*`
 """
 
 import difflib

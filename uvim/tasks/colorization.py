@@ -4,8 +4,13 @@ Stage I sees the raw colours per patch ("color"), is trained with squared error,
 RGB clipped to [-1, 1].
 """
 
-import jax.numpy as jnp
+from pathlib import Path
 
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from uvim import visualize
 from uvim.tasks import common
 
 
@@ -24,3 +29,19 @@ def predict_outputs(logits: dict, model_config) -> dict:
   """{'color': (B, H, W, 3)} in [-1, 1]."""
   rgb = common.unpatchify(logits["color"], model_config.patch_size, common.grid_of(model_config))
   return {"color": jnp.clip(rgb, -1, 1)}
+
+
+def render(outputs: dict, image: np.ndarray) -> np.ndarray:
+  """The predicted colours as uint8, resized (bilinear) to the image's size."""
+  rgb = np.round((np.asarray(outputs["color"]) + 1) * 127.5).clip(0, 255).astype(np.uint8)
+  height, width = image.shape[:2]
+  return np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR))
+
+
+def render_labels(labels: np.ndarray, image: np.ndarray) -> np.ndarray:
+  return render({"color": labels}, image)
+
+
+def save(outputs: dict, image: np.ndarray, stem: Path, categories=None) -> None:
+  """`<stem>.jpg`: the colorized image at the input's size."""
+  visualize.save_jpeg(stem.with_suffix(".jpg"), render(outputs, image))

@@ -4,8 +4,13 @@ Stage I sees the bins one-hot ("depth"), is trained with cross-entropy masked wh
 missing (<= min), and predicts the centre of the most likely bin.
 """
 
-import jax.numpy as jnp
+from pathlib import Path
 
+import jax.numpy as jnp
+import numpy as np
+
+from evaluators.panoptic import resize_nearest
+from uvim import visualize
 from uvim.tasks import common
 
 MIN_DEPTH, MAX_DEPTH = 1e-3, 10.0
@@ -42,3 +47,23 @@ def predict_outputs(logits: dict, model_config) -> dict:
   probs = common.unpatchify(logits["depth"], model_config.patch_size,
                             common.grid_of(model_config))
   return {"depth": bins_to_depth(jnp.argmax(probs, axis=-1), probs.shape[-1])}
+
+
+def _depth_at(outputs: dict, shape) -> np.ndarray:
+  return resize_nearest(np.asarray(outputs["depth"]), shape)
+
+
+def render(outputs: dict, image: np.ndarray) -> np.ndarray:
+  """A colour-mapped preview of the predicted depth, at the image's size."""
+  return visualize.colorize_depth(_depth_at(outputs, image.shape[:2]), MIN_DEPTH, MAX_DEPTH)
+
+
+def render_labels(labels: np.ndarray, image: np.ndarray) -> np.ndarray:
+  return visualize.colorize_depth(labels[..., 0], MIN_DEPTH, MAX_DEPTH)
+
+
+def save(outputs: dict, image: np.ndarray, stem: Path, categories=None) -> None:
+  """`<stem>.png`: 16-bit depth in millimetres at the image's size; `<stem>_preview.png`."""
+  visualize.save_png(stem.with_suffix(".png"),
+                     visualize.depth_to_png16(_depth_at(outputs, image.shape[:2])))
+  visualize.save_png(stem.with_name(stem.name + "_preview.png"), render(outputs, image))

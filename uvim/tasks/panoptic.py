@@ -3,12 +3,19 @@
 Stage I sees both channels one-hot ("semantics": void + classes, "instances": slots), is trained
 with softmax cross-entropy on both, and predicts an instance map (argmax) with one class per
 instance (argmax of the semantic logits summed over the instance's pixels), since panopticapi
-splits a segment whose pixels disagree.
+splits a segment whose pixels disagree. Predictions are written in COCO panoptic format.
 """
+
+import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from evaluators.panoptic import panoptic_from_two_channels, resize_nearest
+from uvim import visualize
+from uvim.datasets.coco_folder import id_to_rgb
 from uvim.tasks import common
 
 
@@ -47,3 +54,33 @@ def predict_outputs(logits: dict, model_config) -> dict:
   semantics = jnp.take_along_axis(class_of_instance, instances.reshape(len(instances), -1), 1)
   return {"semantics": semantics.reshape(instances.shape).astype(jnp.int32),
           "instances": instances.astype(jnp.int32)}
+
+
+def render(outputs: dict, image: np.ndarray) -> np.ndarray:
+  """A colour overlay of one prediction on `image` (uint8, at the image's size)."""
+  shape = image.shape[:2]
+  return visualize.panoptic_overlay(image, resize_nearest(outputs["semantics"], shape),
+                                    resize_nearest(outputs["instances"], shape))
+
+
+def render_labels(labels: np.ndarray, image: np.ndarray) -> np.ndarray:
+  """The ground-truth labels (H, W, 2) drawn like a prediction."""
+  return render({"semantics": labels[..., 0], "instances": labels[..., 1]}, image)
+
+
+def save(outputs: dict, image: np.ndarray, stem: Path, categories: list[dict]) -> None:
+  """COCO panoptic format at the image's size: `<stem>.png` (ids as RGB), `<stem>.json`
+  (segments with COCO category ids), and `<stem>_overlay.png`."""
+  shape = image.shape[:2]
+  semantics = resize_nearest(outputs["semantics"], shape)
+  instances = resize_nearest(outputs["instances"], shape)
+  category_ids = np.array([c["id"] for c in categories])
+  ids, segments = panoptic_from_two_channels(semantics, instances, category_ids)
+  visualize.save_png(stem.with_suffix(".png"), id_to_rgb(ids))
+  isthing = {c["id"]: int(c.get("isthing", 1)) for c in categories}
+  info = [{"id": int(i), "category_id": int(c), "isthing": isthing[int(c)],
+           "area": int(np.sum(ids == i))}
+          for i, c in zip(segments.ids, segments.category_ids, strict=True)]
+  stem.with_suffix(".json").write_text(json.dumps(
+      {"file_name": stem.with_suffix(".png").name, "segments_info": info}, indent=1))
+  visualize.save_png(stem.with_name(stem.name + "_overlay.png"), render(outputs, image))
