@@ -100,3 +100,45 @@ def stage1_model(size: str, res: int, patch_size: int, inputs: dict) -> mlc.Conf
   model.inputs = inputs
   model.outputs = inputs
   return model
+
+
+def stage2_from_stage1(stage1: mlc.ConfigDict, arg: mlc.ConfigDict, oracle_init: str,
+                       predict_pp: str) -> mlc.ConfigDict:
+  """A stage II config whose oracle is the model of the stage I config `stage1` (same data and
+  pp), with the paper's stage II model, optimizer and schedule (as in Listing 2). `arg` holds
+  the parsed `smoke` and `singlehost` switches."""
+  smoke = arg.smoke
+  config = mlc.ConfigDict(stage1.to_dict())
+  task, oracle_model = config.task, stage1.model
+  del config["task"], config["grad_clip_norm"]  # stage II trains without clipping
+  config.pp_predict = predict_pp
+  config.batch_size = 512
+  config.num_epochs = 50
+  config.optax_name = "scale_by_adafactor"
+  config.optax = dict(beta2_cap=0.95)
+  config.lr = 0.001
+  config.wd = 0.000001
+  config.lr_mults = [("pos_embedding_encoder.*", 0.1), ("EmbedPatches.*", 0.1),
+                     ("encoder.*", 0.1), ("decoder.*", 1.0)]
+  config.schedule = dict(decay_type="cosine", warmup_steps=4_000)
+
+  config.oracle = mlc.ConfigDict()
+  config.oracle.task = task
+  config.oracle.model_init = oracle_init
+  config.oracle.model_name = "proj.uvim.vit"
+  config.oracle.model = oracle_model
+
+  config.model_name = "proj.uvim.lm"
+  config.model_init = {"encoder": mlc.config_dict.placeholder(str) if smoke
+                       else "howto-i21k-L/16"}
+  config.model = mlc.ConfigDict(LM_MODELS["smoke" if smoke else "large"])
+  config.model.patches = dict(size=tuple(oracle_model.patch_size))
+  config.model.vocab_size = oracle_model.dict_size + 1
+  config.model.posemb_type = "learn"
+  config.model.input_size = tuple(oracle_model.input_size)
+  config.model.seq_len = oracle_model.code_len
+  if arg.singlehost:
+    config.batch_size = 32  # as Listing 2's singlehost
+  if smoke:
+    apply_smoke(config)
+  return config

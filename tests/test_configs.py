@@ -9,8 +9,10 @@ import pytest
 
 from configs import (
     colorization_stage1,
+    colorization_stage2,
     common,
     depth_stage1,
+    depth_stage2,
     panoptic_stage1,
     panoptic_stage2,
 )
@@ -18,7 +20,8 @@ from pp.builder import get_preprocess_fn
 from uvim import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = [panoptic_stage1, panoptic_stage2, colorization_stage1, depth_stage1]
+CONFIGS = [panoptic_stage1, panoptic_stage2, colorization_stage1, colorization_stage2,
+           depth_stage1, depth_stage2]
 VARIANTS = [None, "smoke", "singlehost", "smoke,res=32", "res=256"]
 
 # The paper's Listing 1 pp_train at RES = 512, verbatim.
@@ -56,12 +59,35 @@ def test_parse_arg_errors(arg, message):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_config_variant_builds_its_pp_strings(module, variant):
   config = module.get_config(variant)
-  specs = [config.pp_train, config.pp_eval]
+  specs = [config.pp_train, config.pp_eval] + ([config.pp_predict] if "pp_predict" in config
+                                                else [])
   specs += [config[name].pp for name, _ in config.evals if "pp" in config[name]]
   for spec in specs:
     get_preprocess_fn(spec)
   for name, _ in config.evals:
     assert {"log_steps", "prefix", "split"} <= set(config[name])
+
+
+@pytest.mark.parametrize("stage1, stage2, workdir", [
+    (panoptic_stage1, panoptic_stage2, "runs/panoptic_stage1"),
+    (colorization_stage1, colorization_stage2, "runs/colorization_stage1"),
+    (depth_stage1, depth_stage2, "runs/depth_stage1"),
+])
+@pytest.mark.parametrize("variant", [None, "smoke"])
+def test_stage2_oracle_is_the_stage1_model(stage1, stage2, workdir, variant):
+  """The stage II oracle section describes exactly the model its stage I config trains, and
+  `:smoke` chains to the stage I `:smoke` workdir of the README."""
+  oracle, trained = stage2.get_config(variant).oracle, stage1.get_config(variant).model
+  ignore = {"code_dropout", "dict_momentum"}  # training-time only
+  mine = {k: v for k, v in oracle.model.to_dict().items() if k not in ignore}
+  theirs = {k: v for k, v in trained.to_dict().items() if k not in ignore and k in mine}
+  assert {k: (tuple(v) if isinstance(v, list) else v) for k, v in mine.items()} == {
+      k: (tuple(v) if isinstance(v, list) else v) for k, v in theirs.items()}
+  assert set(trained.to_dict()) - ignore - set(mine) <= {"bottleneck_resize"}
+  model = stage2.get_config(variant).model
+  assert model.seq_len == trained.code_len and model.vocab_size == trained.dict_size + 1
+  if variant == "smoke":
+    assert oracle.model_init == workdir
 
 
 def test_stage1_has_the_papers_values():

@@ -1,0 +1,27 @@
+r"""UViM stage II for ImageNet colorization: a language model over the stage I guiding code.
+
+  python train.py --config configs/colorization_stage2.py --workdir runs/colorization_stage2 \
+      --config.oracle.model_init=color_stageI_params.npz
+
+Data, pp and evaluators are those of `colorization_stage1.py`; the oracle is its model. Colour
+predictions are sampled at T = 1 (T = 0 gives washed-out colours; the paper's colabs do the same).
+Variants: smoke (tiny model on `toy_scenes`, oracle = the stage I `:smoke` run in
+runs/colorization_stage1), singlehost, res=N.
+"""
+
+import ml_collections as mlc
+
+from configs import colorization_stage1, common
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+  """The stage II colorization config."""
+  parsed = common.parse_arg(arg, smoke=False, singlehost=False, res=None)
+  stage1 = colorization_stage1.get_config(arg)
+  res = stage1.model.input_size[0]
+  config = common.stage2_from_stage1(
+      stage1, parsed, "runs/colorization_stage1" if parsed.smoke else "color_stageI_params.npz",
+      predict_pp=(f'resize({res})|rgb_to_grayscale_to_rgb|value_range(-1, 1)|keep("image")'))
+  for name in ("colorization_val", "colorization_val_fid"):
+    config[name].predict_kwargs = dict(temperature=1.0)
+  return config
