@@ -58,7 +58,8 @@ def check_config(config: mlc.ConfigDict) -> None:
   """Rejects unknown top-level keys, naming the closest known one."""
   known = KNOWN_KEYS | {name for name, _ in config.get("evals", [])}
   for key in config:
-    if key not in known:
+    is_eval_section = isinstance(config[key], mlc.ConfigDict) and "split" in config[key]
+    if key not in known and not is_eval_section:  # a section left out of `evals` is unused
       close = difflib.get_close_matches(key, known, n=1)
       hint = f"; did you mean {close[0]!r}?" if close else ""
       raise ValueError(f"Unknown config key {key!r}{hint}")

@@ -1,0 +1,175 @@
+"""Stage II on toy scenes: oracle codes as targets, the predict path, encoder init, predict.py."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+from test_trainer import TINY, losses, tiny_config
+
+from configs import panoptic_stage2
+from uvim import checkpoint, input_pipeline, sharding, stages, trainer
+from uvim.datasets.coco_folder import rgb_to_id
+
+ROOT = Path(__file__).resolve().parents[1]
+LM_TINY = dict(num_layers=1, num_heads=2, mlp_dim=64, emb_dim=32)
+
+
+@pytest.fixture(scope="module")
+def oracle_workdir(toy_data_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("stage1")
+  trainer.train_and_evaluate(tiny_config(toy_data_dir, total_steps=4, evals=[]), workdir)
+  return workdir
+
+
+def stage2_config(data_dir, oracle_workdir, **overrides):
+  c = panoptic_stage2.get_config("smoke")
+  c.dataset, c.data_dir = "toy_scenes/tiny", str(data_dir)
+  c.train_split, c.val_split = "train", "validation"
+  c.batch_size, c.total_steps = 8, 4
+  c.log_training_steps, c.log_eval_steps, c.checkpoint_steps = 1, 4, 4
+  c.oracle.model.update({k: v for k, v in TINY.items()})
+  c.oracle.model_init = str(oracle_workdir)
+  c.model.update(LM_TINY)
+  c.evals = [("val", "validation"), ("panoptic_val", "coco_panoptic")]
+  c.panoptic_val.split = "validation[:8]"
+  c.update(overrides)
+  return c
+
+
+@pytest.fixture(scope="module")
+def stage2_workdir(toy_data_dir, oracle_workdir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("stage2")
+  trainer.train_and_evaluate(stage2_config(toy_data_dir, oracle_workdir), workdir)
+  return workdir
+
+
+@pytest.mark.slow
+def test_stage2_trains_and_evaluates_the_end_task(stage2_workdir):
+  lines = [json.loads(x) for x in (stage2_workdir / "metrics.jsonl").read_text().splitlines()]
+  # The logits head starts at zero: the first loss is that of a uniform vocabulary of 17.
+  assert losses(stage2_workdir)[1] == pytest.approx(np.log(17), rel=1e-5)
+  final = {k: v for x in lines if x["step"] == 4 for k, v in x.items()}
+  assert {"val/loss", "coco_panoptic/PQ", "oracle_codebook_usage", "token_accuracy"} <= set(final)
+  assert np.isfinite(final["val/loss"]) and 0 <= final["coco_panoptic/PQ"] <= 100
+
+
+def forced_code_params(params: dict, code_L: np.ndarray) -> dict:
+  """Stage II parameters that emit `code` + 1 whatever the image: only the position
+  embedding reaches the logits (token embeddings and every residual branch are zero), and
+  position t's one-hot embedding votes for token code[t] + 1."""
+  params = jax.tree.map(np.zeros_like, jax.device_get(params))
+  decoder = params["decoder"]
+  for name, block in decoder.items():
+    if name.startswith("EncDecBlock"):
+      for part in ("LayerNorm1", "LayerNorm2", "LayerNorm3"):
+        block[part]["scale"] = np.ones_like(block[part]["scale"])
+  decoder["LayerNorm"]["scale"] = np.ones_like(decoder["LayerNorm"]["scale"])
+  seq_len, width = params["pos_embedding_decoder"].shape[1:]
+  params["pos_embedding_decoder"][0] = 5 * np.eye(seq_len, width)
+  kernel = decoder["LogitsDense"]["kernel"]
+  kernel[np.arange(seq_len), code_L + 1] = 10.0
+  return params
+
+
+@pytest.mark.slow
+def test_predict_path_decodes_codes_like_the_oracle_reconstructs(toy_data_dir, oracle_workdir):
+  """Sampling a code equal to the oracle's code of an image and decoding it with the frozen
+  oracle gives exactly the stage I reconstruction of that image."""
+  config = stage2_config(toy_data_dir, oracle_workdir)
+  stage = stages.StageII(config)
+  oracle = stages.StageI(ml_collections.ConfigDict(dict(
+      model_name=config.oracle.model_name, model=config.oracle.model, task=config.oracle.task)))
+  frozen = stage.frozen_variables()
+  mesh = sharding.make_mesh([("data", -1)])
+  batches, _ = input_pipeline.eval_data(config, "validation", config.pp_eval, 8, mesh)
+  batch = next(iter(batches))
+  one = jax.tree.map(lambda x: np.asarray(x)[:1], batch)
+  targets, _ = stage.targets(frozen, one)
+  code = np.asarray(targets[0]) - 1
+  shapes = jax.eval_shape(stage.init_variables, jax.random.key(0), one)
+  init = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes["params"])
+  variables = stage.variables(forced_code_params(init, code), {}, frozen)
+  got = jax.jit(stage.predict_samples, static_argnames="num_samples")(variables, one,
+                                                                      num_samples=1)
+  np.testing.assert_array_equal(got["code"][0, 0], code)
+  want = oracle.eval_fns()["predict"](frozen, one)
+  for key in ("semantics", "instances"):
+    np.testing.assert_array_equal(got[key][:, 0], want[key])
+  assert len(np.unique(want["instances"])) > 1  # a non-trivial reconstruction
+
+
+def test_image_rngs_depend_on_the_image_only():
+  images = jax.random.uniform(jax.random.key(0), (3, 8, 8, 3), minval=-1, maxval=1)
+  keys = jax.random.key_data(stages.image_rngs(images))
+  alone = jax.random.key_data(stages.image_rngs(images[2:3]))
+  np.testing.assert_array_equal(keys[2], alone[0])
+  assert len({tuple(np.ravel(k)) for k in np.asarray(keys)}) == 3
+  other_seed = jax.random.key_data(stages.image_rngs(images, seed=1))
+  assert not np.array_equal(other_seed, keys)
+
+
+@pytest.mark.slow
+def test_encoder_starts_from_a_vit_checkpoint(toy_data_dir, oracle_workdir, tmp_path):
+  config = stage2_config(toy_data_dir, oracle_workdir, total_steps=0, evals=[])
+  stage = stages.StageII(config)
+  image = jnp.zeros((1, *config.model.input_size, 3))
+  vit = stage.init_variables(jax.random.key(42), {"image": image})["params"]
+  checkpoint.save_npz(tmp_path / "vit.npz", {
+      "Transformer": vit["encoder"], "embedding": vit["EmbedPatches"],
+      "pos_embedding": vit["pos_embedding_encoder"], "head": {"kernel": np.zeros((32, 5))}})
+  config.model_init.encoder = str(tmp_path / "vit.npz")
+  state = trainer.train_and_evaluate(config, tmp_path / "run")
+  for part in ("encoder", "EmbedPatches", "pos_embedding_encoder"):
+    for a, b in zip(jax.tree.leaves(state.params[part]), jax.tree.leaves(vit[part]), strict=True):
+      np.testing.assert_array_equal(a, b)
+  fresh = stage.init_variables(jax.random.key(0), {"image": image})["params"]
+  assert not np.array_equal(state.params["EmbedPatches"]["kernel"], fresh["EmbedPatches"]["kernel"])
+
+
+@pytest.mark.slow
+def test_predict_cli_writes_files_at_the_input_size(toy_data_dir, oracle_workdir,
+                                                    stage2_workdir, tmp_path):
+  images = tmp_path / "images"
+  images.mkdir()
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 255, (90, 130, 3), np.uint8)).save(images / "wide.jpg")
+  Image.fromarray(rng.integers(0, 255, (70, 40), np.uint8)).save(images / "gray.png")
+  Image.fromarray(rng.integers(0, 255, (33, 33, 4), np.uint8)).save(images / "rgba.png")
+  (images / "broken.jpg").write_bytes(b"not an image")
+  (images / "notes.txt").write_text("ignored")
+  common = [sys.executable, "predict.py", "--config", "configs/panoptic_stage2.py:smoke",
+            f"--config.data_dir={toy_data_dir}", "--config.dataset=toy_scenes/tiny",
+            *(f"--config.oracle.model.{k}={v}" for k, v in TINY.items()),
+            *(f"--config.model.{k}={v}" for k, v in LM_TINY.items()),
+            f"--workdir={stage2_workdir}", f"--oracle_checkpoint={oracle_workdir}"]
+  out = tmp_path / "out"
+  result = subprocess.run([*common, f"--input={images}", f"--output={out}"], cwd=ROOT,
+                          capture_output=True, text=True)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert "broken.jpg" in result.stderr and "1 input(s) failed" in result.stderr
+  for name, size in (("wide", (90, 130)), ("gray", (70, 40)), ("rgba", (33, 33))):
+    ids = rgb_to_id(np.asarray(Image.open(out / f"{name}.png")))
+    assert ids.shape == size
+    info = json.loads((out / f"{name}.json").read_text())["segments_info"]
+    assert {s["id"] for s in info} == set(np.unique(ids)) - {0}
+    assert all(s["area"] == np.sum(ids == s["id"]) for s in info)
+    assert np.asarray(Image.open(out / f"{name}_overlay.png")).shape == (*size, 3)
+  assert (out / "contact_sheet.png").is_file()
+
+  out = tmp_path / "tfds"
+  result = subprocess.run([*common, "--input=toy_scenes/tiny:validation[:3]",
+                           f"--output={out}", "--num_samples=2", "--temperature=1"],
+                          cwd=ROOT, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert sorted(p.name for p in out.glob("*.json")) == [
+      "00000.json", "00000_s1.json", "00001.json", "00001_s1.json", "00002.json",
+      "00002_s1.json"]
+  sheet = np.asarray(Image.open(out / "contact_sheet.png"))
+  assert sheet.shape[0] > 3 * 160  # three rows of 160-px cells
