@@ -19,7 +19,7 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
   assert test in ci_lines
 
 
-def test_main_command_config_exists():
+def test_main_command_configs_exist():
   main, _ = readme_commands()
-  config = re.search(r"--config (\S+?)(:\S+)? ", main).group(1)
-  assert (ROOT / config).is_file()
+  configs = re.findall(r"--config (\S+?)(?::\S+)? ", main)
+  assert configs and all((ROOT / c).is_file() for c in configs)
