@@ -7,7 +7,8 @@ r"""Predicts panoptic segmentation, depth or colour for images with a trained UV
 whose ground truth then appears on the contact sheet). Each image is converted to RGB, resized
 for the model and its prediction resized back; the task writes its files per image (panoptic:
 COCO PNG + JSON + overlay; depth: 16-bit PNG in mm + preview; colour: JPEG), and
-`contact_sheet.png` shows, like the paper's Figures 7-9: ground truth | input | T=0 | T=1 samples.
+`contact_sheet.png` shows, like the paper's Figures 7-9: ground truth | the model's input |
+T=0 | T=1 samples.
 An unreadable file is reported and skipped; the exit status is then non-zero.
 """
 
@@ -33,7 +34,8 @@ _ORACLE = flags.DEFINE_string(
 _INPUT = flags.DEFINE_string("input", None, "An image file, a folder of images or a tfds split "
                              "(`dataset:split`).", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Directory to write predictions to.", required=True)
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0: argmax).")
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "Sampling temperature (0: argmax); "
+                                   "default: the task's (colour 1, others 0).")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1.0: all).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Predictions per image; sample k > 0 is "
@@ -82,6 +84,9 @@ def run(stage: stages.StageII, variables: dict, config, output: Path) -> list[st
   predict = jax.jit(stage.predict_samples, static_argnames=(
       "temperature", "top_k", "top_p", "num_samples", "seed"))
   sampling = dict(top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
+  temperature = _TEMPERATURE.value
+  if temperature is None:
+    temperature = stage.task.DEFAULT_TEMPERATURE
   categories = panoptic_categories(config, stage)
   failures: list[str] = []
   examples = read_inputs(_INPUT.value, config, failures)
@@ -89,7 +94,7 @@ def run(stage: stages.StageII, variables: dict, config, output: Path) -> list[st
   rows, done, start = [], 0, time.perf_counter()
   for batch_examples in batched(examples, _BATCH_SIZE.value):
     batch = pad_batch([e["model"] for e in batch_examples], _BATCH_SIZE.value)
-    outputs = jax.device_get(predict(variables, batch, temperature=_TEMPERATURE.value,
+    outputs = jax.device_get(predict(variables, batch, temperature=temperature,
                                      num_samples=_NUM_SAMPLES.value, **sampling))
     want_sheet = len(rows) < _SHEET_ROWS.value
     if want_sheet:
@@ -105,7 +110,8 @@ def run(stage: stages.StageII, variables: dict, config, output: Path) -> list[st
       if want_sheet and len(rows) < _SHEET_ROWS.value:
         truth = example.get("labels")
         rows.append(([None if truth is None else stage.task.render_labels(truth, image)]
-                     + [image, stage.task.render(take(greedy, i, 0), image)]
+                     + [model_view(example["model"]["image"], image),
+                        stage.task.render(take(greedy, i, 0), image)]
                      + [stage.task.render(take(samples, i, k), image)
                         for k in range(SHEET_SAMPLES)], name))
     done += len(batch_examples)
@@ -118,6 +124,13 @@ def run(stage: stages.StageII, variables: dict, config, output: Path) -> list[st
     visualize.save_png(output / "contact_sheet.png", sheet)
   print(f"Wrote predictions for {done} image(s) to {output}", file=sys.stderr)
   return failures
+
+
+def model_view(model_image: np.ndarray, image: np.ndarray) -> np.ndarray:
+  """What the model sees (e.g. grayscale for colorization), back at the image's size."""
+  pixels = np.round((model_image + 1) * 127.5).clip(0, 255).astype(np.uint8)
+  height, width = image.shape[:2]
+  return np.asarray(Image.fromarray(pixels).resize((width, height), Image.BILINEAR))
 
 
 def take(outputs: dict, i: int, k: int) -> dict:

@@ -7,6 +7,7 @@ A task module provides
 and, for predict.py, on one example's numpy outputs and its uint8 image:
   render(outputs, image), render_labels(labels, image) -> uint8 pictures at the image's size
   save(outputs, image, stem, categories) -> writes the prediction files `<stem>.*`
+  DEFAULT_TEMPERATURE: the sampling temperature predict.py uses unless told otherwise
 """
 
 import difflib

@@ -13,6 +13,7 @@ from PIL import Image
 from uvim import visualize
 from uvim.tasks import common
 
+DEFAULT_TEMPERATURE = 1.0  # T = 0 gives washed-out colours (the paper's colabs sample)
 
 def input_pp(batch: dict, model_config) -> tuple[dict, dict]:
   return {"color": common.patchify(batch["labels"], model_config.patch_size)}, {}

@@ -16,6 +16,8 @@ from uvim.tasks import common
 MIN_DEPTH, MAX_DEPTH = 1e-3, 10.0
 
 
+DEFAULT_TEMPERATURE = 0.0
+
 def depth_to_bins(depth: jnp.ndarray, num_bins: int) -> jnp.ndarray:
   """floor((d - min) / (max - min) * bins), clipped to [0, bins - 1]."""
   bins = jnp.floor((depth - MIN_DEPTH) / (MAX_DEPTH - MIN_DEPTH) * num_bins)
@@ -59,7 +61,7 @@ def render(outputs: dict, image: np.ndarray) -> np.ndarray:
 
 
 def render_labels(labels: np.ndarray, image: np.ndarray) -> np.ndarray:
-  return visualize.colorize_depth(labels[..., 0], MIN_DEPTH, MAX_DEPTH)
+  return render({"depth": labels[..., 0]}, image)
 
 
 def save(outputs: dict, image: np.ndarray, stem: Path, categories=None) -> None:

@@ -18,6 +18,7 @@ from uvim import visualize
 from uvim.datasets.coco_folder import id_to_rgb
 from uvim.tasks import common
 
+DEFAULT_TEMPERATURE = 0.0
 
 def input_pp(batch: dict, model_config) -> tuple[dict, dict]:
   """One-hot label patches, and counts of pixels whose ids do not fit the model."""
