@@ -173,7 +173,7 @@ def read_inputs(source: str, config, failures: list[str]) -> Inputs:
 
 
 def _file_examples(files: list[Path], pp, failures: list[str]) -> Iterator[dict]:
-  for file in files:
+  for index, file in enumerate(files):
     try:
       with Image.open(file) as f:
         image = np.asarray(f.convert("RGB"))
@@ -182,7 +182,7 @@ def _file_examples(files: list[Path], pp, failures: list[str]) -> Iterator[dict]
       failures.append(f"{file}: {e}")
       continue
     yield {"name": file.stem, "image": image,
-           "model": _numpy(pp({"image": image}))}
+           "model": _numpy(pp({"image": image, "image/id": index}))}
 
 
 def _tfds_examples(builder, split: str, pp) -> Iterator[dict]:

@@ -53,7 +53,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       f'resize({res})|'
       'value_range(-1, 1, key="image_ctx")|'
       'value_range(-1, 1)|'
-      'keep("image", "image_ctx")')
+      'keep("image", "image_ctx", "image/id")')
 
   config.dataset = "coco/2017_panoptic"
   config.data_dir = mlc.config_dict.placeholder(str)  # default: $TFDS_DATA_DIR
