@@ -57,7 +57,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
 
   config.dataset = "coco/2017_panoptic"
   config.data_dir = mlc.config_dict.placeholder(str)  # default: $TFDS_DATA_DIR
-  config.mesh = [("data", -1)]  # (axis, size): all devices on the data axis
+  config.mesh = (("data", -1),)  # (axis, size): all devices on the data axis
   config.total_steps = mlc.config_dict.placeholder(int)  # overrides num_epochs when set
   config.train_split = "train[4096:]"
   config.val_split = "train[:4096]"

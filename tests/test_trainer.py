@@ -112,9 +112,10 @@ def test_total_steps_from_epochs():
   assert trainer.total_steps_of(config, 113_287) == 7
 
 
-def run_train(data_dir, workdir, devices):
+def run_train(data_dir, workdir, devices, mesh="(('data', -1),)"):
   env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
   args = ["--config=configs/panoptic_stage1.py:smoke", f"--workdir={workdir}",
+          f"--config.mesh={mesh}",
           "--config.dataset=toy_scenes/tiny", f"--config.data_dir={data_dir}",
           "--config.train_split=train", "--config.val_split=validation",
           "--config.batch_size=8", "--config.total_steps=3", "--config.log_training_steps=1",
@@ -128,9 +129,11 @@ def run_train(data_dir, workdir, devices):
 
 
 @pytest.mark.slow
-def test_eight_devices_train_like_one(toy_data_dir, tmp_path):
+@pytest.mark.parametrize("mesh", ["(('data', -1),)", "(('data', 2), ('fsdp', 4))"])
+def test_eight_devices_train_like_one(toy_data_dir, tmp_path, mesh):
+  """Data parallel, and data + FSDP (parameters and optimizer state sharded 4 ways)."""
   one = run_train(toy_data_dir, tmp_path / "one", 1)
-  eight = run_train(toy_data_dir, tmp_path / "eight", 8)
+  eight = run_train(toy_data_dir, tmp_path / "eight", 8, mesh)
   np.testing.assert_allclose(list(losses(tmp_path / "one").values()),
                              list(losses(tmp_path / "eight").values()), rtol=1e-5)
   for (k, a), b in zip(checkpoint.flatten(one).items(), checkpoint.flatten(eight).values(),

@@ -161,7 +161,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> TrainState:
   tx, schedule = optim.make(config, abstract_params, total_steps)
   init = _state_fn(init_variables, tx)
   abstract_state = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
-  state_sharding = jax.tree.map(lambda _: repl, abstract_state)
+  state_sharding = sharding.tree_shardings(abstract_state, mesh)
 
   start = manager.latest_step()
   if start is not None:
@@ -177,7 +177,8 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> TrainState:
       state = jax.device_put(state.replace(params=params, model_state=model_state),
                              state_sharding)
     start = 0
-  frozen = jax.device_put(stage.frozen_variables(), repl)
+  frozen = stage.frozen_variables()
+  frozen = jax.device_put(frozen, sharding.tree_shardings(frozen, mesh))
 
   lr_fn = lambda step: config.lr * schedule(step)
   step_fn = jax.jit(partial(train_step, stage=stage, tx=tx, lr_fn=lr_fn),

@@ -8,6 +8,10 @@ MLP per block. Parameter names and computation follow big_vision's UViM (`vtt.py
 Besides teacher forcing (`__call__`), the model decodes one token at a time against a cache
 (`init_cache`, `decode_step`): the self-attention keys/values of the tokens so far, and the
 cross-attention keys/values of the image, computed once per image rather than at every step.
+
+`dtype` is the computation dtype of activations and matmuls (e.g. "bfloat16"; parameters stay
+float32, attention softmax and the returned logits are float32), and `remat` recomputes each
+transformer block's activations in the backward pass of training to save memory.
 """
 
 from collections.abc import Mapping, Sequence
@@ -33,17 +37,20 @@ def shift_right(tokens_BxL: jnp.ndarray) -> jnp.ndarray:
 class Attention(nn.Module):
   """Multi-head dot-product attention without biases, with flax's parameter layout and
   arithmetic (`query`/`key`/`value` (E, H, D), `out` (H, D, E)), split into the key/value
-  projection and the attention itself so that decoding can cache keys and values."""
+  projection and the attention itself so that decoding can cache keys and values. The softmax is
+  computed in float32 whatever `dtype`."""
   width: int
   num_heads: int
   dropout_rate: float = 0.0
+  dtype: str = "float32"
 
   def setup(self):
     heads = (self.num_heads, self.width // self.num_heads)
-    self.query = nn.DenseGeneral(heads, use_bias=False)
-    self.key = nn.DenseGeneral(heads, use_bias=False)
-    self.value = nn.DenseGeneral(heads, use_bias=False)
-    self.out = nn.DenseGeneral(self.width, axis=(-2, -1), use_bias=False)
+    dense = dict(use_bias=False, dtype=jnp.dtype(self.dtype))
+    self.query = nn.DenseGeneral(heads, **dense)
+    self.key = nn.DenseGeneral(heads, **dense)
+    self.value = nn.DenseGeneral(heads, **dense)
+    self.out = nn.DenseGeneral(self.width, axis=(-2, -1), **dense)
 
   def keys_values(self, x_BxSxE: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(keys, values) of the attended sequence, each (B, S, H, D)."""
@@ -52,11 +59,12 @@ class Attention(nn.Module):
   def attend(self, x_BxLxE: jnp.ndarray, k_BxSxHxD: jnp.ndarray, v_BxSxHxD: jnp.ndarray,
              mask: jnp.ndarray | None = None, deterministic: bool = True) -> jnp.ndarray:
     """Queries from `x` attend to the keys/values; `mask` broadcasts to (B, H, L, S)."""
-    q = self.query(x_BxLxE) / jnp.sqrt(k_BxSxHxD.shape[-1]).astype(x_BxLxE.dtype)
-    logits = jnp.einsum("blhd,bshd->bhls", q, k_BxSxHxD)
+    q = self.query(x_BxLxE)
+    q = q / jnp.sqrt(k_BxSxHxD.shape[-1]).astype(q.dtype)
+    logits = jnp.einsum("blhd,bshd->bhls", q, k_BxSxHxD).astype(jnp.float32)
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-    weights = jax.nn.softmax(logits, axis=-1)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v_BxSxHxD.dtype)
     if not deterministic and self.dropout_rate > 0:
       keep = jax.random.bernoulli(self.make_rng("dropout"), 1 - self.dropout_rate, weights.shape)
       weights = jnp.where(keep, weights / (1 - self.dropout_rate), 0)
@@ -73,13 +81,16 @@ class EncDecBlock(nn.Module):
   mlp_dim: int
   num_heads: int
   dropout_rate: float = 0.0
+  dtype: str = "float32"
 
   def setup(self):
-    attention = dict(width=self.width, num_heads=self.num_heads, dropout_rate=self.dropout_rate)
-    self.LayerNorm1, self.LayerNorm2, self.LayerNorm3 = (nn.LayerNorm() for _ in range(3))
+    attention = dict(width=self.width, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
+                     dtype=self.dtype)
+    self.LayerNorm1, self.LayerNorm2, self.LayerNorm3 = (
+        nn.LayerNorm(dtype=jnp.dtype(self.dtype)) for _ in range(3))
     self.SelfAttn = Attention(**attention)
     self.CrossAttn = Attention(**attention)
-    self.MLP = vit.MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout_rate)
+    self.MLP = vit.MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout_rate, dtype=self.dtype)
     self.dropout = nn.Dropout(rate=self.dropout_rate)
 
   def __call__(self, y_BxLxE, encoded_BxPxE, mask, deterministic: bool = True):
@@ -111,32 +122,44 @@ class EncDecBlock(nn.Module):
 
 
 class Decoder(nn.Module):
-  """Code tokens (+ image tokens) -> next-token logits over the vocabulary."""
+  """Code tokens (+ image tokens) -> next-token logits over the vocabulary (float32)."""
   emb_dim: int
   mlp_dim: int
   num_heads: int
   num_layers: int
   vocab_size: int
   dropout_rate: float = 0.0
+  dtype: str = "float32"
+  remat: bool = False  # Rematerialises the blocks in `__call__`; `step` is left as it is.
 
   def setup(self):
-    self.EmbedTargets = nn.Embed(self.vocab_size, self.emb_dim,
+    dtype = jnp.dtype(self.dtype)
+    self.EmbedTargets = nn.Embed(self.vocab_size, self.emb_dim, dtype=dtype,
                                  embedding_init=nn.initializers.normal(stddev=1.0))
-    self.blocks = [EncDecBlock(width=self.emb_dim, mlp_dim=self.mlp_dim,
-                               num_heads=self.num_heads, dropout_rate=self.dropout_rate,
-                               name=f"EncDecBlock{i}") for i in range(self.num_layers)]
+    # `deterministic` (argument 4, counting the module) is a Python bool: static under remat.
+    block = nn.remat(EncDecBlock, static_argnums=(4,)) if self.remat else EncDecBlock
+    self.blocks = [block(width=self.emb_dim, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+                         dropout_rate=self.dropout_rate, dtype=self.dtype,
+                         name=f"EncDecBlock{i}") for i in range(self.num_layers)]
     self.dropout = nn.Dropout(rate=self.dropout_rate)
-    self.LayerNorm = nn.LayerNorm()
-    self.LogitsDense = nn.Dense(self.vocab_size, kernel_init=nn.initializers.zeros)
+    self.LayerNorm = nn.LayerNorm(dtype=dtype)
+    self.LogitsDense = nn.Dense(self.vocab_size, kernel_init=nn.initializers.zeros, dtype=dtype)
+
+  def _embed(self, tokens_BxL: jnp.ndarray, pos_emb_1xLxE: jnp.ndarray) -> jnp.ndarray:
+    """Token plus position embeddings, in the computation dtype."""
+    return (self.EmbedTargets(tokens_BxL.astype(jnp.int32)) + pos_emb_1xLxE).astype(self.dtype)
+
+  def _logits(self, y_BxLxE: jnp.ndarray) -> jnp.ndarray:
+    return self.LogitsDense(self.LayerNorm(y_BxLxE)).astype(jnp.float32)
 
   def __call__(self, encoded_BxPxE, inputs_BxL, pos_emb_1xLxE, deterministic: bool = True):
     """`inputs_BxL` are the decoder inputs, already shifted right (BOS first)."""
-    y = self.EmbedTargets(inputs_BxL.astype(jnp.int32)) + pos_emb_1xLxE[:, :inputs_BxL.shape[1]]
+    y = self._embed(inputs_BxL, pos_emb_1xLxE[:, :inputs_BxL.shape[1]])
     y = self.dropout(y, deterministic)
     mask = nn.make_causal_mask(inputs_BxL)
     for block in self.blocks:
       y = block(y, encoded_BxPxE, mask, deterministic)
-    return self.LogitsDense(self.LayerNorm(y))
+    return self._logits(y)
 
   def init_cache(self, encoded_BxPxE: jnp.ndarray, seq_len: int) -> Cache:
     return [block.init_cache(encoded_BxPxE, seq_len) for block in self.blocks]
@@ -144,13 +167,12 @@ class Decoder(nn.Module):
   def step(self, cache: Cache, tokens_B: jnp.ndarray, t: jnp.ndarray,
            pos_emb_1xLxE: jnp.ndarray) -> tuple[jnp.ndarray, Cache]:
     """Logits (B, V) for position t + 1 given the token at position t."""
-    pos = jax.lax.dynamic_slice_in_dim(pos_emb_1xLxE, t, 1, axis=1)
-    y = self.EmbedTargets(tokens_B[:, None].astype(jnp.int32)) + pos
+    y = self._embed(tokens_B[:, None], jax.lax.dynamic_slice_in_dim(pos_emb_1xLxE, t, 1, axis=1))
     new_cache = []
     for block, block_cache in zip(self.blocks, cache, strict=True):
       y, block_cache = block.step(y, block_cache, t)
       new_cache.append(block_cache)
-    return self.LogitsDense(self.LayerNorm(y))[:, 0], new_cache
+    return self._logits(y)[:, 0], new_cache
 
 
 class Model(nn.Module):
@@ -165,6 +187,8 @@ class Model(nn.Module):
   input_size: Sequence[int] = (512, 512)
   posemb_type: str = "learn"
   dropout_rate: float = 0.0
+  dtype: str = "float32"  # Computation dtype; parameters and the returned logits are float32.
+  remat: bool = False  # Rematerialise every transformer block when training.
 
   def setup(self):
     if self.posemb_type != "learn":
@@ -176,12 +200,13 @@ class Model(nn.Module):
     self.pos_embedding_decoder = vit.learned_posemb(
         self, "pos_embedding_decoder", self.seq_len, self.emb_dim)
     self.embed_patches = nn.Conv(self.emb_dim, patch, strides=patch, padding="VALID",
-                                 name="EmbedPatches")
+                                 dtype=jnp.dtype(self.dtype), name="EmbedPatches")
     self.encoder = vit.Encoder(depth=self.num_layers, mlp_dim=self.mlp_dim,
-                               num_heads=self.num_heads, dropout=self.dropout_rate)
+                               num_heads=self.num_heads, dropout=self.dropout_rate,
+                               dtype=self.dtype, remat=self.remat)
     self.decoder = Decoder(emb_dim=self.emb_dim, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
                            num_layers=self.num_layers, vocab_size=self.vocab_size,
-                           dropout_rate=self.dropout_rate)
+                           dropout_rate=self.dropout_rate, dtype=self.dtype, remat=self.remat)
 
   def encode(self, image_BxHxWx3: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     """Image -> image tokens (B, patches, E)."""

@@ -8,6 +8,10 @@ dictionary is not a parameter: the `state` collection holds discounted sums (`di
 counts (`counts`) of the vectors assigned to each word, updated from the global batch (under
 `jax.jit` a sum over the batch axis is a sum over every device), and a word whose count falls
 below `min_count` is replaced by a split of the most used one.
+
+`dtype` is the computation dtype of the transformers, embeddings and heads (e.g. "bfloat16");
+parameters, the bottleneck, the dictionary and its updates, and the returned logits stay
+float32. `remat` recomputes each transformer block's activations in the backward pass.
 """
 
 from collections.abc import Mapping, Sequence
@@ -94,6 +98,8 @@ class Model(nn.Module):
   with_decoder_ctx: bool = True
   code_dropout: str = "none"  # "none", "random" (random positions) or "prefix"
   bottleneck_resize: bool = True
+  dtype: str = "float32"
+  remat: bool = False
 
   def setup(self):
     self.grid = tuple(int(i // p) for i, p in zip(self.input_size, self.patch_size, strict=True))
@@ -104,14 +110,15 @@ class Model(nn.Module):
     if self.code_dropout not in ("none", "random", "prefix"):
       raise ValueError(f"code_dropout must be 'none', 'random' or 'prefix', got "
                        f"{self.code_dropout!r}")
+    dtype = jnp.dtype(self.dtype)
     self.embeddings = {
-        k: nn.DenseGeneral(features=(self.width,), axis=range(-len(shape), 0),
+        k: nn.DenseGeneral(features=(self.width,), axis=range(-len(shape), 0), dtype=dtype,
                            name=f"embedding_{k}") for k, shape in self.inputs.items()}
     head_init = {"kernel_init": nn.initializers.zeros} if self.head_zeroinit else {}
-    self.heads = {k: nn.DenseGeneral(features=tuple(shape), name=f"head_{k}", **head_init)
-                  for k, shape in self.outputs.items()}
+    self.heads = {k: nn.DenseGeneral(features=tuple(shape), dtype=dtype, name=f"head_{k}",
+                                     **head_init) for k, shape in self.outputs.items()}
     conv = dict(features=self.width, kernel_size=tuple(self.patch_size),
-                strides=tuple(self.patch_size), padding="VALID")
+                strides=tuple(self.patch_size), padding="VALID", dtype=dtype)
     if self.with_encoder_ctx:
       self.ctx_enc_embedding = nn.Conv(**conv)
     if self.with_decoder_ctx:
@@ -120,7 +127,8 @@ class Model(nn.Module):
         self, "pos_embedding_encoder", num_tokens, self.width)
     self.pos_embedding_decoder = vit.learned_posemb(
         self, "pos_embedding_decoder", num_tokens, self.width)
-    transformer = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout)
+    transformer = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
+                       dtype=self.dtype, remat=self.remat)
     self.encoder = vit.Encoder(depth=self.oracle_depth, **transformer)
     self.decoder = vit.Encoder(depth=self.base_model_depth, **transformer)
     if not self.bottleneck_resize:
@@ -133,8 +141,8 @@ class Model(nn.Module):
     self.dictionary = self.variable("state", "dictionary",
                                     lambda: init(self.make_rng("state"), (self.dict_size, dim)))
     self.counts = self.variable("state", "counts", jnp.ones, (self.dict_size,))
-    self.encoder_head = nn.Dense(dim)
-    self.decoder_stem = nn.Dense(self.width)
+    self.encoder_head = nn.Dense(dim, dtype=jnp.float32)  # The bottleneck feeds the dictionary.
+    self.decoder_stem = nn.Dense(self.width, dtype=dtype)
 
   def codewords(self) -> jnp.ndarray:
     """The dictionary's words: discounted mean of their vectors, L2-normalised."""
@@ -161,7 +169,7 @@ class Model(nn.Module):
     h = sum(self.embeddings[k](x[k]) for k in self.inputs)
     if self.with_encoder_ctx:
       h = h + self._ctx_tokens(self.ctx_enc_embedding, ctx)
-    h = self.encoder(h + self.pos_embedding_encoder, deterministic=not train)
+    h = self.encoder(h + self.pos_embedding_encoder, deterministic=not train).astype(jnp.float32)
     if self.bottleneck_resize:
       h = self._resize_tokens(h, self.grid, (self.code_side, self.code_side))
     else:
@@ -202,11 +210,11 @@ class Model(nn.Module):
     if self.bottleneck_resize:
       h = self._resize_tokens(h, (self.code_side, self.code_side), self.grid)
     else:
-      h = jnp.einsum("bnc,nt->btc", h, self.bottleneck_upsample)
+      h = jnp.einsum("bnc,nt->btc", h, self.bottleneck_upsample.astype(h.dtype))
     if self.with_decoder_ctx:
       h = h + self._ctx_tokens(self.ctx_dec_embedding, ctx)
     h = self.decoder(h + self.pos_embedding_decoder, deterministic=not train)
-    logits = {k: head(h) for k, head in self.heads.items()}
+    logits = {k: head(h).astype(jnp.float32) for k, head in self.heads.items()}
     return logits, {"logits": logits}
 
   def __call__(self, x: Mapping[str, jnp.ndarray], *, ctx: jnp.ndarray | None = None,

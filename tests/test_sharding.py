@@ -1,0 +1,55 @@
+"""Mesh and FSDP partitioning: the rule, memory per device, and restoring on another mesh."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+from test_trainer import losses, tiny_config
+
+from uvim import checkpoint, sharding, trainer
+
+
+def mesh_of(**axes):
+  return sharding.make_mesh(list(axes.items()))
+
+
+def test_fsdp_spec_shards_the_largest_divisible_dimension():
+  mesh = mesh_of(data=2, fsdp=4)
+  assert sharding.fsdp_spec((768, 3072), mesh) == P(None, "fsdp")
+  assert sharding.fsdp_spec((3072, 768), mesh) == P("fsdp")
+  assert sharding.fsdp_spec((6, 8, 12), mesh) == P(None, None, "fsdp")
+  assert sharding.fsdp_spec((10, 7), mesh) == P()  # no dimension divisible by 4
+  assert sharding.fsdp_spec((2,), mesh) == P()  # smaller than the axis
+  assert sharding.fsdp_spec((), mesh) == P()
+  assert sharding.fsdp_spec((768, 3072), mesh_of(data=8)) == P()  # no fsdp axis
+
+
+def test_mesh_sizes_and_errors():
+  assert dict(mesh_of(data=-1, fsdp=2).shape) == {"data": 4, "fsdp": 2}
+  with pytest.raises(ValueError, match="at most one axis may be -1"):
+    mesh_of(data=-1, fsdp=-1)
+  with pytest.raises(ValueError, match="does not divide 8 devices"):
+    mesh_of(data=-1, fsdp=3)
+
+
+@pytest.mark.slow
+def test_fsdp_shrinks_state_per_device_and_restores_on_another_mesh(toy_data_dir, tmp_path):
+  """A run on a data-parallel mesh resumes on a data x fsdp mesh, ends like an uninterrupted
+  run, and holds ~1/4 of the parameters and optimizer state per device."""
+  straight = trainer.train_and_evaluate(tiny_config(toy_data_dir, total_steps=4, evals=[]),
+                                        tmp_path / "a")
+  trainer.train_and_evaluate(tiny_config(toy_data_dir, total_steps=2, evals=[]), tmp_path / "b")
+  fsdp = tiny_config(toy_data_dir, total_steps=4, evals=[], mesh=(("data", 2), ("fsdp", 4)))
+  resumed = trainer.train_and_evaluate(fsdp, tmp_path / "b")
+  np.testing.assert_allclose(losses(tmp_path / "a")[4], losses(tmp_path / "b")[4], rtol=1e-5)
+  for (k, a), b in zip(checkpoint.flatten(straight.params).items(),
+                       checkpoint.flatten(resumed.params).values(), strict=True):
+    if not k.endswith("key/bias"):  # zero gradient up to rounding (see test_trainer)
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=k)
+
+  kernel = resumed.params["encoder"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
+  assert kernel.sharding.spec == P(None, "fsdp")
+  replicated = sharding.bytes_per_device((straight.params, straight.opt_state))
+  sharded = sharding.bytes_per_device((resumed.params, resumed.opt_state))
+  assert sharded < 0.35 * replicated, (sharded, replicated)
+  assert jax.device_count() == 8
