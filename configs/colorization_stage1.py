@@ -28,6 +28,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   config.train_split = "train[4096:]"
   config.val_split = "train[:4096]"
   config.batch_size = 1024
+  config.grad_accum_steps = 1  # split each batch into micro-batches to save memory
   config.num_epochs = 100
   config.total_steps = mlc.config_dict.placeholder(int)
   config.pp_train = (

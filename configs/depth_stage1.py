@@ -33,6 +33,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   config.train_split = "train"
   config.val_split = "validation"
   config.batch_size = 1024
+  config.grad_accum_steps = 1  # split each batch into micro-batches to save memory
   config.num_epochs = 200
   config.total_steps = mlc.config_dict.placeholder(int)
   config.pp_train = (

@@ -32,6 +32,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   config.val_split = "train[:4096]"
   config.train_split = "train[4096:]"
   config.batch_size = 1024
+  config.grad_accum_steps = 1  # split each batch into micro-batches to save memory
   config.num_epochs = 1000
   config.pp_train = (
       'decode|coco_panoptic|'

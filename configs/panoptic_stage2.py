@@ -63,6 +63,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   config.val_split = "train[:4096]"
   config.shuffle_buffer_size = 50_000
   config.batch_size = 512
+  config.grad_accum_steps = 1  # split each batch into micro-batches to save memory
   config.num_epochs = 200
   config.log_training_steps = 50
   config.log_eval_steps = 1000

@@ -173,3 +173,21 @@ def test_predict_cli_writes_files_at_the_input_size(toy_data_dir, oracle_workdir
       "00002_s1.json"]
   sheet = np.asarray(Image.open(out / "contact_sheet.png"))
   assert sheet.shape[0] > 3 * 160  # three rows of 160-px cells
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_matches_the_full_batch(toy_data_dir, oracle_workdir, tmp_path):
+  """Stage II has no state or dropout: two micro-batches give the full batch's update."""
+  states = {}
+  for accum in (1, 2):
+    config = stage2_config(toy_data_dir, oracle_workdir, batch_size=16, total_steps=2, evals=[],
+                           grad_accum_steps=accum)
+    states[accum] = trainer.train_and_evaluate(config, tmp_path / str(accum))
+  np.testing.assert_allclose(list(losses(tmp_path / "1").values()),
+                             list(losses(tmp_path / "2").values()), rtol=1e-5)
+  grad_norms = [[json.loads(x)["l2_grads"] for x in (tmp_path / str(a) / "metrics.jsonl")
+                 .read_text().splitlines() if "l2_grads" in x] for a in (1, 2)]
+  np.testing.assert_allclose(*grad_norms, rtol=1e-5)  # averaged, not summed
+  for (k, a), b in zip(checkpoint.flatten(states[1].params).items(),
+                       checkpoint.flatten(states[2].params).values(), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=k)

@@ -35,7 +35,7 @@ KNOWN_KEYS = {
     "shuffle_buffer_size",
     "log_training_steps", "log_eval_steps", "checkpoint_steps", "keep_checkpoint_steps",
     "model_name", "model", "model_init", "optax_name", "optax", "lr", "wd", "schedule",
-    "grad_clip_norm", "lr_mults", "evals", "mesh", "oracle",
+    "grad_clip_norm", "lr_mults", "evals", "mesh", "oracle", "grad_accum_steps",
 }
 # Keys that must not change when a run resumes from its workdir.
 RESUME_KEYS = ("task", "model_name", "model", "optax_name", "optax", "oracle")
@@ -72,12 +72,35 @@ def total_steps_of(config, num_train_examples: int) -> int:
   return int(config.num_epochs * num_train_examples // config.batch_size)
 
 
-def train_step(state: TrainState, batch: dict, frozen: Any, *, stage, tx,
-               lr_fn) -> tuple[TrainState, dict]:
-  """One optimisation step on a global batch; returns the new state and metrics."""
+def train_step(state: TrainState, batch: dict, frozen: Any, *, stage, tx, lr_fn,
+               accum_steps: int = 1) -> tuple[TrainState, dict]:
+  """One optimisation step on a global batch; returns the new state and metrics.
+
+  With `accum_steps` > 1 the batch is processed in that many micro-batches (rows i, i + k, ...,
+  so every device keeps its share of each) whose gradients are averaged before one update; the
+  model state (stage I's dictionary) is updated after each micro-batch.
+  """
   rng = jax.random.fold_in(state.rng, state.step)
-  (loss, (metrics, model_state)), grads = jax.value_and_grad(stage.loss, has_aux=True)(
-      state.params, state.model_state, frozen, batch, rng)
+  grad_fn = jax.value_and_grad(stage.loss, has_aux=True)
+  if accum_steps == 1:
+    (loss, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, frozen,
+                                                    batch, rng)
+  else:
+    micro = jax.tree.map(lambda x: jnp.swapaxes(
+        x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]), 0, 1), batch)
+
+    def accumulate(carry, xs):
+      model_state, grad_sum = carry
+      micro_batch, i = xs
+      (loss, (metrics, model_state)), grads = grad_fn(
+          state.params, model_state, frozen, micro_batch, jax.random.fold_in(rng, i))
+      return (model_state, jax.tree.map(jnp.add, grad_sum, grads)), (loss, metrics)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (model_state, grads), (loss, metrics) = jax.lax.scan(
+        accumulate, (state.model_state, zeros), (micro, jnp.arange(accum_steps)))
+    grads = jax.tree.map(lambda g: g / accum_steps, grads)
+    loss, metrics = jnp.mean(loss), jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {
@@ -181,7 +204,12 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> TrainState:
   frozen = jax.device_put(frozen, sharding.tree_shardings(frozen, mesh))
 
   lr_fn = lambda step: config.lr * schedule(step)
-  step_fn = jax.jit(partial(train_step, stage=stage, tx=tx, lr_fn=lr_fn),
+  accum_steps = config.get("grad_accum_steps") or 1
+  if config.batch_size % (accum_steps * jax.device_count()):
+    raise ValueError(f"batch_size {config.batch_size} must be divisible by grad_accum_steps "
+                     f"({accum_steps}) x devices ({jax.device_count()})")
+  step_fn = jax.jit(partial(train_step, stage=stage, tx=tx, lr_fn=lr_fn,
+                            accum_steps=accum_steps),
                     donate_argnums=0, out_shardings=(state_sharding, repl))
   evaluators = evaluators_common.from_config(config, mesh=mesh, fns=stage.eval_fns())
   writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_main)
