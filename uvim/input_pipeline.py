@@ -80,27 +80,36 @@ def make_for_train(builder: tfds.core.DatasetBuilder, split: str, pp_fn: Callabl
                    local_batch_size: int, *, shuffle_buffer_size: int, seed: int,
                    position: int = 0, process_index: int | None = None,
                    process_count: int | None = None) -> tf.data.Dataset:
-  """This host's endless stream of training batches, starting at example `position`."""
+  """This host's rows of an endless stream of global batches, from global example `position`.
+
+  Every host shuffles the whole split the same way (a seed per epoch) and keeps the examples of
+  its rows of each global batch (`local_batch_size` consecutive ones per host) before any
+  preprocessing; each example's pp seed is (seed, its global position). So the global batches,
+  and training, are the same whatever the number of hosts, and resuming needs only the step.
+  Hosts read every record (not decode it): I/O grows with the hosts, decoding does not.
+  """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
-  split_of_host = host_split(split, process_index, process_count)
-  n = builder.info.splits[split_of_host].num_examples
-  if n < local_batch_size:
-    raise ValueError(f"{builder.name} {split!r} gives host {process_index} {n} examples, fewer "
-                     f"than one batch of {local_batch_size}")
-  raw = _read(builder, split_of_host)
-  host_seed = (seed % 2**31) * 65_537 + process_index
+  n = builder.info.splits[split].num_examples
+  if n < local_batch_size * process_count:
+    raise ValueError(f"{builder.name} {split!r} has {n} examples, fewer than one global batch "
+                     f"of {local_batch_size * process_count}")
+  raw = _read(builder, split)
+  global_seed = (seed % 2**31) * 65_537
   buffer = min(shuffle_buffer_size, n)
 
   def epoch(e):
-    return raw.shuffle(buffer, seed=host_seed + e * 1_000_003, reshuffle_each_iteration=False)
+    return raw.shuffle(buffer, seed=global_seed + e * 1_000_003, reshuffle_each_iteration=False)
+
+  def is_mine(p, example):
+    return (p // local_batch_size) % process_count == process_index
 
   def with_rng(p, example):
-    return {**example, RNG_KEY: tf.stack([tf.constant(host_seed, tf.int64), p])}
+    return {**example, RNG_KEY: tf.stack([tf.constant(global_seed, tf.int64), p])}
 
   start_epoch, offset = divmod(position, n)
   stream = (tf.data.Dataset.range(start_epoch, tf.int64.max).flat_map(epoch).skip(offset)
-            .enumerate(start=position).map(with_rng))
+            .enumerate(start=position).filter(is_mine).map(with_rng))
   return _batch(stream.map(pp_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
                 .map(_drop_rng), local_batch_size)
 
@@ -167,7 +176,7 @@ def to_global(batch: dict[str, np.ndarray],
 class GlobalBatches:
   """Iterates a host-local tf.data pipeline as global batches, a few transfers ahead.
 
-  `position` counts the examples this host has handed out, for resuming (see make_for_train).
+  `position` counts the global examples handed out, for resuming (see make_for_train).
   """
 
   def __init__(self, dataset: tf.data.Dataset, sharding: jax.sharding.NamedSharding,
@@ -186,7 +195,7 @@ class GlobalBatches:
       self._queue.append(to_global(batch, self._sharding))
     if not self._queue:
       raise StopIteration
-    self.position += self._local_batch_size
+    self.position += self._local_batch_size * jax.process_count()
     return self._queue.popleft()
 
 
@@ -214,7 +223,7 @@ def local_batch_size(batch_size: int) -> int:
 
 def train_data(config, mesh: jax.sharding.Mesh, position: int = 0) -> GlobalBatches:
   """Global training batches from `config` (dataset, data_dir, train_split, pp_train, pp_modules,
-  batch_size, shuffle_buffer_size, seed), starting at host-local example `position`."""
+  batch_size, shuffle_buffer_size, seed), starting at global example `position`."""
   builder = get_builder(config.dataset, config.data_dir)
   local = local_batch_size(config.batch_size)
   pp_fn = get_preprocess_fn(config.pp_train, config.pp_modules)

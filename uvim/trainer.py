@@ -160,7 +160,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> TrainState:
   builder = input_pipeline.get_builder(config.dataset, config.data_dir)
   num_train = builder.info.splits[config.train_split].num_examples
   total_steps = total_steps_of(config, num_train)
-  local_batch = input_pipeline.local_batch_size(config.batch_size)
+  input_pipeline.local_batch_size(config.batch_size)  # fails early when hosts do not divide it
 
   # Compare with a previous run in this workdir before writing anything.
   manager = ocp.CheckpointManager(
@@ -229,7 +229,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> TrainState:
         ran = True
     return ran
 
-  data = input_pipeline.train_data(config, mesh, position=start * local_batch)
+  data = input_pipeline.train_data(config, mesh, position=start * config.batch_size)
   logging.info("Training %s for %d steps (%d examples, batch %d) on %d devices.",
                config.model_name, total_steps, num_train, config.batch_size, jax.device_count())
   try:
