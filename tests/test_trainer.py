@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -112,9 +113,8 @@ def test_total_steps_from_epochs():
   assert trainer.total_steps_of(config, 113_287) == 7
 
 
-def run_train(data_dir, workdir, devices, mesh="(('data', -1),)"):
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-  args = ["--config=configs/panoptic_stage1.py:smoke", f"--workdir={workdir}",
+def train_args(data_dir, workdir, mesh="(('data', -1),)"):
+  return ["--config=configs/panoptic_stage1.py:smoke", f"--workdir={workdir}",
           f"--config.mesh={mesh}",
           "--config.dataset=toy_scenes/tiny", f"--config.data_dir={data_dir}",
           "--config.train_split=train", "--config.val_split=validation",
@@ -122,10 +122,45 @@ def run_train(data_dir, workdir, devices, mesh="(('data', -1),)"):
           *[f"--config.{n}.split=validation[:8]"
             for n in ("panoptic_train", "panoptic_holdout", "panoptic_val")],
           *[f"--config.model.{k}={v}" for k, v in TINY.items()]]
-  result = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+
+
+def devices_env(devices):
+  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def run_train(data_dir, workdir, devices, mesh="(('data', -1),)"):
+  result = subprocess.run([sys.executable, "train.py", *train_args(data_dir, workdir, mesh)],
+                          cwd=ROOT, env=devices_env(devices), capture_output=True, text=True,
+                          timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   return checkpoint.load_npz(Path(workdir) / "params.npz")
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(toy_data_dir, tmp_path):
+  """2 processes x 4 CPU devices (JAX's distributed runtime, gloo collectives, one shared
+  workdir) give the losses and parameters of 1 process x 8 devices, with FSDP over hosts."""
+  mesh = "(('data', 2), ('fsdp', 4))"
+  one = run_train(toy_data_dir, tmp_path / "one", 8, mesh)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  processes = [subprocess.Popen(
+      [sys.executable, "train.py", *train_args(toy_data_dir, tmp_path / "two", mesh),
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=ROOT, env=devices_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in processes]
+  for p, (_, err) in zip(processes, outputs, strict=True):
+    assert p.returncode == 0, err[-3000:]
+  assert "Process 1 of 2: 4 local devices, 8 in all" in outputs[1][1]
+  np.testing.assert_allclose(list(losses(tmp_path / "one").values()),
+                             list(losses(tmp_path / "two").values()), rtol=1e-5)
+  two = checkpoint.load_npz(tmp_path / "two" / "params.npz")
+  for (k, a), b in zip(checkpoint.flatten(one).items(), checkpoint.flatten(two).values(),
+                       strict=True):
+    if not k.endswith("key/bias"):  # zero gradient up to rounding (below)
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=k)
 
 
 @pytest.mark.slow

@@ -237,9 +237,12 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> TrainState:
                   manager, write, run_evals)
   finally:
     manager.wait_until_finished()  # An interrupted run keeps its last complete checkpoint.
+  exported = {"params": state.params, "state": state.model_state}
+  if jax.process_count() > 1:  # every process takes part in gathering sharded arrays
+    from jax.experimental import multihost_utils
+    exported = multihost_utils.process_allgather(exported, tiled=True)
   if is_main:
-    checkpoint.save_npz(workdir / "params.npz",
-                        {"params": state.params, "state": state.model_state})
+    checkpoint.save_npz(workdir / "params.npz", exported)
   writer.flush()
   return state
 
