@@ -58,6 +58,13 @@ class StageI:
   def frozen_variables(self) -> dict:
     return {}
 
+  def frozen_shapes(self) -> dict:
+    return {}
+
+  def abstract_batch(self, batch_size: int) -> dict:
+    """Shapes of a training batch (for planning and compiling without data)."""
+    return _abstract_batch(self.task, batch_size, self.model.input_size, self.model.input_size)
+
   def loss(self, params, model_state, frozen, batch: dict, rng: jax.Array):
     rng_dropout, rng_vqvae = jax.random.split(rng)
     inputs, ctx, stats = label_inputs(self.task, batch, self.model_config)
@@ -113,22 +120,31 @@ class StageII:
     targets = jnp.zeros((batch["image"].shape[0], self.model.seq_len), jnp.int32)
     return {"params": self.model.init(rng, batch["image"], targets)["params"], "state": {}}
 
+  def frozen_shapes(self) -> dict:
+    """Shapes of the oracle's {'params', 'state'}."""
+    size, patch = self.oracle_config.input_size, self.oracle_config.patch_size
+    tokens = int(np.prod(np.array(size) // np.array(patch)))
+    inputs = {k: jnp.zeros((1, tokens, *shape)) for k, shape in self.oracle_config.inputs.items()}
+    return jax.eval_shape(lambda: self.oracle.init(
+        {"params": jax.random.key(0), "state": jax.random.key(1)}, inputs,
+        ctx=jnp.zeros((1, *size, 3))))
+
   def frozen_variables(self) -> dict:
     """The oracle's {'params', 'state'} from `config.oracle.model_init`, checked against the
     oracle model of the config."""
     if not self.oracle_init:
       raise ValueError("config.oracle.model_init is not set: stage II needs a trained stage I "
                        "(a training workdir or a big_vision *_stageI_params.npz)")
-    size, patch = self.oracle_config.input_size, self.oracle_config.patch_size
-    tokens = int(np.prod(np.array(size) // np.array(patch)))
-    inputs = {k: jnp.zeros((1, tokens, *shape)) for k, shape in self.oracle_config.inputs.items()}
-    shapes = jax.eval_shape(lambda: self.oracle.init(
-        {"params": jax.random.key(0), "state": jax.random.key(1)}, inputs,
-        ctx=jnp.zeros((1, *size, 3))))
+    shapes = self.frozen_shapes()
     tree = load_variables(self.oracle_init)
     source = f"config.oracle.model_init={self.oracle_init}"
     return {"params": checkpoint.merge_into(shapes["params"], tree["params"], source),
             "state": checkpoint.merge_into(shapes["state"], tree.get("state", {}), source)}
+
+  def abstract_batch(self, batch_size: int) -> dict:
+    """Shapes of a training batch (for planning and compiling without data)."""
+    return _abstract_batch(self.task, batch_size, self.model.input_size,
+                           self.oracle_config.input_size)
 
   def targets(self, oracle_variables: dict, batch: dict) -> tuple[jnp.ndarray, dict]:
     """The oracle's code of the batch's labels, + 1 (id 0 is BOS), and code statistics."""
@@ -200,6 +216,15 @@ class StageII:
       logging.info("Stage II encoder from %s", model_init["encoder"])
       params = vit_init.load_encoder(model_init["encoder"], jax.device_get(params), grid=grid)
     return params, model_state
+
+
+def _abstract_batch(task, batch_size: int, image_size, label_size) -> dict:
+  """{'image', 'image_ctx', 'labels'} as jax.ShapeDtypeStructs."""
+  channels, dtype = task.LABELS
+  image = jax.ShapeDtypeStruct((batch_size, *image_size, 3), jnp.float32)
+  return {"image": image,
+          "image_ctx": jax.ShapeDtypeStruct((batch_size, *label_size, 3), jnp.float32),
+          "labels": jax.ShapeDtypeStruct((batch_size, *label_size, channels), jnp.dtype(dtype))}
 
 
 def image_rngs(images_BxHxWxC: jnp.ndarray, seed: int = 0) -> jax.Array:

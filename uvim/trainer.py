@@ -137,7 +137,7 @@ def _compare_configs(saved: dict, current: dict) -> list[str]:
   return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
-def _state_fn(init_variables: Callable, tx) -> Callable[[jax.Array], TrainState]:
+def state_init_fn(init_variables: Callable, tx) -> Callable[[jax.Array], TrainState]:
   def init(rng):
     rng_variables, rng_train = jax.random.split(rng)
     variables = init_variables(rng_variables)
@@ -182,7 +182,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> TrainState:
   init_variables = partial(stage.init_variables, batch=example_batch)
   abstract_params = jax.eval_shape(init_variables, jax.random.PRNGKey(0))["params"]
   tx, schedule = optim.make(config, abstract_params, total_steps)
-  init = _state_fn(init_variables, tx)
+  init = state_init_fn(init_variables, tx)
   abstract_state = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
   state_sharding = sharding.tree_shardings(abstract_state, mesh)
 

@@ -8,6 +8,7 @@ and, for predict.py, on one example's numpy outputs and its uint8 image:
   render(outputs, image), render_labels(labels, image) -> uint8 pictures at the image's size
   save(outputs, image, stem, categories) -> writes the prediction files `<stem>.*`
   DEFAULT_TEMPERATURE: the sampling temperature predict.py uses unless told otherwise
+  LABELS: (channels, dtype) of the `labels` the pp gives (for shapes without data)
 """
 
 import difflib

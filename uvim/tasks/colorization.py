@@ -13,6 +13,7 @@ from PIL import Image
 from uvim import visualize
 from uvim.tasks import common
 
+LABELS = (3, "float32")  # RGB in [-1, 1]
 DEFAULT_TEMPERATURE = 1.0  # T = 0 gives washed-out colours (the paper's colabs sample)
 
 def input_pp(batch: dict, model_config) -> tuple[dict, dict]:

@@ -16,6 +16,7 @@ from uvim.tasks import common
 MIN_DEPTH, MAX_DEPTH = 1e-3, 10.0
 
 
+LABELS = (1, "float32")  # metres per pixel
 DEFAULT_TEMPERATURE = 0.0
 
 def depth_to_bins(depth: jnp.ndarray, num_bins: int) -> jnp.ndarray:

@@ -18,6 +18,7 @@ from uvim import visualize
 from uvim.datasets.coco_folder import id_to_rgb
 from uvim.tasks import common
 
+LABELS = (2, "int32")  # (semantic class + 1, instance id) per pixel
 DEFAULT_TEMPERATURE = 0.0
 
 def input_pp(batch: dict, model_config) -> tuple[dict, dict]:

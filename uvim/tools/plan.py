@@ -1,0 +1,127 @@
+r"""Sizes a training run before renting hardware: memory and FLOPs per device on a mesh.
+
+  python -m uvim.tools.plan --config configs/panoptic_stage2.py --mesh data=16,fsdp=4 \
+      [--config.batch_size=512] [--config.grad_accum_steps=4]
+
+Simulates the mesh's devices on this machine's CPU, builds the config's training step exactly as
+train.py does (same shardings, donation, model and optimizer) from shapes only — no data, no
+checkpoints — and compiles it. Prints per-device parameter and optimizer bytes (from the
+shardings), XLA's memory analysis (arguments, outputs, temporaries: the activations) and FLOPs
+per step from its cost analysis, as a table and one JSON line.
+"""
+
+import os
+import sys
+
+
+def _mesh_from_argv(argv: list[str]) -> list[tuple[str, int]]:
+  """`--mesh data=8,fsdp=4` -> [('data', 8), ('fsdp', 4)] (read before JAX starts)."""
+  value = next((a.split("=", 1)[1] for a in argv if a.startswith("--mesh=")), None)
+  if value is None and "--mesh" in argv:
+    value = argv[argv.index("--mesh") + 1]
+  axes = []
+  for piece in (value or "data=1").split(","):
+    name, _, size = piece.partition("=")
+    if not size.lstrip("-").isdigit():
+      sys.exit(f"--mesh: expected name=size pairs like data=8,fsdp=4, got {value!r}")
+    axes.append((name.strip(), int(size)))
+  return axes
+
+
+if __name__ == "__main__":  # as a command: simulate the mesh's devices (JAX not started yet)
+  _devices = 1
+  for _, _size in _mesh_from_argv(sys.argv):
+    _devices *= max(_size, 1)
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + f" --xla_force_host_platform_device_count={_devices}")
+
+import json  # noqa: E402  (JAX must see XLA_FLAGS first)
+import time  # noqa: E402
+from functools import partial  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from uvim import cli, input_pipeline, optim, sharding, stages, trainer  # noqa: E402
+
+_CONFIG = cli.define_config_flag()
+flags.DEFINE_string("mesh", "data=1", "Mesh axes and sizes, e.g. data=8,fsdp=4.")
+
+
+def sharded_bytes(tree, shardings) -> int:
+  """Bytes one device holds of `tree` (shapes) under `shardings`."""
+  return sum(int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+             for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True))
+
+
+def plan(config, mesh) -> dict:
+  """Compiles the training step of `config` on `mesh` from shapes; returns the figures."""
+  stage = stages.get_stage(config)
+  batch = stage.abstract_batch(config.batch_size)
+  one = jax.tree.map(lambda x: np.zeros((1, *x.shape[1:]), x.dtype), batch)
+  init_variables = partial(stage.init_variables, batch=one)
+  abstract_params = jax.eval_shape(init_variables, jax.random.key(0))["params"]
+  tx, schedule = optim.make(config, abstract_params, total_steps=10_000)
+  state = jax.eval_shape(trainer.state_init_fn(init_variables, tx), jax.random.key(0))
+  frozen = stage.frozen_shapes()
+  state_sharding = sharding.tree_shardings(state, mesh)
+  frozen_sharding = sharding.tree_shardings(frozen, mesh)
+  batch_sharding = jax.tree.map(lambda _: input_pipeline.batch_sharding(mesh), batch)
+  step = jax.jit(partial(trainer.train_step, stage=stage, tx=tx,
+                         lr_fn=lambda s: config.lr * schedule(s),
+                         accum_steps=config.get("grad_accum_steps") or 1),
+                 in_shardings=(state_sharding, batch_sharding, frozen_sharding),
+                 out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+  start = time.perf_counter()
+  compiled = step.lower(state, batch, frozen).compile()
+  compile_seconds = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  return {
+      "model": config.model_name, "mesh": dict(mesh.shape), "batch_size": config.batch_size,
+      "parameters": params,
+      "param_bytes_per_device": sharded_bytes(state.params, state_sharding.params),
+      "optimizer_bytes_per_device": sharded_bytes(state.opt_state, state_sharding.opt_state),
+      "frozen_bytes_per_device": sharded_bytes(frozen, frozen_sharding),
+      "argument_bytes": memory.argument_size_in_bytes,
+      "output_bytes": memory.output_size_in_bytes,
+      "temp_bytes": memory.temp_size_in_bytes,
+      "peak_bytes_estimate": (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                              + memory.temp_size_in_bytes - memory.alias_size_in_bytes),
+      "flops_per_device_step": float(cost.get("flops", 0.0)),
+      "compile_seconds": compile_seconds,
+  }
+
+
+def _gib(n: float) -> str:
+  """Bytes in the largest binary unit that keeps a leading digit."""
+  for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    if n >= scale:
+      return f"{n / scale:.2f} {unit}"
+  return f"{n:.0f} B"
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  mesh = sharding.make_mesh(_mesh_from_argv(sys.argv))
+  figures = plan(_CONFIG.value, mesh)
+  rows = [("parameters", f"{figures['parameters'] / 1e6:.1f} M"),
+          ("params / device", _gib(figures["param_bytes_per_device"])),
+          ("optimizer / device", _gib(figures["optimizer_bytes_per_device"])),
+          ("frozen oracle / device", _gib(figures["frozen_bytes_per_device"])),
+          ("temporaries (activations) / device", _gib(figures["temp_bytes"])),
+          ("peak estimate / device", _gib(figures["peak_bytes_estimate"])),
+          ("TFLOPs / device / step", f"{figures['flops_per_device_step'] / 1e12:.3g}"),
+          ("compile", f"{figures['compile_seconds']:.0f} s")]
+  print(f"{figures['model']} on mesh {figures['mesh']}, global batch {figures['batch_size']}")
+  for name, value in rows:
+    print(f"  {name:<36} {value}")
+  print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)
