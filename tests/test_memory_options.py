@@ -107,7 +107,7 @@ def test_remat_gives_the_same_loss_and_gradients(stage):
   # Rematerialisation is really there: one remat per transformer block, and none without it.
   assert not REMAT.search(jaxpr)
   num_blocks = 1 + 2 if stage == 1 else 2 + 2
-  assert len(REMAT.findall(jaxpr_r)) >= num_blocks
+  assert len(REMAT.findall(jaxpr_r)) == num_blocks
 
 
 def dot_general_lines(jaxpr: str) -> list[str]:
@@ -120,6 +120,12 @@ def test_bfloat16_stage2_is_close_to_float32_with_float32_logits():
   logits = model.apply({"params": params}, images, targets)
   logits16 = model16.apply({"params": params}, images, targets)
   assert logits.dtype == logits16.dtype == jnp.float32
+  # The residual stream (each block's output) is in the compute dtype.
+  _, captured = model16.apply({"params": params}, images, targets, capture_intermediates=True,
+                              mutable=["intermediates"])
+  blocks = {**captured["intermediates"]["encoder"], **captured["intermediates"]["decoder"]}
+  outputs = [v["__call__"][0] for k, v in blocks.items() if "block" in k.lower()]
+  assert len(outputs) == 2 + 2 and all(o.dtype == jnp.bfloat16 for o in outputs)
   scale = float(jnp.abs(logits).max())
   assert scale > 1.0
   error = float(jnp.abs(logits16 - logits).max())
@@ -128,22 +134,24 @@ def test_bfloat16_stage2_is_close_to_float32_with_float32_logits():
   jaxpr32 = str(jax.make_jaxpr(lambda p: model.apply({"params": p}, images, targets))(params))
   assert dot_general_lines(jaxpr16) and all("bf16" in ln for ln in dot_general_lines(jaxpr16))
   assert dot_general_lines(jaxpr32) and "bf16" not in jaxpr32
-  # Attention softmax runs in float32: every exp in the bf16 model is float32.
-  exps = [ln for ln in jaxpr16.splitlines() if "= exp " in ln]
-  assert exps and all("f32" in ln for ln in exps)
+  # lm.Attention's softmax runs in float32: the exps over (B, H, L = 7, S) are float32.
+  exps = [ln for ln in jaxpr16.splitlines() if "= exp " in ln and "[3,2,7," in ln]
+  assert len(exps) == 2 * 2 and all("f32[" in ln for ln in exps)
 
 
 def test_bfloat16_stage1_is_close_to_float32_and_keeps_the_dictionary_float32():
   model, variables, x, ctx, _ = stage1()
   model16 = model.clone(dtype="bfloat16")
   _, aux = model.apply(variables, x, ctx=ctx)
-  (logits16, aux16), new16 = model16.apply(variables, x, ctx=ctx, train=True, mutable=["state"],
-                                           rngs={"vqvae": jax.random.key(0)})
-  assert logits16["semantics"].dtype == jnp.float32
+  _, aux16 = model16.apply(variables, x, ctx=ctx)
   for k in ("bottleneck", "bottleneck_q"):
     assert aux16[k].dtype == jnp.float32
+  np.testing.assert_allclose(aux16["bottleneck"], aux["bottleneck"], atol=0.05)
+  (logits16, _), new16 = model16.apply(variables, x, ctx=ctx, train=True, mutable=["state"],
+                                       rngs={"vqvae": jax.random.key(0),
+                                             "dropout": jax.random.key(1)})
+  assert logits16["semantics"].dtype == jnp.float32
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(new16))
-  np.testing.assert_allclose(aux16["bottleneck"], aux["bottleneck"], atol=0.1)
   logits, _ = model.apply(variables, aux16["bottleneck_q"], ctx=ctx, method=model.decode)
   logits16, _ = model16.apply(variables, aux16["bottleneck_q"], ctx=ctx, method=model16.decode)
   scale = float(jnp.abs(logits["semantics"]).max())

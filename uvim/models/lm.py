@@ -150,6 +150,7 @@ class Decoder(nn.Module):
     return (self.EmbedTargets(tokens_BxL.astype(jnp.int32)) + pos_emb_1xLxE).astype(self.dtype)
 
   def _logits(self, y_BxLxE: jnp.ndarray) -> jnp.ndarray:
+    """Final LayerNorm and logits, returned in float32 for the loss and sampling."""
     return self.LogitsDense(self.LayerNorm(y_BxLxE)).astype(jnp.float32)
 
   def __call__(self, encoded_BxPxE, inputs_BxL, pos_emb_1xLxE, deterministic: bool = True):
