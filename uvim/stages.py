@@ -42,11 +42,18 @@ def label_inputs(task, batch: dict, model_config) -> tuple[dict, jnp.ndarray, di
   return inputs, batch.get("image_ctx", batch["image"]), stats
 
 
+def memory_options(config) -> dict:
+  """Model overrides from the run config: `compute_dtype` (activations and matmuls; parameters
+  stay float32) and `remat` (recompute each block's activations in the backward pass)."""
+  return {"dtype": config.get("compute_dtype") or "float32",
+          "remat": bool(config.get("remat"))}
+
+
 class StageI:
   """`proj.uvim.vit`, the restricted oracle: labels (+ image) -> code -> labels."""
 
   def __init__(self, config):
-    self.model = models.get_model(config.model_name, config.model)
+    self.model = models.get_model(config.model_name, config.model, **memory_options(config))
     self.task = tasks.get_task(config.task)
     self.model_config = config.model
 
@@ -104,8 +111,9 @@ class StageII:
   (augmented) labels of each batch; predictions decode sampled codes with the oracle."""
 
   def __init__(self, config):
-    self.model = models.get_model(config.model_name, config.model)
-    self.oracle = models.get_model(config.oracle.model_name, config.oracle.model)
+    self.model = models.get_model(config.model_name, config.model, **memory_options(config))
+    self.oracle = models.get_model(config.oracle.model_name, config.oracle.model,
+                                   dtype=memory_options(config)["dtype"])
     self.task = tasks.get_task(config.oracle.task)
     self.oracle_config = config.oracle.model
     self.oracle_init = config.oracle.model_init
