@@ -2,8 +2,12 @@
 
 import os
 
-# Before any import of jax (TF imports it through keras): simulate 8 devices on the CPU.
+# Before any import of jax (TF imports it through keras): simulate 8 devices on the CPU. On a
+# loaded 2-core machine a device thread can wait minutes for the others at a collective; XLA
+# would abort after its default timeout, so tests allow 20 minutes.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_cpu_collective_call_terminate_timeout_seconds=1200"
+                           " --xla_cpu_collective_timeout_seconds=1200"
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Repeated runs of the same step (resume tests, subprocesses) reuse compiled executables.

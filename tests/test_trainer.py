@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -125,7 +126,10 @@ def train_args(data_dir, workdir, mesh="(('data', -1),)"):
 
 
 def devices_env(devices):
-  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  """The tests' XLA flags (see conftest.py) with `devices` simulated devices."""
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+",
+                 f"--xla_force_host_platform_device_count={devices}", os.environ["XLA_FLAGS"])
+  return {**os.environ, "XLA_FLAGS": flags}
 
 
 def run_train(data_dir, workdir, devices, mesh="(('data', -1),)"):

@@ -38,6 +38,7 @@ if __name__ == "__main__":  # as a command: simulate the mesh's devices (JAX not
 import json  # noqa: E402  (JAX must see XLA_FLAGS first)
 import time  # noqa: E402
 from functools import partial  # noqa: E402
+from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -55,8 +56,9 @@ def sharded_bytes(tree, shardings) -> int:
              for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True))
 
 
-def plan(config, mesh) -> dict:
-  """Compiles the training step of `config` on `mesh` from shapes; returns the figures."""
+def compile_step(config, mesh) -> tuple[Any, dict]:
+  """The training step of `config` on `mesh`, compiled from shapes as train.py builds it; and
+  the abstract inputs {'state', 'batch', 'frozen'} with their shardings."""
   stage = stages.get_stage(config)
   batch = stage.abstract_batch(config.batch_size)
   one = jax.tree.map(lambda x: np.zeros((1, *x.shape[1:]), x.dtype), batch)
@@ -65,17 +67,25 @@ def plan(config, mesh) -> dict:
   tx, schedule = optim.make(config, abstract_params, total_steps=10_000)
   state = jax.eval_shape(trainer.state_init_fn(init_variables, tx), jax.random.key(0))
   frozen = stage.frozen_shapes()
-  state_sharding = sharding.tree_shardings(state, mesh)
-  frozen_sharding = sharding.tree_shardings(frozen, mesh)
-  batch_sharding = jax.tree.map(lambda _: input_pipeline.batch_sharding(mesh), batch)
+  shardings = {"state": sharding.tree_shardings(state, mesh),
+               "batch": jax.tree.map(lambda _: input_pipeline.batch_sharding(mesh), batch),
+               "frozen": sharding.tree_shardings(frozen, mesh)}
   step = jax.jit(partial(trainer.train_step, stage=stage, tx=tx,
                          lr_fn=lambda s: config.lr * schedule(s),
                          accum_steps=config.get("grad_accum_steps") or 1),
-                 in_shardings=(state_sharding, batch_sharding, frozen_sharding),
-                 out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
-  start = time.perf_counter()
+                 in_shardings=(shardings["state"], shardings["batch"], shardings["frozen"]),
+                 out_shardings=(shardings["state"], sharding.replicated(mesh)),
+                 donate_argnums=0)
   compiled = step.lower(state, batch, frozen).compile()
+  return compiled, {"state": state, "batch": batch, "frozen": frozen, "shardings": shardings}
+
+
+def plan(config, mesh) -> dict:
+  """Compiles the training step of `config` on `mesh` from shapes; returns the figures."""
+  start = time.perf_counter()
+  compiled, inputs = compile_step(config, mesh)
   compile_seconds = time.perf_counter() - start
+  state, frozen, shardings = inputs["state"], inputs["frozen"], inputs["shardings"]
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
@@ -83,9 +93,10 @@ def plan(config, mesh) -> dict:
   return {
       "model": config.model_name, "mesh": dict(mesh.shape), "batch_size": config.batch_size,
       "parameters": params,
-      "param_bytes_per_device": sharded_bytes(state.params, state_sharding.params),
-      "optimizer_bytes_per_device": sharded_bytes(state.opt_state, state_sharding.opt_state),
-      "frozen_bytes_per_device": sharded_bytes(frozen, frozen_sharding),
+      "param_bytes_per_device": sharded_bytes(state.params, shardings["state"].params),
+      "optimizer_bytes_per_device": sharded_bytes(state.opt_state,
+                                                  shardings["state"].opt_state),
+      "frozen_bytes_per_device": sharded_bytes(frozen, shardings["frozen"]),
       "argument_bytes": memory.argument_size_in_bytes,
       "output_bytes": memory.output_size_in_bytes,
       "temp_bytes": memory.temp_size_in_bytes,
