@@ -46,9 +46,6 @@ from absl import app, flags  # noqa: E402
 
 from uvim import cli, input_pipeline, optim, sharding, stages, trainer  # noqa: E402
 
-_CONFIG = cli.define_config_flag()
-flags.DEFINE_string("mesh", "data=1", "Mesh axes and sizes, e.g. data=8,fsdp=4.")
-
 
 def sharded_bytes(tree, shardings) -> int:
   """Bytes one device holds of `tree` (shapes) under `shardings`."""
@@ -119,7 +116,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   mesh = sharding.make_mesh(_mesh_from_argv(sys.argv))
-  figures = plan(_CONFIG.value, mesh)
+  figures = plan(flags.FLAGS.config, mesh)
   rows = [("parameters", f"{figures['parameters'] / 1e6:.1f} M"),
           ("params / device", _gib(figures["param_bytes_per_device"])),
           ("optimizer / device", _gib(figures["optimizer_bytes_per_device"])),
@@ -134,5 +131,7 @@ def main(argv: list[str]) -> None:
   print(json.dumps(figures))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags only for the command: bench.train_step imports this module
+  cli.define_config_flag()
+  flags.DEFINE_string("mesh", "data=1", "Mesh axes and sizes, e.g. data=8,fsdp=4.")
   app.run(main, flags_parser=cli.parse_flags)
