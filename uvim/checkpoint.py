@@ -1,10 +1,13 @@
 """Checkpoints: big_vision npz files (flat '/'-joined names) for released models and exports."""
 
 import io
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -87,3 +90,53 @@ def merge_into(init: Any, loaded: Any, source: str) -> Any:
         f"shape mismatch {[(k, have[k].shape, want[k].shape) for k in wrong[:10]]}")
   leaves = [have[k].astype(want[k].dtype) for k in want]
   return jax.tree.unflatten(jax.tree.structure(init), leaves)
+
+
+
+SCANNED_BLOCKS = "encoderblock"  # `vit.Encoder`'s blocks under `scan_layers`, stacked on axis 0.
+_UNSCANNED_BLOCK = re.compile(rf"{SCANNED_BLOCKS}_(\d+)")
+
+
+def scan_to_unscanned(params: Mapping[str, Any]) -> dict[str, Any]:
+  """Every `encoderblock` sub-tree (leaves with a leading depth axis, from `scan_layers`), at
+  any nesting -> `encoderblock_0..depth-1` (big_vision's layout); other entries are kept."""
+  out: dict[str, Any] = {}
+  for key, value in params.items():
+    if not isinstance(value, Mapping):
+      out[key] = value
+    elif key != SCANNED_BLOCKS:
+      out[key] = scan_to_unscanned(value)
+    else:
+      if any(_UNSCANNED_BLOCK.fullmatch(k) for k in params):
+        raise ValueError(f"Both '{key}' and '{key}_<i>' in one module: {sorted(params)}")
+      depths = {np.shape(leaf)[:1] for leaf in jax.tree.leaves(value)}
+      if len(depths) != 1 or () in depths:
+        raise ValueError(f"'{key}' leaves have no common leading depth axis: {sorted(depths)}")
+      (depth,) = depths.pop()
+      for i in range(depth):
+        out[f"{key}_{i}"] = jax.tree.map(lambda leaf, i=i: leaf[i], dict(value))
+  return out
+
+
+def unscanned_to_scan(params: Mapping[str, Any]) -> dict[str, Any]:
+  """The `encoderblock_0..N-1` sub-trees of every module, at any nesting -> one `encoderblock`
+  with leaves stacked on a leading axis of N (the layout of `scan_layers`); the inverse of
+  `scan_to_unscanned`. Numpy leaves stay numpy (on the host), others become jax arrays."""
+  blocks = {int(m.group(1)): k for k in params
+            if (m := _UNSCANNED_BLOCK.fullmatch(k)) and isinstance(params[k], Mapping)}
+  if blocks and sorted(blocks) != list(range(len(blocks))):
+    raise ValueError(f"'{SCANNED_BLOCKS}_<i>' are not numbered 0..{len(blocks) - 1}: "
+                     f"{sorted(blocks.values())}")
+  if blocks and SCANNED_BLOCKS in params:
+    raise ValueError(f"Both '{SCANNED_BLOCKS}' and '{SCANNED_BLOCKS}_<i>' in one module")
+  trees = [dict(params[blocks[i]]) for i in range(len(blocks))]
+  if len({jax.tree.structure(t) for t in trees}) > 1:
+    raise ValueError(f"'{SCANNED_BLOCKS}_<i>' have different parameters")
+  xp = np if all(isinstance(leaf, np.ndarray) for leaf in jax.tree.leaves(trees)) else jnp
+  out: dict[str, Any] = {}
+  for key, value in params.items():
+    if key == blocks.get(0):
+      out[SCANNED_BLOCKS] = jax.tree.map(lambda *layers: xp.stack(layers), *trees)
+    elif key not in blocks.values():
+      out[key] = unscanned_to_scan(value) if isinstance(value, Mapping) else value
+  return out

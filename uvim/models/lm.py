@@ -12,6 +12,9 @@ cross-attention keys/values of the image, computed once per image rather than at
 `dtype` is the computation dtype of activations and matmuls (e.g. "bfloat16"; parameters stay
 float32, attention softmax and the returned logits are float32), and `remat` recomputes each
 transformer block's activations in the backward pass of training to save memory.
+`scan_layers` scans the ViT image encoder's blocks (parameters stacked under
+`encoder/encoderblock`, see `vit.Encoder`); the decoder's `EncDecBlock<i>` stay unscanned, so
+their names and the per-block decoding cache are unchanged.
 """
 
 from collections.abc import Mapping, Sequence
@@ -190,6 +193,7 @@ class Model(nn.Module):
   dropout_rate: float = 0.0
   dtype: str = "float32"  # Computation dtype; parameters and the returned logits are float32.
   remat: bool = False  # Rematerialise every transformer block when training.
+  scan_layers: bool = False  # Scan the image encoder's blocks; the decoder stays unscanned.
 
   def setup(self):
     if self.posemb_type != "learn":
@@ -204,7 +208,8 @@ class Model(nn.Module):
                                  dtype=jnp.dtype(self.dtype), name="EmbedPatches")
     self.encoder = vit.Encoder(depth=self.num_layers, mlp_dim=self.mlp_dim,
                                num_heads=self.num_heads, dropout=self.dropout_rate,
-                               dtype=self.dtype, remat=self.remat)
+                               dtype=self.dtype, remat=self.remat,
+                               scan_layers=self.scan_layers)
     self.decoder = Decoder(emb_dim=self.emb_dim, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
                            num_layers=self.num_layers, vocab_size=self.vocab_size,
                            dropout_rate=self.dropout_rate, dtype=self.dtype, remat=self.remat)

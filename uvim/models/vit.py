@@ -2,6 +2,10 @@
 
 `dtype` is the computation dtype of activations and matmuls (e.g. "bfloat16"); parameters stay
 float32. `remat` recomputes each block's activations in the backward pass to save memory.
+`scan_layers` runs the blocks as one `nn.scan` loop over a single compiled block body (faster
+compiles, less memory at depth); their parameters are then stacked under `encoderblock` with a
+leading depth axis, as in big_vision's `scan=True`, and `uvim.checkpoint.scan_to_unscanned` /
+`unscanned_to_scan` convert between the two layouts.
 """
 
 import flax.linen as nn
@@ -52,7 +56,8 @@ class Encoder1DBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-  """A stack of `depth` blocks (`encoderblock_<i>`) and a final LayerNorm (`encoder_norm`).
+  """A stack of `depth` blocks (`encoderblock_<i>`, or one `encoderblock` with parameters
+  stacked on a leading depth axis under `scan_layers`) and a final LayerNorm (`encoder_norm`).
 
   The input is cast to `dtype`, which is also the dtype of the output."""
   depth: int
@@ -61,13 +66,26 @@ class Encoder(nn.Module):
   dropout: float = 0.0
   dtype: str = "float32"
   remat: bool = False
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, x_BxLxD: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
     # `deterministic` (argument 2, counting the module) is a Python bool: static under remat.
-    block = nn.remat(Encoder1DBlock, static_argnums=(2,)) if self.remat else Encoder1DBlock
+    # Inside a scan body, preventing CSE is unnecessary (see jax.checkpoint) and costs speed.
+    block = (nn.remat(Encoder1DBlock, static_argnums=(2,), prevent_cse=not self.scan_layers)
+             if self.remat else Encoder1DBlock)
+    kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
+              dtype=self.dtype)
     x = x_BxLxD.astype(self.dtype)
-    for i in range(self.depth):
-      x = block(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
-                dtype=self.dtype, name=f"encoderblock_{i}")(x, deterministic)
+    if self.scan_layers:
+      # One block body looped `depth` times: its parameters (and sown intermediates) get a
+      # leading depth axis and each layer its own params / dropout rng. `deterministic` is
+      # closed over, so it stays a static Python bool (also for remat's `static_argnums`).
+      scan = nn.scan(lambda module, carry: (module(carry, deterministic), None),
+                     variable_axes={"params": 0, "intermediates": 0},
+                     split_rngs={"params": True, "dropout": True}, length=self.depth)
+      x, _ = scan(block(**kw, name="encoderblock"), x)
+    else:
+      for i in range(self.depth):
+        x = block(**kw, name=f"encoderblock_{i}")(x, deterministic)
     return nn.LayerNorm(dtype=jnp.dtype(self.dtype), name="encoder_norm")(x)

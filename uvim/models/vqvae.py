@@ -12,6 +12,8 @@ below `min_count` is replaced by a split of the most used one.
 `dtype` is the computation dtype of the transformers, embeddings and heads (e.g. "bfloat16");
 parameters, the bottleneck, the dictionary and its updates, and the returned logits stay
 float32. `remat` recomputes each transformer block's activations in the backward pass.
+`scan_layers` runs each transformer (`encoder`, `decoder`) as one scanned block whose parameters
+are stacked under `encoderblock` (see `vit.Encoder`; `uvim.checkpoint` converts the layouts).
 """
 
 from collections.abc import Mapping, Sequence
@@ -100,6 +102,7 @@ class Model(nn.Module):
   bottleneck_resize: bool = True
   dtype: str = "float32"
   remat: bool = False
+  scan_layers: bool = False
 
   def setup(self):
     self.grid = tuple(int(i // p) for i, p in zip(self.input_size, self.patch_size, strict=True))
@@ -128,7 +131,7 @@ class Model(nn.Module):
     self.pos_embedding_decoder = vit.learned_posemb(
         self, "pos_embedding_decoder", num_tokens, self.width)
     transformer = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
-                       dtype=self.dtype, remat=self.remat)
+                       dtype=self.dtype, remat=self.remat, scan_layers=self.scan_layers)
     self.encoder = vit.Encoder(depth=self.oracle_depth, **transformer)
     self.decoder = vit.Encoder(depth=self.base_model_depth, **transformer)
     if not self.bottleneck_resize:
