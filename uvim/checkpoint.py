@@ -140,3 +140,9 @@ def unscanned_to_scan(params: Mapping[str, Any]) -> dict[str, Any]:
     elif key not in blocks.values():
       out[key] = unscanned_to_scan(value) if isinstance(value, Mapping) else value
   return out
+
+
+def in_layout(params: Mapping[str, Any], scanned: bool) -> dict[str, Any]:
+  """`params` in either layout -> the scanned (`scan_layers`) or the unscanned one."""
+  params = scan_to_unscanned(params)
+  return unscanned_to_scan(params) if scanned else params

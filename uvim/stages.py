@@ -44,9 +44,10 @@ def label_inputs(task, batch: dict, model_config) -> tuple[dict, jnp.ndarray, di
 
 def memory_options(config) -> dict:
   """Model overrides from the run config: `compute_dtype` (activations and matmuls; parameters
-  stay float32) and `remat` (recompute each block's activations in the backward pass)."""
+  stay float32), `remat` (recompute each block's activations in the backward pass) and
+  `scan_layers` (one `nn.scan` over the ViT blocks; checkpoints convert either way)."""
   return {"dtype": config.get("compute_dtype") or "float32",
-          "remat": bool(config.get("remat"))}
+          "remat": bool(config.get("remat")), "scan_layers": bool(config.get("scan_layers"))}
 
 
 class StageI:
@@ -102,7 +103,8 @@ class StageI:
 
   def load_init(self, model_init: str, params, model_state):
     tree = load_variables(model_init)
-    return (checkpoint.merge_into(params, tree["params"], model_init),
+    loaded = checkpoint.in_layout(tree["params"], self.model.scan_layers)
+    return (checkpoint.merge_into(params, loaded, model_init),
             checkpoint.merge_into(model_state, tree.get("state", {}), model_init))
 
 
@@ -112,8 +114,9 @@ class StageII:
 
   def __init__(self, config):
     self.model = models.get_model(config.model_name, config.model, **memory_options(config))
+    options = memory_options(config)
     self.oracle = models.get_model(config.oracle.model_name, config.oracle.model,
-                                   dtype=memory_options(config)["dtype"])
+                                   dtype=options["dtype"], scan_layers=options["scan_layers"])
     self.task = tasks.get_task(config.oracle.task)
     self.oracle_config = config.oracle.model
     self.oracle_init = config.oracle.model_init
@@ -146,7 +149,8 @@ class StageII:
     shapes = self.frozen_shapes()
     tree = load_variables(self.oracle_init)
     source = f"config.oracle.model_init={self.oracle_init}"
-    return {"params": checkpoint.merge_into(shapes["params"], tree["params"], source),
+    loaded = checkpoint.in_layout(tree["params"], self.oracle.scan_layers)
+    return {"params": checkpoint.merge_into(shapes["params"], loaded, source),
             "state": checkpoint.merge_into(shapes["state"], tree.get("state", {}), source)}
 
   def abstract_batch(self, batch_size: int) -> dict:
@@ -213,7 +217,8 @@ class StageII:
     """A whole stage II model (npz or workdir), or `{'encoder': ViT name or npz}`."""
     if isinstance(model_init, str):
       tree = load_variables(model_init)
-      return checkpoint.merge_into(params, tree["params"], model_init), model_state
+      loaded = checkpoint.in_layout(tree["params"], self.model.scan_layers)
+      return checkpoint.merge_into(params, loaded, model_init), model_state
     unknown = set(model_init) - {"encoder"}
     if unknown:
       raise ValueError(f"config.model_init: unknown part(s) {sorted(unknown)}; stage II "
@@ -222,7 +227,10 @@ class StageII:
       grid = tuple(int(s // p) for s, p in zip(self.model.input_size,
                                                 self.model.patches["size"], strict=True))
       logging.info("Stage II encoder from %s", model_init["encoder"])
-      params = vit_init.load_encoder(model_init["encoder"], jax.device_get(params), grid=grid)
+      unscanned = checkpoint.in_layout(jax.device_get(params), scanned=False)
+      params = checkpoint.in_layout(
+          vit_init.load_encoder(model_init["encoder"], unscanned, grid=grid),
+          self.model.scan_layers)
     return params, model_state
 
 

@@ -36,7 +36,7 @@ KNOWN_KEYS = {
     "log_training_steps", "log_eval_steps", "checkpoint_steps", "keep_checkpoint_steps",
     "model_name", "model", "model_init", "optax_name", "optax", "lr", "wd", "schedule",
     "grad_clip_norm", "lr_mults", "evals", "mesh", "oracle", "grad_accum_steps",
-    "compute_dtype", "remat",
+    "compute_dtype", "remat", "scan_layers",
 }
 # Keys that must not change when a run resumes from its workdir.
 RESUME_KEYS = ("task", "model_name", "model", "optax_name", "optax", "oracle")
@@ -242,7 +242,9 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> TrainState:
   if jax.process_count() > 1:  # every process takes part in gathering sharded arrays
     from jax.experimental import multihost_utils
     exported = multihost_utils.process_allgather(exported, tiled=True)
-  if is_main:
+  if is_main:  # big_vision's (unscanned) layout
+    exported = jax.device_get(exported)
+    exported["params"] = checkpoint.scan_to_unscanned(exported["params"])
     checkpoint.save_npz(workdir / "params.npz", exported)
   writer.flush()
   return state
