@@ -74,15 +74,23 @@ def total_steps_of(config, num_train_examples: int) -> int:
 
 
 def train_step(state: TrainState, batch: dict, frozen: Any, *, stage, tx, lr_fn,
-               accum_steps: int = 1) -> tuple[TrainState, dict]:
+               accum_steps: int = 1, param_shardings: Any = None) -> tuple[TrainState, dict]:
   """One optimisation step on a global batch; returns the new state and metrics.
 
   With `accum_steps` > 1 the batch is processed in that many micro-batches (rows i, i + k, ...,
   so every device keeps its share of each) whose gradients are averaged before one update; the
-  model state (stage I's dictionary) is updated after each micro-batch.
+  model state (stage I's dictionary) is updated after each micro-batch. `param_shardings` keep
+  the gradients sharded like the parameters (FSDP: reduce-scatter, never a full copy).
   """
   rng = jax.random.fold_in(state.rng, state.step)
-  grad_fn = jax.value_and_grad(stage.loss, has_aux=True)
+  value_and_grad = jax.value_and_grad(stage.loss, has_aux=True)
+
+  def grad_fn(*args):
+    out, grads = value_and_grad(*args)
+    if param_shardings is not None:
+      grads = jax.lax.with_sharding_constraint(grads, param_shardings)
+    return out, grads
+
   if accum_steps == 1:
     (loss, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, frozen,
                                                     batch, rng)
@@ -210,7 +218,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> TrainState:
     raise ValueError(f"batch_size {config.batch_size} must be divisible by grad_accum_steps "
                      f"({accum_steps}) x devices ({jax.device_count()})")
   step_fn = jax.jit(partial(train_step, stage=stage, tx=tx, lr_fn=lr_fn,
-                            accum_steps=accum_steps),
+                            accum_steps=accum_steps, param_shardings=state_sharding.params),
                     donate_argnums=0, out_shardings=(state_sharding, repl))
   evaluators = evaluators_common.from_config(config, mesh=mesh, fns=stage.eval_fns())
   writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_main)

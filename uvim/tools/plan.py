@@ -69,7 +69,8 @@ def compile_step(config, mesh) -> tuple[Any, dict]:
                "frozen": sharding.tree_shardings(frozen, mesh)}
   step = jax.jit(partial(trainer.train_step, stage=stage, tx=tx,
                          lr_fn=lambda s: config.lr * schedule(s),
-                         accum_steps=config.get("grad_accum_steps") or 1),
+                         accum_steps=config.get("grad_accum_steps") or 1,
+                         param_shardings=shardings["state"].params),
                  in_shardings=(shardings["state"], shardings["batch"], shardings["frozen"]),
                  out_shardings=(shardings["state"], sharding.replicated(mesh)),
                  donate_argnums=0)
