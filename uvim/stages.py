@@ -5,6 +5,7 @@ The trainer (uvim/trainer.py) is the same for both. A stage provides
   loss(params, model_state, frozen, batch, rng) -> (loss, (metrics, new model_state))
   frozen_variables()                  -> variables of fixed models (stage II: the oracle), passed
                                          to every step as an argument, never optimised
+  frozen_shapes(), abstract_batch(n)  -> their shapes and a batch's, for planning without data
   variables(params, model_state, frozen) -> what `eval_fns` take
   eval_fns()                          -> {'loss': per-example losses, 'predict': task outputs}
   load_init(model_init, params, model_state) -> (params, model_state) from `config.model_init`
