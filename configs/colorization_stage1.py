@@ -28,10 +28,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   config.train_split = "train[4096:]"
   config.val_split = "train[:4096]"
   config.batch_size = 1024
-  config.grad_accum_steps = 1  # split each batch into micro-batches to save memory
-  config.compute_dtype = "float32"  # or "bfloat16": activations/matmuls (params stay fp32)
-  config.remat = False  # recompute each block's activations in the backward pass
-  config.scan_layers = False  # one nn.scan over the ViT blocks (faster compiles at depth)
+  common.set_memory_options(config)  # grad_accum_steps, compute_dtype, remat, scan_layers
   config.num_epochs = 100
   config.total_steps = mlc.config_dict.placeholder(int)
   config.pp_train = (

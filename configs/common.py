@@ -68,6 +68,14 @@ def _convert(name: str, text: str, default: Any) -> Any:
         f"Config arg {name!r} expects {type(default).__name__}, got {text!r}") from None
 
 
+def set_memory_options(config: mlc.ConfigDict) -> None:
+  """The memory and speed switches every config has (README, "Scaling out"), at their defaults."""
+  config.grad_accum_steps = 1  # split each batch into micro-batches to save memory
+  config.compute_dtype = "float32"  # or "bfloat16": activations/matmuls (params stay fp32)
+  config.remat = False  # recompute each block's activations in the backward pass
+  config.scan_layers = False  # one nn.scan over the ViT blocks (faster compiles at depth)
+
+
 def apply_smoke(config: mlc.ConfigDict) -> None:
   """`:smoke` settings shared by every config: toy data, small batches, frequent logs."""
   config.dataset = "toy_scenes/medium"  # 8192 scenes, generated once in ~1 minute
