@@ -73,7 +73,7 @@ def set_memory_options(config: mlc.ConfigDict) -> None:
   config.grad_accum_steps = 1  # split each batch into micro-batches to save memory
   config.compute_dtype = "float32"  # or "bfloat16": activations/matmuls (params stay fp32)
   config.remat = False  # recompute each block's activations in the backward pass
-  config.scan_layers = False  # one nn.scan over the ViT blocks (faster compiles at depth)
+  config.scan_layers = False  # one nn.scan per block stack (faster compiles, less memory)
 
 
 def apply_smoke(config: mlc.ConfigDict) -> None:

@@ -43,3 +43,19 @@ def test_cli_simulates_the_mesh_and_prints_json():
   assert figures["mesh"] == {"data": 2, "fsdp": 2} and figures["batch_size"] == 8
   assert figures["flops_per_device_step"] > 0 and figures["peak_bytes_estimate"] > 0
   assert "params / device" in result.stdout
+
+
+@pytest.mark.slow
+def test_model_flops_count_every_layer_and_micro_batch_once():
+  """The planner's FLOPs are those of the plain step whatever scan/remat/accumulation do to the
+  compiled program, in which XLA counts a loop body once."""
+  mesh = sharding.make_mesh([("data", 8)])
+  base = plan.model_flops(small_stage2(16), mesh)
+  compiled, _ = plan.compile_step(small_stage2(16), mesh)
+  # The partitioned program adds a little (collectives, per-device reductions).
+  assert compiled.cost_analysis()["flops"] * mesh.size == pytest.approx(base, rel=0.1)
+  looped = small_stage2(16)
+  looped.scan_layers, looped.remat, looped.grad_accum_steps = True, True, 2
+  assert plan.model_flops(looped, mesh) == base
+  compiled, _ = plan.compile_step(looped, mesh)
+  assert compiled.cost_analysis()["flops"] * mesh.size < 0.8 * base

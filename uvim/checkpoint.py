@@ -93,51 +93,69 @@ def merge_into(init: Any, loaded: Any, source: str) -> Any:
 
 
 
-SCANNED_BLOCKS = "encoderblock"  # `vit.Encoder`'s blocks under `scan_layers`, stacked on axis 0.
-_UNSCANNED_BLOCK = re.compile(rf"{SCANNED_BLOCKS}_(\d+)")
+# Scanned block name (`scan_layers`: parameters stacked on a leading depth axis) -> the name of
+# block i in big_vision's unscanned layout: `vit.Encoder`'s blocks and stage II's decoder blocks.
+SCANNED_BLOCKS = {"encoderblock": "encoderblock_{}", "EncDecBlock": "EncDecBlock{}"}
+_UNSCANNED_BLOCK = {name: re.compile(fmt.replace("{}", r"(\d+)"))
+                    for name, fmt in SCANNED_BLOCKS.items()}
 
 
 def scan_to_unscanned(params: Mapping[str, Any]) -> dict[str, Any]:
-  """Every `encoderblock` sub-tree (leaves with a leading depth axis, from `scan_layers`), at
-  any nesting -> `encoderblock_0..depth-1` (big_vision's layout); other entries are kept."""
+  """Every scanned block sub-tree (`encoderblock`, `EncDecBlock`: leaves with a leading depth
+  axis), at any nesting -> blocks `encoderblock_<i>` / `EncDecBlock<i>` (big_vision's layout);
+  other entries are kept."""
   out: dict[str, Any] = {}
   for key, value in params.items():
     if not isinstance(value, Mapping):
       out[key] = value
-    elif key != SCANNED_BLOCKS:
+    elif key not in SCANNED_BLOCKS:
       out[key] = scan_to_unscanned(value)
     else:
-      if any(_UNSCANNED_BLOCK.fullmatch(k) for k in params):
-        raise ValueError(f"Both '{key}' and '{key}_<i>' in one module: {sorted(params)}")
+      if any(_UNSCANNED_BLOCK[key].fullmatch(k) for k in params):
+        raise ValueError(f"Both '{key}' and its unscanned blocks in one module: {sorted(params)}")
       depths = {np.shape(leaf)[:1] for leaf in jax.tree.leaves(value)}
       if len(depths) != 1 or () in depths:
         raise ValueError(f"'{key}' leaves have no common leading depth axis: {sorted(depths)}")
       (depth,) = depths.pop()
       for i in range(depth):
-        out[f"{key}_{i}"] = jax.tree.map(lambda leaf, i=i: leaf[i], dict(value))
+        out[SCANNED_BLOCKS[key].format(i)] = jax.tree.map(lambda leaf, i=i: leaf[i], dict(value))
   return out
 
 
-def unscanned_to_scan(params: Mapping[str, Any]) -> dict[str, Any]:
-  """The `encoderblock_0..N-1` sub-trees of every module, at any nesting -> one `encoderblock`
-  with leaves stacked on a leading axis of N (the layout of `scan_layers`); the inverse of
-  `scan_to_unscanned`. Numpy leaves stay numpy (on the host), others become jax arrays."""
+def _unscanned_blocks(params: Mapping[str, Any], name: str) -> list[str]:
+  """The keys of `params` that are unscanned blocks of family `name`, in order 0..N-1."""
   blocks = {int(m.group(1)): k for k in params
-            if (m := _UNSCANNED_BLOCK.fullmatch(k)) and isinstance(params[k], Mapping)}
-  if blocks and sorted(blocks) != list(range(len(blocks))):
-    raise ValueError(f"'{SCANNED_BLOCKS}_<i>' are not numbered 0..{len(blocks) - 1}: "
-                     f"{sorted(blocks.values())}")
-  if blocks and SCANNED_BLOCKS in params:
-    raise ValueError(f"Both '{SCANNED_BLOCKS}' and '{SCANNED_BLOCKS}_<i>' in one module")
-  trees = [dict(params[blocks[i]]) for i in range(len(blocks))]
-  if len({jax.tree.structure(t) for t in trees}) > 1:
-    raise ValueError(f"'{SCANNED_BLOCKS}_<i>' have different parameters")
-  xp = np if all(isinstance(leaf, np.ndarray) for leaf in jax.tree.leaves(trees)) else jnp
+            if (m := _UNSCANNED_BLOCK[name].fullmatch(k)) and isinstance(params[k], Mapping)}
+  if sorted(blocks) != list(range(len(blocks))):
+    raise ValueError(f"'{SCANNED_BLOCKS[name].format('<i>')}' are not numbered "
+                     f"0..{len(blocks) - 1}: {sorted(blocks.values())}")
+  if blocks and name in params:
+    raise ValueError(f"Both '{name}' and '{SCANNED_BLOCKS[name].format('<i>')}' in one module")
+  return [blocks[i] for i in range(len(blocks))]
+
+
+def unscanned_to_scan(params: Mapping[str, Any]) -> dict[str, Any]:
+  """The unscanned blocks (`encoderblock_<i>`, `EncDecBlock<i>`) of every module, at any
+  nesting -> one `encoderblock` / `EncDecBlock` with leaves stacked on a leading axis of N (the
+  layout of `scan_layers`); the inverse of `scan_to_unscanned`. Numpy leaves stay numpy (on the
+  host), others become jax arrays."""
+  stacked, replaced = {}, set()
+  for name in SCANNED_BLOCKS:
+    keys = _unscanned_blocks(params, name)
+    if not keys:
+      continue
+    trees = [dict(params[k]) for k in keys]
+    if len({jax.tree.structure(t) for t in trees}) > 1:
+      raise ValueError(f"'{SCANNED_BLOCKS[name].format('<i>')}' have different parameters")
+    xp = np if all(isinstance(leaf, np.ndarray) for leaf in jax.tree.leaves(trees)) else jnp
+    stacked[keys[0]] = (name, jax.tree.map(lambda *layers, xp=xp: xp.stack(layers), *trees))
+    replaced.update(keys)
   out: dict[str, Any] = {}
   for key, value in params.items():
-    if key == blocks.get(0):
-      out[SCANNED_BLOCKS] = jax.tree.map(lambda *layers: xp.stack(layers), *trees)
-    elif key not in blocks.values():
+    if key in stacked:
+      name, tree = stacked[key]
+      out[name] = tree
+    elif key not in replaced:
       out[key] = unscanned_to_scan(value) if isinstance(value, Mapping) else value
   return out
 

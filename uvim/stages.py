@@ -46,7 +46,8 @@ def label_inputs(task, batch: dict, model_config) -> tuple[dict, jnp.ndarray, di
 def memory_options(config) -> dict:
   """Model overrides from the run config: `compute_dtype` (activations and matmuls; parameters
   stay float32), `remat` (recompute each block's activations in the backward pass) and
-  `scan_layers` (one `nn.scan` over the ViT blocks; checkpoints convert either way)."""
+  `scan_layers` (one `nn.scan` per stack of transformer blocks; checkpoints convert either
+  way)."""
   return {"dtype": config.get("compute_dtype") or "float32",
           "remat": bool(config.get("remat")), "scan_layers": bool(config.get("scan_layers"))}
 

@@ -73,6 +73,16 @@ def total_steps_of(config, num_train_examples: int) -> int:
   return int(config.num_epochs * num_train_examples // config.batch_size)
 
 
+def grad_accum_steps(config: mlc.ConfigDict, num_devices: int) -> int:
+  """`config.grad_accum_steps` (default 1), once the batch is known to split evenly into that
+  many micro-batches over `num_devices` devices."""
+  accum_steps = config.get("grad_accum_steps") or 1
+  if config.batch_size % (accum_steps * num_devices):
+    raise ValueError(f"batch_size {config.batch_size} must be divisible by grad_accum_steps "
+                     f"({accum_steps}) x devices ({num_devices})")
+  return accum_steps
+
+
 def train_step(state: TrainState, batch: dict, frozen: Any, *, stage, tx, lr_fn,
                accum_steps: int = 1, param_shardings: Any = None) -> tuple[TrainState, dict]:
   """One optimisation step on a global batch; returns the new state and metrics.
@@ -213,10 +223,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> TrainState:
   frozen = jax.device_put(frozen, sharding.tree_shardings(frozen, mesh))
 
   lr_fn = lambda step: config.lr * schedule(step)
-  accum_steps = config.get("grad_accum_steps") or 1
-  if config.batch_size % (accum_steps * jax.device_count()):
-    raise ValueError(f"batch_size {config.batch_size} must be divisible by grad_accum_steps "
-                     f"({accum_steps}) x devices ({jax.device_count()})")
+  accum_steps = grad_accum_steps(config, mesh.size)
   step_fn = jax.jit(partial(train_step, stage=stage, tx=tx, lr_fn=lr_fn,
                             accum_steps=accum_steps, param_shardings=state_sharding.params),
                     donate_argnums=0, out_shardings=(state_sharding, repl))

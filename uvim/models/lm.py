@@ -12,9 +12,10 @@ cross-attention keys/values of the image, computed once per image rather than at
 `dtype` is the computation dtype of activations and matmuls (e.g. "bfloat16"; parameters stay
 float32, attention softmax and the returned logits are float32), and `remat` recomputes each
 transformer block's activations in the backward pass of training to save memory.
-`scan_layers` scans the ViT image encoder's blocks (parameters stacked under
-`encoder/encoderblock`, see `vit.Encoder`); the decoder's `EncDecBlock<i>` stay unscanned, so
-their names and the per-block decoding cache are unchanged.
+`scan_layers` runs the image encoder's and the decoder's blocks each as one `nn.scan` (parameters
+stacked on a leading depth axis under `encoder/encoderblock` and `decoder/EncDecBlock`, converted
+to and from big_vision's `EncDecBlock<i>` by `uvim.checkpoint`); the decoding cache is then one
+dict of arrays with a leading layer axis instead of a list of per-block dicts.
 """
 
 from collections.abc import Mapping, Sequence
@@ -28,8 +29,9 @@ import numpy as np
 from uvim.models import vit
 
 # Per decoder block: `self_k`/`self_v` (B, L, H, D) filled as tokens are decoded, and
-# `cross_k`/`cross_v` (B, image tokens, H, D) of the image.
-Cache = list[dict[str, jnp.ndarray]]
+# `cross_k`/`cross_v` (B, image tokens, H, D) of the image; under `scan_layers` one such dict
+# whose arrays have a leading layer axis.
+Cache = list[dict[str, jnp.ndarray]] | dict[str, jnp.ndarray]
 
 
 def shift_right(tokens_BxL: jnp.ndarray) -> jnp.ndarray:
@@ -134,19 +136,32 @@ class Decoder(nn.Module):
   dropout_rate: float = 0.0
   dtype: str = "float32"
   remat: bool = False  # Rematerialises the blocks in `__call__`; `step` is left as it is.
+  scan_layers: bool = False  # One scanned `EncDecBlock` (stacked parameters) for all layers.
 
   def setup(self):
     dtype = jnp.dtype(self.dtype)
     self.EmbedTargets = nn.Embed(self.vocab_size, self.emb_dim, dtype=dtype,
                                  embedding_init=nn.initializers.normal(stddev=1.0))
     # `deterministic` (argument 4, counting the module) is a Python bool: static under remat.
-    block = nn.remat(EncDecBlock, static_argnums=(4,)) if self.remat else EncDecBlock
-    self.blocks = [block(width=self.emb_dim, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-                         dropout_rate=self.dropout_rate, dtype=self.dtype,
-                         name=f"EncDecBlock{i}") for i in range(self.num_layers)]
+    # Inside a scan body, preventing CSE is unnecessary (see jax.checkpoint) and costs speed.
+    block = (nn.remat(EncDecBlock, static_argnums=(4,), prevent_cse=not self.scan_layers)
+             if self.remat else EncDecBlock)
+    kw = dict(width=self.emb_dim, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+              dropout_rate=self.dropout_rate, dtype=self.dtype)
+    if self.scan_layers:
+      self.blocks = block(**kw, name="EncDecBlock")
+    else:
+      self.blocks = [block(**kw, name=f"EncDecBlock{i}") for i in range(self.num_layers)]
     self.dropout = nn.Dropout(rate=self.dropout_rate)
     self.LayerNorm = nn.LayerNorm(dtype=dtype)
     self.LogitsDense = nn.Dense(self.vocab_size, kernel_init=nn.initializers.zeros, dtype=dtype)
+
+  def _over_layers(self, fn, carry, *xs, in_axes):
+    """`fn(block, carry, *xs) -> (carry, ys)` applied to each layer of the scanned block in turn
+    (its own parameters and dropout rng), with `ys` stacked on a leading layer axis."""
+    return nn.scan(fn, variable_axes={"params": 0, "intermediates": 0},
+                   split_rngs={"params": True, "dropout": True}, in_axes=in_axes,
+                   length=self.num_layers)(self.blocks, carry, *xs)
 
   def _embed(self, tokens_BxL: jnp.ndarray, pos_emb_1xLxE: jnp.ndarray) -> jnp.ndarray:
     """Token plus position embeddings, in the computation dtype."""
@@ -161,17 +176,30 @@ class Decoder(nn.Module):
     y = self._embed(inputs_BxL, pos_emb_1xLxE[:, :inputs_BxL.shape[1]])
     y = self.dropout(y, deterministic)
     mask = nn.make_causal_mask(inputs_BxL)
-    for block in self.blocks:
-      y = block(y, encoded_BxPxE, mask, deterministic)
+    if self.scan_layers:
+      # `deterministic` is closed over: it stays a static Python bool.
+      y, _ = self._over_layers(lambda block, y, enc, mask: (block(y, enc, mask, deterministic),
+                                                            None),
+                               y, encoded_BxPxE, mask, in_axes=(nn.broadcast, nn.broadcast))
+    else:
+      for block in self.blocks:
+        y = block(y, encoded_BxPxE, mask, deterministic)
     return self._logits(y)
 
   def init_cache(self, encoded_BxPxE: jnp.ndarray, seq_len: int) -> Cache:
+    if self.scan_layers:
+      return self._over_layers(lambda block, c, enc: (c, block.init_cache(enc, seq_len)),
+                               None, encoded_BxPxE, in_axes=(nn.broadcast,))[1]
     return [block.init_cache(encoded_BxPxE, seq_len) for block in self.blocks]
 
   def step(self, cache: Cache, tokens_B: jnp.ndarray, t: jnp.ndarray,
            pos_emb_1xLxE: jnp.ndarray) -> tuple[jnp.ndarray, Cache]:
     """Logits (B, V) for position t + 1 given the token at position t."""
     y = self._embed(tokens_B[:, None], jax.lax.dynamic_slice_in_dim(pos_emb_1xLxE, t, 1, axis=1))
+    if self.scan_layers:
+      y, cache = self._over_layers(lambda block, y, c, t: block.step(y, c, t), y, cache, t,
+                                   in_axes=(0, nn.broadcast))
+      return self._logits(y)[:, 0], cache
     new_cache = []
     for block, block_cache in zip(self.blocks, cache, strict=True):
       y, block_cache = block.step(y, block_cache, t)
@@ -193,7 +221,7 @@ class Model(nn.Module):
   dropout_rate: float = 0.0
   dtype: str = "float32"  # Computation dtype; parameters and the returned logits are float32.
   remat: bool = False  # Rematerialise every transformer block when training.
-  scan_layers: bool = False  # Scan the image encoder's blocks; the decoder stays unscanned.
+  scan_layers: bool = False  # Scan the image encoder's and the decoder's blocks.
 
   def setup(self):
     if self.posemb_type != "learn":
@@ -212,7 +240,8 @@ class Model(nn.Module):
                                scan_layers=self.scan_layers)
     self.decoder = Decoder(emb_dim=self.emb_dim, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
                            num_layers=self.num_layers, vocab_size=self.vocab_size,
-                           dropout_rate=self.dropout_rate, dtype=self.dtype, remat=self.remat)
+                           dropout_rate=self.dropout_rate, dtype=self.dtype, remat=self.remat,
+                           scan_layers=self.scan_layers)
 
   def encode(self, image_BxHxWx3: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     """Image -> image tokens (B, patches, E)."""

@@ -7,7 +7,12 @@ Simulates the mesh's devices on this machine's CPU, builds the config's training
 train.py does (same shardings, donation, model and optimizer) from shapes only — no data, no
 checkpoints — and compiles it. Prints per-device parameter and optimizer bytes (from the
 shardings), XLA's memory analysis (arguments, outputs, temporaries: the activations) and FLOPs
-per step from its cost analysis, as a table and one JSON line.
+per step, as a table and one JSON line.
+
+FLOPs are the model's: XLA's cost analysis of the same step lowered unscanned, without remat or
+gradient accumulation (XLA counts a loop body once, so the compiled step's own figure undercounts
+scanned layers and micro-batches; remat's recomputation is not useful work). `xla_flops` is the
+compiled step's count, as XLA sees it.
 """
 
 import os
@@ -53,9 +58,10 @@ def sharded_bytes(tree, shardings) -> int:
              for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True))
 
 
-def compile_step(config, mesh) -> tuple[Any, dict]:
-  """The training step of `config` on `mesh`, compiled from shapes as train.py builds it; and
+def lower_step(config, mesh) -> tuple[Any, dict]:
+  """The training step of `config` on `mesh`, lowered from shapes as train.py builds it; and
   the abstract inputs {'state', 'batch', 'frozen'} with their shardings."""
+  accum_steps = trainer.grad_accum_steps(config, mesh.size)
   stage = stages.get_stage(config)
   batch = stage.abstract_batch(config.batch_size)
   one = jax.tree.map(lambda x: np.zeros((1, *x.shape[1:]), x.dtype), batch)
@@ -69,13 +75,29 @@ def compile_step(config, mesh) -> tuple[Any, dict]:
                "frozen": sharding.tree_shardings(frozen, mesh)}
   step = jax.jit(partial(trainer.train_step, stage=stage, tx=tx,
                          lr_fn=lambda s: config.lr * schedule(s),
-                         accum_steps=config.get("grad_accum_steps") or 1,
+                         accum_steps=accum_steps,
                          param_shardings=shardings["state"].params),
                  in_shardings=(shardings["state"], shardings["batch"], shardings["frozen"]),
                  out_shardings=(shardings["state"], sharding.replicated(mesh)),
                  donate_argnums=0)
-  compiled = step.lower(state, batch, frozen).compile()
-  return compiled, {"state": state, "batch": batch, "frozen": frozen, "shardings": shardings}
+  inputs = {"state": state, "batch": batch, "frozen": frozen, "shardings": shardings}
+  return step.lower(state, batch, frozen), inputs
+
+
+def compile_step(config, mesh) -> tuple[Any, dict]:
+  """`lower_step`, compiled."""
+  lowered, inputs = lower_step(config, mesh)
+  return lowered.compile(), inputs
+
+
+def model_flops(config, mesh) -> float:
+  """FLOPs of one training step over the whole mesh (see the module docstring): the step
+  lowered without scan, remat or gradient accumulation (not compiled)."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.scan_layers, config.remat, config.grad_accum_steps = False, False, 1
+  lowered, _ = lower_step(config, mesh)
+  return float(lowered.cost_analysis()["flops"])
 
 
 def plan(config, mesh) -> dict:
@@ -100,7 +122,8 @@ def plan(config, mesh) -> dict:
       "temp_bytes": memory.temp_size_in_bytes,
       "peak_bytes_estimate": (memory.argument_size_in_bytes + memory.output_size_in_bytes
                               + memory.temp_size_in_bytes - memory.alias_size_in_bytes),
-      "flops_per_device_step": float(cost.get("flops", 0.0)),
+      "flops_per_device_step": model_flops(config, mesh) / mesh.size,
+      "xla_flops_per_device_step": float(cost.get("flops", 0.0)),
       "compile_seconds": compile_seconds,
   }
 
@@ -117,6 +140,10 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   mesh = sharding.make_mesh(_mesh_from_argv(sys.argv))
+  try:
+    trainer.grad_accum_steps(flags.FLAGS.config, mesh.size)
+  except ValueError as e:
+    sys.exit(f"--config.batch_size: {e}")
   figures = plan(flags.FLAGS.config, mesh)
   rows = [("parameters", f"{figures['parameters'] / 1e6:.1f} M"),
           ("params / device", _gib(figures["param_bytes_per_device"])),
@@ -124,7 +151,8 @@ def main(argv: list[str]) -> None:
           ("frozen oracle / device", _gib(figures["frozen_bytes_per_device"])),
           ("temporaries (activations) / device", _gib(figures["temp_bytes"])),
           ("peak estimate / device", _gib(figures["peak_bytes_estimate"])),
-          ("TFLOPs / device / step", f"{figures['flops_per_device_step'] / 1e12:.3g}"),
+          ("model TFLOPs / device / step", f"{figures['flops_per_device_step'] / 1e12:.3g}"),
+          ("XLA TFLOPs / device / step", f"{figures['xla_flops_per_device_step'] / 1e12:.3g}"),
           ("compile", f"{figures['compile_seconds']:.0f} s")]
   print(f"{figures['model']} on mesh {figures['mesh']}, global batch {figures['batch_size']}")
   for name, value in rows:
