@@ -26,8 +26,12 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Build the configs only; measure 
 PEAK = {"cpu": (2048, "float32"), "quick": (256, "float32"), "gpu": (8192, "bfloat16")}
 
 
-def _value(r: dict) -> str:
-  return common.si(r["value"], r["unit"]) if "value" in r else "-"
+def _value_and_unit(r: dict) -> list[str]:
+  """The headline as ['144', 'GFLOP/s']: three significant digits under an SI prefix."""
+  if "error" in r:
+    return ["-", "-"]
+  number, _, unit = common.si(r["value"], r["unit"]).partition(" ")
+  return [number, unit]
 
 
 def markdown(records: list[dict], header: dict, seconds: float, command: str) -> str:
@@ -35,10 +39,10 @@ def markdown(records: list[dict], header: dict, seconds: float, command: str) ->
   lines = [f"Measured with `{command}` in {seconds:.0f} s on {header['cpu']} "
            f"({header['cores']} cores), {header['devices']} x {header['device']}, "
            f"jax {header['jax']}.", "",
-           "| figure | configuration | value | notes |", "| --- | --- | --- | --- |"]
+           "| figure | configuration | value | unit | notes |", "| --- | --- | --- | --- | --- |"]
   for r in records:
     notes = r.get("error") or r.get("notes", "")
-    cells = [r["figure"], r.get("config", ""), _value(r), notes]
+    cells = [r["figure"], r.get("config", ""), *_value_and_unit(r), notes]
     lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
   return "\n".join(lines) + "\n"
 

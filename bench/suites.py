@@ -149,7 +149,7 @@ def quick() -> list[Group]:
   """Every kind of figure at tiny sizes, in well under a minute (the tests run it)."""
   tiny = Spec("panoptic_stage1", "smoke,res=32").with_overrides({"batch_size": 4})
   return [
-      Group("peak", lambda ctx: [common.matmul_peak(256, "float32", repeats=3)]),
+      Group("peak", _peak),
       _train((tiny,), steps=2),
       Group("decoding", lambda ctx: decoding.measure("tiny", batch_sizes=(1, 4), code_len=16,
                                                      repeats=1)),
