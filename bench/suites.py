@@ -101,7 +101,7 @@ def _decoding(size: str, batch_sizes: tuple[int, ...], code_len: int, compare_le
 def _data(res: int, batches: int, dataset: str, pq_images: int) -> list[Group]:
   return [Group("input_pipeline", lambda ctx: input_pipeline.measure(
               res, batches=batches, dataset=dataset)),
-          Group("panoptic_quality", lambda ctx: panoptic_quality.measure(pq_images))]
+          Group("panoptic_quality", lambda ctx: panoptic_quality.measure(pq_images, repeats=3))]
 
 
 def cpu() -> list[Group]:
@@ -112,10 +112,10 @@ def cpu() -> list[Group]:
               STAGE_I_BENCH, STAGE_II_BENCH), steps=5),
       _decoding("bench", (1, 8, 32), code_len=256, compare_len=64),
       *_data(512, batches=5, dataset="toy_scenes/small", pq_images=50),
-      Group("device_scaling", lambda ctx: scaling.devices(STAGE_I_BENCH, (1, 2, 4, 8)),
+      Group("device_scaling", lambda ctx: scaling.devices(STAGE_I_BENCH, (1, 2, 4, 8), steps=2),
             (STAGE_I_BENCH,)),
       _sweep("resolution_scaling", tuple(stage1_patch16(f"smoke,res={r}", 8)
-                                         for r in (128, 256, 512)), steps=3),
+                                         for r in (128, 256, 512)), steps=2),
       _sweep("code_length_scaling", tuple(stage2_code("smoke,res=128", n, 8)
                                           for n in (16, 64, 256)), steps=3),
   ]
