@@ -24,6 +24,28 @@ def test_fsdp_spec_shards_the_largest_divisible_dimension():
   assert sharding.fsdp_spec((768, 3072), mesh_of(data=8)) == P()  # no fsdp axis
 
 
+def test_tensor_axis_splits_heads_and_mlp_units_then_fsdp_takes_the_largest_other_dim():
+  mesh = mesh_of(data=1, fsdp=2, tensor=4)
+  attention = "encoder/encoderblock_0/MultiHeadDotProductAttention_0"
+  assert sharding.fsdp_spec((768, 12, 64), mesh, f"{attention}/query/kernel") == P("fsdp", "tensor")
+  assert sharding.fsdp_spec((12, 64), mesh, f"{attention}/value/bias") == P("tensor", "fsdp")
+  assert sharding.fsdp_spec((12, 64, 768), mesh, f"{attention}/out/kernel") == P(
+      "tensor", None, "fsdp")
+  # Scanned layers: the rule counts from the end, past the leading depth axis.
+  assert sharding.fsdp_spec((6, 768, 3072), mesh, "encoder/encoderblock/MlpBlock_0/Dense_0/kernel"
+                            ) == P(None, "fsdp", "tensor")
+  assert sharding.fsdp_spec((3072, 768), mesh, "decoder/EncDecBlock3/MLP/Dense_1/kernel") == P(
+      "tensor", "fsdp")
+  assert sharding.fsdp_spec((3072,), mesh, "MlpBlock_0/Dense_0/bias") == P("tensor")
+  # Not a rule's parameter, or the axis does not divide the heads: FSDP alone.
+  assert sharding.fsdp_spec((768, 3072), mesh, "monkey/kernel") == P(None, "fsdp")
+  assert sharding.fsdp_spec((768, 6, 64), mesh, f"{attention}/key/kernel") == P("fsdp")
+  # Optimizer states follow their parameters' paths.
+  tree = {"mu": {"MlpBlock_0": {"Dense_1": {"kernel": np.zeros((64, 32))}}}}
+  spec = sharding.tree_shardings(tree, mesh)["mu"]["MlpBlock_0"]["Dense_1"]["kernel"].spec
+  assert spec == P("tensor", "fsdp")
+
+
 def test_mesh_sizes_and_errors():
   assert dict(mesh_of(data=-1, fsdp=2).shape) == {"data": 4, "fsdp": 2}
   with pytest.raises(ValueError, match="at most one axis may be -1"):

@@ -168,9 +168,11 @@ def test_two_processes_train_like_one(toy_data_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", ["(('data', -1),)", "(('data', 2), ('fsdp', 4))"])
+@pytest.mark.parametrize("mesh", ["(('data', -1),)", "(('data', 2), ('fsdp', 4))",
+                                  "(('data', 2), ('fsdp', 2), ('tensor', 2))"])
 def test_eight_devices_train_like_one(toy_data_dir, tmp_path, mesh):
-  """Data parallel, and data + FSDP (parameters and optimizer state sharded 4 ways)."""
+  """Data parallel; data + FSDP (parameters and optimizer state sharded 4 ways); and with tensor
+  parallelism (heads and MLP units split 2 ways) on top."""
   one = run_train(toy_data_dir, tmp_path / "one", 1)
   eight = run_train(toy_data_dir, tmp_path / "eight", 8, mesh)
   np.testing.assert_allclose(list(losses(tmp_path / "one").values()),

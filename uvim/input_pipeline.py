@@ -161,6 +161,11 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes or None))
 
 
+def batch_shards(mesh: jax.sharding.Mesh) -> int:
+  """Into how many parts a batch is split: the size of the mesh's batch axes."""
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names]))
+
+
 def to_global(batch: dict[str, np.ndarray],
               sharding: jax.sharding.NamedSharding) -> dict[str, Any]:
   """Host-local numpy batch -> global `jax.Array`s; strings stay host-local numpy arrays."""

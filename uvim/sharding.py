@@ -1,10 +1,13 @@
-"""Device mesh and partitioning: `config.mesh` names axis sizes, parameters follow FSDP rules.
+"""Device mesh and partitioning: `config.mesh` names axis sizes, parameters follow rules.
 
-Axes: `data` (batch), `fsdp` (batch too, and every parameter / optimizer array sharded over it)
-and any others a user adds. A mesh size of -1 means "the remaining devices". Batches are split
-over (`data`, `fsdp`) by the input pipeline; XLA propagates that to the activations.
+Axes: `data` (batch), `fsdp` (batch too, and every parameter / optimizer array sharded over it),
+`tensor` (Megatron-style: attention heads and the MLP's hidden units of every transformer block
+split over it; the batch is replicated along it) and any others a user adds. A mesh size of -1
+means "the remaining devices". Batches are split over (`data`, `fsdp`) by the input pipeline; XLA
+propagates the shardings to the activations and inserts the collectives.
 """
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +16,16 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 FSDP_AXIS = "fsdp"
+TENSOR_AXIS = "tensor"
+# Parameter path (ending) -> the dimension, counted from the end so that scanned layers' leading
+# depth axis does not matter, that the `tensor` axis splits: heads of the attention projections
+# (flax's (E, H, D) / out (H, D, E)) and the hidden units of the MLP ((E, M), (M,), (M, E)).
+TENSOR_RULES = (
+    (re.compile(r"(^|/)(query|key|value)/(kernel|bias)$"), -2),
+    (re.compile(r"(^|/)out/kernel$"), -3),
+    (re.compile(r"(^|/)(MlpBlock_0|MLP)/Dense_0/(kernel|bias)$"), -1),
+    (re.compile(r"(^|/)(MlpBlock_0|MLP)/Dense_1/kernel$"), -2),
+)
 
 
 def make_mesh(axes: Sequence[tuple[str, int]], devices=None) -> Mesh:
@@ -36,20 +49,46 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def fsdp_spec(shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
-  """Shards the largest dimension that the `fsdp` axis divides; replicates the rest (and every
-  array when there is no such dimension or no `fsdp` axis)."""
+def tensor_dim(path: str, shape: Sequence[int], mesh: Mesh) -> int | None:
+  """The dimension of the array at `path` that the `tensor` axis splits, if any rule names one
+  and the axis divides it."""
+  n = dict(mesh.shape).get(TENSOR_AXIS, 1)
+  if n == 1:
+    return None
+  for pattern, dim in TENSOR_RULES:
+    if pattern.search(path) and len(shape) >= -dim and shape[dim] % n == 0:
+      return len(shape) + dim
+  return None
+
+
+def fsdp_spec(shape: Sequence[int], mesh: Mesh, path: str = "") -> PartitionSpec:
+  """The array's sharding: its `tensor` dimension (see `TENSOR_RULES`), then the largest other
+  dimension that the `fsdp` axis divides; the rest replicated (every dimension when no axis
+  applies)."""
+  spec: list[str | None] = [None] * len(shape)
+  if (dim := tensor_dim(path, shape, mesh)) is not None:
+    spec[dim] = TENSOR_AXIS
   n = dict(mesh.shape).get(FSDP_AXIS, 1)
   if n > 1:
     for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
-      if shape[dim] >= n and shape[dim] % n == 0:
-        return PartitionSpec(*([None] * dim + [FSDP_AXIS]))
-  return PartitionSpec()
+      if spec[dim] is None and shape[dim] >= n and shape[dim] % n == 0:
+        spec[dim] = FSDP_AXIS
+        break
+  while spec and spec[-1] is None:
+    spec.pop()
+  return PartitionSpec(*spec)
+
+
+def _path_name(path: tuple) -> str:
+  """A pytree path as 'a/b/c' (dict keys, attribute names and indices)."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def tree_shardings(tree: Any, mesh: Mesh) -> Any:
-  """NamedShardings for every array of `tree` (arrays or shapes) by the FSDP rule."""
-  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), mesh)), tree)
+  """NamedShardings for every array of `tree` (arrays or shapes) by the tensor and FSDP rules
+  (optimizer states follow their parameters' paths)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: NamedSharding(mesh, fsdp_spec(np.shape(x), mesh, _path_name(path))), tree)
 
 
 def bytes_per_device(tree: Any) -> int:

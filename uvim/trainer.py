@@ -73,13 +73,14 @@ def total_steps_of(config, num_train_examples: int) -> int:
   return int(config.num_epochs * num_train_examples // config.batch_size)
 
 
-def grad_accum_steps(config: mlc.ConfigDict, num_devices: int) -> int:
+def grad_accum_steps(config: mlc.ConfigDict, mesh: jax.sharding.Mesh) -> int:
   """`config.grad_accum_steps` (default 1), once the batch is known to split evenly into that
-  many micro-batches over `num_devices` devices."""
+  many micro-batches over the mesh's batch axes."""
   accum_steps = config.get("grad_accum_steps") or 1
-  if config.batch_size % (accum_steps * num_devices):
+  shards = input_pipeline.batch_shards(mesh)
+  if config.batch_size % (accum_steps * shards):
     raise ValueError(f"batch_size {config.batch_size} must be divisible by grad_accum_steps "
-                     f"({accum_steps}) x devices ({num_devices})")
+                     f"({accum_steps}) x batch shards ({shards}: the mesh's data x fsdp)")
   return accum_steps
 
 
@@ -173,6 +174,10 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> TrainState:
   workdir.mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config.get("mesh") or [("data", -1)])
+  if input_pipeline.batch_shards(mesh) % jax.process_count():
+    raise ValueError(f"config.mesh {dict(mesh.shape)}: each of the {jax.process_count()} hosts "
+                     "reads its own rows of the batch, so data x fsdp must be a multiple of the "
+                     "number of hosts (keep the `tensor` axis within a host)")
   repl = sharding.replicated(mesh)
   stage = stages.get_stage(config)
 
@@ -223,7 +228,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> TrainState:
   frozen = jax.device_put(frozen, sharding.tree_shardings(frozen, mesh))
 
   lr_fn = lambda step: config.lr * schedule(step)
-  accum_steps = grad_accum_steps(config, mesh.size)
+  accum_steps = grad_accum_steps(config, mesh)
   step_fn = jax.jit(partial(train_step, stage=stage, tx=tx, lr_fn=lr_fn,
                             accum_steps=accum_steps, param_shardings=state_sharding.params),
                     donate_argnums=0, out_shardings=(state_sharding, repl))

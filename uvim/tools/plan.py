@@ -61,7 +61,7 @@ def sharded_bytes(tree, shardings) -> int:
 def lower_step(config, mesh) -> tuple[Any, dict]:
   """The training step of `config` on `mesh`, lowered from shapes as train.py builds it; and
   the abstract inputs {'state', 'batch', 'frozen'} with their shardings."""
-  accum_steps = trainer.grad_accum_steps(config, mesh.size)
+  accum_steps = trainer.grad_accum_steps(config, mesh)
   stage = stages.get_stage(config)
   batch = stage.abstract_batch(config.batch_size)
   one = jax.tree.map(lambda x: np.zeros((1, *x.shape[1:]), x.dtype), batch)
@@ -141,7 +141,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   mesh = sharding.make_mesh(_mesh_from_argv(sys.argv))
   try:
-    trainer.grad_accum_steps(flags.FLAGS.config, mesh.size)
+    trainer.grad_accum_steps(flags.FLAGS.config, mesh)
   except ValueError as e:
     sys.exit(f"--config.batch_size: {e}")
   figures = plan(flags.FLAGS.config, mesh)
