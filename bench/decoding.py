@@ -36,8 +36,9 @@ def measure(size: str = "bench", *, batch_sizes: tuple[int, ...] = (1, 8), code_
             repeats: int = 2, temperature: float = 0.0, dtype: str = "float32",
             notes: str = "") -> list[dict]:
   """One record per (batch size, mode) for a random model of `size` (see SIZES): tokens/s, the
-  best of `repeats` (>= 1) calls after compiling. At temperature 0 with both modes, the uncached
-  record says whether the two chose identical tokens (they compute the same logits)."""
+  best of `repeats` (>= 1) calls after compiling. With both modes (cached first), the uncached
+  record has the cache's speed-up and, at temperature 0, whether the two chose identical tokens
+  (they compute the same logits)."""
   dims = dict(SIZES[size])
   res, patch = dims.pop("res"), dims.pop("patch")
   model = lm.Model(patches={"size": (patch, patch)}, vocab_size=dict_size + 1, seq_len=code_len,
@@ -64,12 +65,20 @@ def measure(size: str = "bench", *, batch_sizes: tuple[int, ...] = (1, 8), code_
                   "seconds_per_image": seconds / batch,
                   "tokens_per_second": batch * code_len / seconds,
                   "compile_seconds": compile_seconds}
-      if mode == "uncached" and "cached" in tokens and temperature == 0:
-        measured["same_tokens_as_cached"] = bool((tokens["cached"] == tokens[mode]).all())
+      details = [f"{seconds / batch:.3g} s per image"]
+      if mode == "uncached" and "cached" in tokens:
+        cached_seconds = records[-1]["seconds"]
+        measured["cached_speedup"] = seconds / cached_seconds
+        details.append(f"the cache is x{seconds / cached_seconds:.2f} faster")
+        if temperature == 0:
+          measured["same_tokens_as_cached"] = bool((tokens["cached"] == tokens[mode]).all())
+          details.append("same tokens" if measured["same_tokens_as_cached"]
+                         else "tokens differ from the cached decoder's")
       config = (f"{size} ({dims['emb_dim']} wide, {dims['num_layers']} layers, {res} px), "
                 f"code {code_len}, batch {batch}, {mode}")
       records.append(common.record("decoding", config, batch * code_len / seconds, "tokens/s",
-                                   notes, **measured))
+                                   "; ".join([*details, *([notes] if notes else [])]),
+                                   **measured))
   return records
 
 

@@ -58,6 +58,8 @@ def test_quick_suite_figures_are_consistent_and_tabulated(tmp_path):
     assert r["value"] == pytest.approx(r["batch"] * r["code_len"] / r["seconds"])
     assert r["seconds_per_image"] == pytest.approx(r["seconds"] / r["batch"])
     assert r["cached"] or r["same_tokens_as_cached"]
+  for cached, uncached in zip(decoding[::2], decoding[1::2], strict=True):
+    assert uncached["cached_speedup"] == pytest.approx(uncached["seconds"] / cached["seconds"])
 
   pipeline = by_figure["input_pipeline"]
   assert len(pipeline) == 4 and all(
