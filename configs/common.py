@@ -74,6 +74,7 @@ def set_memory_options(config: mlc.ConfigDict) -> None:
   config.compute_dtype = "float32"  # or "bfloat16": activations/matmuls (params stay fp32)
   config.remat = False  # recompute each block's activations in the backward pass
   config.scan_layers = False  # one nn.scan per block stack (faster compiles, less memory)
+  config.attention = "einsum"  # or "fused": jax.nn.dot_product_attention (cuDNN on GPUs)
 
 
 def apply_smoke(config: mlc.ConfigDict) -> None:

@@ -33,7 +33,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   config.train_split = "train"
   config.val_split = "validation"
   config.batch_size = 1024
-  common.set_memory_options(config)  # grad_accum_steps, compute_dtype, remat, scan_layers
+  common.set_memory_options(config)  # accumulation, dtype, remat, scan, attention
   config.num_epochs = 200
   config.total_steps = mlc.config_dict.placeholder(int)
   config.pp_train = (

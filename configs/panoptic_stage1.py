@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   config.val_split = "train[:4096]"
   config.train_split = "train[4096:]"
   config.batch_size = 1024
-  common.set_memory_options(config)  # grad_accum_steps, compute_dtype, remat, scan_layers
+  common.set_memory_options(config)  # accumulation, dtype, remat, scan, attention
   config.num_epochs = 1000
   config.pp_train = (
       'decode|coco_panoptic|'

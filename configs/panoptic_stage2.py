@@ -63,7 +63,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   config.val_split = "train[:4096]"
   config.shuffle_buffer_size = 50_000
   config.batch_size = 512
-  common.set_memory_options(config)  # grad_accum_steps, compute_dtype, remat, scan_layers
+  common.set_memory_options(config)  # accumulation, dtype, remat, scan, attention
   config.num_epochs = 200
   config.log_training_steps = 50
   config.log_eval_steps = 1000

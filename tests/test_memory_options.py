@@ -1,4 +1,5 @@
-"""Memory and speed options of the models: `remat` (rematerialised blocks) and `dtype`."""
+"""Memory and speed options of the models: `remat` (rematerialised blocks), `dtype` and
+`attention` (fused)."""
 
 import re
 
@@ -11,6 +12,7 @@ from uvim import decoding
 from uvim.models import lm, vqvae
 
 REMAT = re.compile(r"\b(remat\w*|checkpoint)\[")
+FUSED = re.compile(r"name=_?dot_product_attention")
 
 
 def stage1(**kw):
@@ -186,3 +188,38 @@ def test_cached_decoding_with_remat_and_bfloat16():
   sampled16, _ = jax.jit(lambda p, i, k: decoding.sample(
       model16, p, i, k, temperature=1.0, num_samples=4))(params, images, keys)
   assert np.all((np.asarray(sampled16) >= 1) & (np.asarray(sampled16) < model.vocab_size))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_fused_attention_gives_the_same_loss_and_gradients(stage):
+  loss, grads, state, jaxpr = loss_and_grad(stage)
+  loss_f, grads_f, state_f, jaxpr_f = loss_and_grad(stage, attention="fused")
+  np.testing.assert_allclose(loss_f, loss, rtol=1e-5, atol=1e-6)
+  flat, flat_f = jax.tree.leaves_with_path(grads), jax.tree.leaves_with_path(grads_f)
+  assert [p for p, _ in flat] == [p for p, _ in flat_f]
+  for (path, g), (_, g_f) in zip(flat, flat_f, strict=True):
+    np.testing.assert_allclose(g_f, g, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  if state is not None:
+    np.testing.assert_allclose(state_f["dictionary"], state["dictionary"], rtol=1e-5, atol=1e-6)
+  # jax.nn.dot_product_attention is really called: in every ViT block (stage II's decoder, with
+  # attention dropout, keeps the einsums when training).
+  assert not FUSED.search(jaxpr)
+  assert len(FUSED.findall(jaxpr_f)) >= (3 if stage == 1 else 2)
+
+
+def test_fused_attention_in_the_decoder_and_cached_decoding():
+  model, params, images, targets = stage2()
+  fused = model.clone(attention="fused")
+  logits = model.apply({"params": params}, images, targets)
+  np.testing.assert_allclose(fused.apply({"params": params}, images, targets), logits,
+                             rtol=1e-5, atol=1e-5)
+  keys = jax.random.split(jax.random.key(0), 3)
+  for temperature in (0.0, 1.0):
+    sample = lambda m, t=temperature: jax.jit(lambda p, i, k: decoding.sample(
+        m, p, i, k, temperature=t, num_samples=2))(params, images, keys)
+    (tokens, logprob), (tokens_f, logprob_f) = sample(model), sample(fused)
+    assert len(np.unique(tokens)) > 2
+    np.testing.assert_array_equal(tokens_f, tokens)
+    np.testing.assert_allclose(logprob_f, logprob, rtol=1e-5)
+  with pytest.raises(ValueError, match="attention must be one of"):
+    model.clone(attention="flash").apply({"params": params}, images, targets)

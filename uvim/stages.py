@@ -45,11 +45,12 @@ def label_inputs(task, batch: dict, model_config) -> tuple[dict, jnp.ndarray, di
 
 def memory_options(config) -> dict:
   """Model overrides from the run config: `compute_dtype` (activations and matmuls; parameters
-  stay float32), `remat` (recompute each block's activations in the backward pass) and
+  stay float32), `remat` (recompute each block's activations in the backward pass),
   `scan_layers` (one `nn.scan` per stack of transformer blocks; checkpoints convert either
-  way)."""
+  way) and `attention` (the kernel, `vit.ATTENTION`)."""
   return {"dtype": config.get("compute_dtype") or "float32",
-          "remat": bool(config.get("remat")), "scan_layers": bool(config.get("scan_layers"))}
+          "remat": bool(config.get("remat")), "scan_layers": bool(config.get("scan_layers")),
+          "attention": config.get("attention") or "einsum"}
 
 
 class StageI:
@@ -118,7 +119,8 @@ class StageII:
     self.model = models.get_model(config.model_name, config.model, **memory_options(config))
     options = memory_options(config)
     self.oracle = models.get_model(config.oracle.model_name, config.oracle.model,
-                                   dtype=options["dtype"], scan_layers=options["scan_layers"])
+                                   dtype=options["dtype"], scan_layers=options["scan_layers"],
+                                   attention=options["attention"])
     self.task = tasks.get_task(config.oracle.task)
     self.oracle_config = config.oracle.model
     self.oracle_init = config.oracle.model_init

@@ -43,11 +43,12 @@ class Attention(nn.Module):
   """Multi-head dot-product attention without biases, with flax's parameter layout and
   arithmetic (`query`/`key`/`value` (E, H, D), `out` (H, D, E)), split into the key/value
   projection and the attention itself so that decoding can cache keys and values. The softmax is
-  computed in float32 whatever `dtype`."""
+  computed in float32 whatever `dtype` (under "einsum"; see `vit.ATTENTION`)."""
   width: int
   num_heads: int
   dropout_rate: float = 0.0
   dtype: str = "float32"
+  attention: str = "einsum"
 
   def setup(self):
     heads = (self.num_heads, self.width // self.num_heads)
@@ -64,6 +65,10 @@ class Attention(nn.Module):
   def attend(self, x_BxLxE: jnp.ndarray, k_BxSxHxD: jnp.ndarray, v_BxSxHxD: jnp.ndarray,
              mask: jnp.ndarray | None = None, deterministic: bool = True) -> jnp.ndarray:
     """Queries from `x` attend to the keys/values; `mask` broadcasts to (B, H, L, S)."""
+    vit.check_attention(self.attention)
+    if self.attention == "fused" and (deterministic or self.dropout_rate == 0):
+      mask = None if mask is None else mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+      return self.out(vit.fused_attention(self.query(x_BxLxE), k_BxSxHxD, v_BxSxHxD, mask))
     q = self.query(x_BxLxE)
     q = q / jnp.sqrt(k_BxSxHxD.shape[-1]).astype(q.dtype)
     logits = jnp.einsum("blhd,bshd->bhls", q, k_BxSxHxD).astype(jnp.float32)
@@ -87,10 +92,11 @@ class EncDecBlock(nn.Module):
   num_heads: int
   dropout_rate: float = 0.0
   dtype: str = "float32"
+  attention: str = "einsum"
 
   def setup(self):
     attention = dict(width=self.width, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
-                     dtype=self.dtype)
+                     dtype=self.dtype, attention=self.attention)
     self.LayerNorm1, self.LayerNorm2, self.LayerNorm3 = (
         nn.LayerNorm(dtype=jnp.dtype(self.dtype)) for _ in range(3))
     self.SelfAttn = Attention(**attention)
@@ -137,6 +143,7 @@ class Decoder(nn.Module):
   dtype: str = "float32"
   remat: bool = False  # Rematerialises the blocks in `__call__`; `step` is left as it is.
   scan_layers: bool = False  # One scanned `EncDecBlock` (stacked parameters) for all layers.
+  attention: str = "einsum"  # vit.ATTENTION
 
   def setup(self):
     dtype = jnp.dtype(self.dtype)
@@ -147,7 +154,7 @@ class Decoder(nn.Module):
     block = (nn.remat(EncDecBlock, static_argnums=(4,), prevent_cse=not self.scan_layers)
              if self.remat else EncDecBlock)
     kw = dict(width=self.emb_dim, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-              dropout_rate=self.dropout_rate, dtype=self.dtype)
+              dropout_rate=self.dropout_rate, dtype=self.dtype, attention=self.attention)
     if self.scan_layers:
       self.blocks = block(**kw, name="EncDecBlock")
     else:
@@ -222,6 +229,7 @@ class Model(nn.Module):
   dtype: str = "float32"  # Computation dtype; parameters and the returned logits are float32.
   remat: bool = False  # Rematerialise every transformer block when training.
   scan_layers: bool = False  # Scan the image encoder's and the decoder's blocks.
+  attention: str = "einsum"  # The attention kernel, `vit.ATTENTION`.
 
   def setup(self):
     if self.posemb_type != "learn":
@@ -237,11 +245,11 @@ class Model(nn.Module):
     self.encoder = vit.Encoder(depth=self.num_layers, mlp_dim=self.mlp_dim,
                                num_heads=self.num_heads, dropout=self.dropout_rate,
                                dtype=self.dtype, remat=self.remat,
-                               scan_layers=self.scan_layers)
+                               scan_layers=self.scan_layers, attention=self.attention)
     self.decoder = Decoder(emb_dim=self.emb_dim, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
                            num_layers=self.num_layers, vocab_size=self.vocab_size,
                            dropout_rate=self.dropout_rate, dtype=self.dtype, remat=self.remat,
-                           scan_layers=self.scan_layers)
+                           scan_layers=self.scan_layers, attention=self.attention)
 
   def encode(self, image_BxHxWx3: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     """Image -> image tokens (B, patches, E)."""

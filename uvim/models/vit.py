@@ -5,12 +5,35 @@ float32. `remat` recomputes each block's activations in the backward pass to sav
 `scan_layers` runs the blocks as one `nn.scan` loop over a single compiled block body (faster
 compiles, less memory at depth); their parameters are then stacked under `encoderblock` with a
 leading depth axis, as in big_vision's `scan=True`, and `uvim.checkpoint.scan_to_unscanned` /
-`unscanned_to_scan` convert between the two layouts.
+`unscanned_to_scan` convert between the two layouts. `attention` picks the attention kernel
+(`ATTENTION`).
 """
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+# "einsum": explicit einsums and softmax (flax's arithmetic, the reference); "fused":
+# `jax.nn.dot_product_attention`, which XLA lowers to cuDNN's fused (flash) attention on GPUs
+# where supported and to the same einsums elsewhere. Attention dropout always uses "einsum".
+ATTENTION = ("einsum", "fused")
+
+
+def check_attention(attention: str) -> None:
+  if attention not in ATTENTION:
+    raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+
+
+# Jitted so that it is one named call in jaxprs, HLO and profiles.
+_dot_product_attention = jax.jit(jax.nn.dot_product_attention)
+
+
+def fused_attention(query, key, value, mask=None):
+  """Attention over (B, L, H, D) queries and (B, S, H, D) keys/values as one op; `mask`
+  broadcasts to (B, H, L, S), non-zero = attend. Also a flax `attention_fn` (no dropout)."""
+  mask = None if mask is None else jnp.asarray(mask).astype(bool)
+  return _dot_product_attention(query, key, value, mask=mask)
 
 
 def learned_posemb(module: nn.Module, name: str, num_tokens: int, width: int) -> jnp.ndarray:
@@ -41,14 +64,17 @@ class Encoder1DBlock(nn.Module):
   num_heads: int = 12
   dropout: float = 0.0
   dtype: str = "float32"
+  attention: str = "einsum"
 
   @nn.compact
   def __call__(self, x_BxLxD: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
     dtype = jnp.dtype(self.dtype)
     y = nn.LayerNorm(dtype=dtype)(x_BxLxD)
+    check_attention(self.attention)
+    fused = {"attention_fn": fused_attention} if self.attention == "fused" else {}
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, kernel_init=nn.initializers.xavier_uniform(),
-        deterministic=deterministic, dtype=dtype)(y, y)
+        deterministic=deterministic, dtype=dtype, **fused)(y, y)
     x = x_BxLxD + nn.Dropout(rate=self.dropout)(y, deterministic)
     y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype)(
         nn.LayerNorm(dtype=dtype)(x), deterministic)
@@ -67,6 +93,7 @@ class Encoder(nn.Module):
   dtype: str = "float32"
   remat: bool = False
   scan_layers: bool = False
+  attention: str = "einsum"
 
   @nn.compact
   def __call__(self, x_BxLxD: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
@@ -75,7 +102,7 @@ class Encoder(nn.Module):
     block = (nn.remat(Encoder1DBlock, static_argnums=(2,), prevent_cse=not self.scan_layers)
              if self.remat else Encoder1DBlock)
     kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
-              dtype=self.dtype)
+              dtype=self.dtype, attention=self.attention)
     x = x_BxLxD.astype(self.dtype)
     if self.scan_layers:
       # One block body looped `depth` times: its parameters (and sown intermediates) get a

@@ -103,6 +103,7 @@ class Model(nn.Module):
   dtype: str = "float32"
   remat: bool = False
   scan_layers: bool = False
+  attention: str = "einsum"  # vit.ATTENTION
 
   def setup(self):
     self.grid = tuple(int(i // p) for i, p in zip(self.input_size, self.patch_size, strict=True))
@@ -131,7 +132,8 @@ class Model(nn.Module):
     self.pos_embedding_decoder = vit.learned_posemb(
         self, "pos_embedding_decoder", num_tokens, self.width)
     transformer = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
-                       dtype=self.dtype, remat=self.remat, scan_layers=self.scan_layers)
+                       dtype=self.dtype, remat=self.remat, scan_layers=self.scan_layers,
+                       attention=self.attention)
     self.encoder = vit.Encoder(depth=self.oracle_depth, **transformer)
     self.decoder = vit.Encoder(depth=self.base_model_depth, **transformer)
     if not self.bottleneck_resize:
