@@ -7,9 +7,9 @@ than half of it lies on void or on the (last listed) crowd region of its categor
 RQ are computed per category and averaged over the categories that occur, for All, Things and
 Stuff. Ground-truth areas come from the annotations, predicted areas from the pixels.
 
-Per image, all (ground truth, prediction) intersections come from one `np.unique` over the
-combined id map; the matching rules then work on arrays of segments, and the per-category sums
-add across images and hosts.
+Per image, all (ground truth, prediction) intersections come from the runs of equal id pairs
+along the flattened maps; the matching rules then work on arrays of segments, and the
+per-category sums add across images and hosts.
 
 Score a COCO-format prediction folder:
 
@@ -30,7 +30,6 @@ from uvim import input_pipeline
 from uvim.datasets.coco_folder import id_to_rgb, rgb_to_id
 
 VOID = 0
-OFFSET = 256**3  # segment ids are below 256^3 (three 8-bit channels)
 
 
 @dataclasses.dataclass
@@ -75,17 +74,16 @@ class PQAccumulator:
     if gt_ids.shape != pred_ids.shape:
       raise ValueError(f"{image}: prediction {pred_ids.shape} and ground truth {gt_ids.shape} "
                        "differ in size")
-    # Pixel counts of every (ground truth, prediction) id pair, then the pairs' segment indices.
-    combined = gt_ids.astype(np.uint64) * OFFSET + pred_ids.astype(np.uint64)
-    pairs, counts = np.unique(combined, return_counts=True)
-    pair_gt, pair_pred = (pairs // OFFSET).astype(np.int64), (pairs % OFFSET).astype(np.int64)
-    gt_index = _index_of(pair_gt, gt.ids, void=len(gt.ids), unknown=len(gt.ids) + 1)
-    pred_index = _index_of(pair_pred, pred.ids, void=len(pred.ids), unknown=-1)
+    # Runs of equal (ground truth, prediction) id pairs in the flattened maps, their segment
+    # indices, then the pixel counts of every pair of segments.
+    run_gt, run_pred, lengths = _runs(gt_ids.ravel(), pred_ids.ravel())
+    gt_index = _index_of(run_gt, gt.ids, void=len(gt.ids), unknown=len(gt.ids) + 1)
+    pred_index = _index_of(run_pred, pred.ids, void=len(pred.ids), unknown=-1)
     if (pred_index < 0).any():
-      raise KeyError(f"{image}: segment ids {_ints(pair_pred[pred_index < 0])} are in the "
+      raise KeyError(f"{image}: segment ids {_ints(run_pred[pred_index < 0])} are in the "
                      "prediction PNG but not in its segments_info")
     inter = np.zeros((len(gt.ids) + 2, len(pred.ids) + 1), np.int64)
-    np.add.at(inter, (gt_index, pred_index), counts)
+    np.add.at(inter, (gt_index, pred_index), lengths)
     pred_area = inter.sum(0)[:-1]
     if (pred_area == 0).any():
       raise KeyError(f"{image}: segments {_ints(pred.ids[pred_area == 0])} are in "
@@ -153,6 +151,15 @@ class PQAccumulator:
 
 def _ints(x: np.ndarray) -> list[int]:
   return sorted({int(v) for v in np.ravel(x)})
+
+
+def _runs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The maximal runs of equal (a, b) pairs in two 1-D arrays: each run's values and length."""
+  start = np.ones(a.size, bool)
+  np.not_equal(a[1:], a[:-1], out=start[1:])
+  start[1:] |= b[1:] != b[:-1]
+  starts = np.flatnonzero(start)
+  return a[starts], b[starts], np.diff(starts, append=a.size)
 
 
 def _index_of(id_map: np.ndarray, ids: np.ndarray, void: int, unknown: int) -> np.ndarray:

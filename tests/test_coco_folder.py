@@ -91,3 +91,27 @@ def test_export_command_writes_the_layout(toy_data_dir, tmp_path):
   assert len(data["images"]) == len(data["annotations"]) == 16
   assert data["categories"] == toy_scenes.CATEGORIES
   assert len(list((tmp_path / "val2017").glob("*.jpg"))) == 16
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (1, 1), (0, 4), (2, 3, 4)])
+def test_rgb_to_id_is_the_formula_on_any_layout(shape):
+  rng = np.random.default_rng(len(shape))
+  rgb = rng.integers(0, 256, (*shape, 3)).astype(np.uint8)
+  rgb[..., :1, :] = 255
+  wide = rgb.astype(np.int64)
+  expected = wide[..., 0] + 256 * wide[..., 1] + 256**2 * wide[..., 2]
+  read_only = rgb.copy()
+  read_only.flags.writeable = False
+  rgba = np.concatenate([rgb, rgb[..., :1]], -1)
+  for x in (rgb, np.asfortranarray(rgb), rgb[..., ::-1, :][..., ::-1, :], read_only, rgba, wide):
+    ids = coco_folder.rgb_to_id(x)
+    assert ids.dtype == np.uint32 and ids.shape == shape
+    np.testing.assert_array_equal(ids, expected)
+
+
+def test_id_to_rgb_round_trips():
+  ids = np.random.default_rng(0).integers(0, 256**3, (9, 11))
+  ids[0, :3] = 0, 256**3 - 1, 255
+  rgb = coco_folder.id_to_rgb(ids)
+  assert rgb.dtype == np.uint8 and rgb.shape == (9, 11, 3)
+  np.testing.assert_array_equal(coco_folder.rgb_to_id(rgb), ids)

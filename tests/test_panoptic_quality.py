@@ -125,3 +125,18 @@ def test_two_channel_conversion():
   assert ids[0, 1] != ids[0, 2] and ids[1, 0] == ids[1, 1] != ids[1, 2]
   by_id = dict(zip(segments.ids, segments.category_ids, strict=True))
   assert by_id[ids[1, 0]] == 20 and by_id[ids[0, 1]] == 10
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 500])
+def test_runs_count_every_pair_as_unique_does(size):
+  rng = np.random.default_rng(size)
+  a, b = rng.integers(0, 3, size).repeat(3), rng.integers(0, 2**24, size).repeat(3) % 5
+  run_a, run_b, lengths = panoptic._runs(a, b)
+  np.testing.assert_array_equal(np.repeat(run_a, lengths), a)
+  np.testing.assert_array_equal(np.repeat(run_b, lengths), b)
+  assert ((run_a[1:] != run_a[:-1]) | (run_b[1:] != run_b[:-1])).all()  # maximal runs
+  pairs, counts = np.unique(np.stack([a, b]), axis=1, return_counts=True)
+  got = {}
+  for x, y, n in zip(run_a, run_b, lengths, strict=True):
+    got[x, y] = got.get((x, y), 0) + n
+  assert got == {(x, y): n for x, y, n in zip(*pairs, counts, strict=True)}

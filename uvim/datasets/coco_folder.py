@@ -35,9 +35,17 @@ ANNOTATION_RE = re.compile(r"panoptic_(?P<split>[a-z]+)(?P<year>\d*)\.json")
 
 
 def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-  """COCO panoptic PNG colours -> segment ids: R + 256 G + 256^2 B."""
-  rgb = rgb.astype(np.int64)
-  return rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2]
+  """COCO panoptic PNG colours (uint8, ..., 3; extra channels ignored) -> uint32 segment ids:
+  R + 256 G + 256^2 B."""
+  flat = np.ascontiguousarray(np.asarray(rgb)[..., :3], np.uint8).reshape(-1)
+  ids = np.empty(np.shape(rgb)[:-1], np.uint32)
+  out = ids.reshape(-1)
+  if out.size:
+    # Each pixel's bytes and the next pixel's red as one little-endian word, less that red.
+    words = np.ndarray((out.size - 1,), "<u4", flat, strides=(3,))
+    np.bitwise_and(words, 0xFFFFFF, out=out[:-1])
+    out[-1] = int.from_bytes(flat[-3:].tobytes(), "little")
+  return ids
 
 
 def id_to_rgb(ids: np.ndarray) -> np.ndarray:
