@@ -28,9 +28,10 @@ import numpy as np
 
 from uvim.models import vit
 
-# Per decoder block: `self_k`/`self_v` (B, L, H, D) filled as tokens are decoded, and
-# `cross_k`/`cross_v` (B, image tokens, H, D) of the image; under `scan_layers` one such dict
-# whose arrays have a leading layer axis.
+# Per decoder block: `self_k`/`self_v` (B, H, L, D) filled as tokens are decoded, and
+# `cross_k`/`cross_v` (B, H, image tokens, D) of the image; under `scan_layers` one such dict
+# whose arrays have a leading layer axis. Heads come before positions, the layout the attention
+# matmuls read, so that no decoding step transposes the cache.
 Cache = list[dict[str, jnp.ndarray]] | dict[str, jnp.ndarray]
 
 
@@ -59,26 +60,27 @@ class Attention(nn.Module):
     self.out = nn.DenseGeneral(self.width, axis=(-2, -1), **dense)
 
   def keys_values(self, x_BxSxE: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(keys, values) of the attended sequence, each (B, S, H, D)."""
-    return self.key(x_BxSxE), self.value(x_BxSxE)
+    """(keys, values) of the attended sequence, each (B, H, S, D)."""
+    return (jnp.swapaxes(self.key(x_BxSxE), 1, 2), jnp.swapaxes(self.value(x_BxSxE), 1, 2))
 
-  def attend(self, x_BxLxE: jnp.ndarray, k_BxSxHxD: jnp.ndarray, v_BxSxHxD: jnp.ndarray,
+  def attend(self, x_BxLxE: jnp.ndarray, k_BxHxSxD: jnp.ndarray, v_BxHxSxD: jnp.ndarray,
              mask: jnp.ndarray | None = None, deterministic: bool = True) -> jnp.ndarray:
     """Queries from `x` attend to the keys/values; `mask` broadcasts to (B, H, L, S)."""
     vit.check_attention(self.attention)
     if self.attention == "fused" and (deterministic or self.dropout_rate == 0):
       mask = None if mask is None else mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-      return self.out(vit.fused_attention(self.query(x_BxLxE), k_BxSxHxD, v_BxSxHxD, mask))
+      k, v = jnp.swapaxes(k_BxHxSxD, 1, 2), jnp.swapaxes(v_BxHxSxD, 1, 2)
+      return self.out(vit.fused_attention(self.query(x_BxLxE), k, v, mask))
     q = self.query(x_BxLxE)
-    q = q / jnp.sqrt(k_BxSxHxD.shape[-1]).astype(q.dtype)
-    logits = jnp.einsum("blhd,bshd->bhls", q, k_BxSxHxD).astype(jnp.float32)
+    q = q / jnp.sqrt(k_BxHxSxD.shape[-1]).astype(q.dtype)
+    logits = jnp.einsum("blhd,bhsd->bhls", q, k_BxHxSxD).astype(jnp.float32)
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v_BxSxHxD.dtype)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v_BxHxSxD.dtype)
     if not deterministic and self.dropout_rate > 0:
       keep = jax.random.bernoulli(self.make_rng("dropout"), 1 - self.dropout_rate, weights.shape)
       weights = jnp.where(keep, weights / (1 - self.dropout_rate), 0)
-    return self.out(jnp.einsum("bhls,bshd->blhd", weights, v_BxSxHxD))
+    return self.out(jnp.einsum("bhls,bhsd->blhd", weights, v_BxHxSxD))
 
   def __call__(self, x_BxLxE, context_BxSxE, mask=None, deterministic: bool = True):
     return self.attend(x_BxLxE, *self.keys_values(context_BxSxE), mask, deterministic)
@@ -117,7 +119,8 @@ class EncDecBlock(nn.Module):
   def init_cache(self, encoded_BxPxE: jnp.ndarray, seq_len: int) -> dict[str, jnp.ndarray]:
     """Empty self-attention buffers and the image's cross-attention keys/values."""
     cross_k, cross_v = self.CrossAttn.keys_values(encoded_BxPxE)
-    empty = jnp.zeros((encoded_BxPxE.shape[0], seq_len, *cross_k.shape[2:]), cross_k.dtype)
+    batch, heads, _, head_dim = cross_k.shape
+    empty = jnp.zeros((batch, heads, seq_len, head_dim), cross_k.dtype)
     return {"self_k": empty, "self_v": empty, "cross_k": cross_k, "cross_v": cross_v}
 
   def step(self, y_Bx1xE: jnp.ndarray, cache: dict, t: jnp.ndarray) -> tuple[jnp.ndarray, dict]:
@@ -125,9 +128,9 @@ class EncDecBlock(nn.Module):
     x = self.LayerNorm1(y_Bx1xE)
     k, v = self.SelfAttn.keys_values(x)
     cache = {**cache,
-             "self_k": jax.lax.dynamic_update_slice_in_dim(cache["self_k"], k, t, axis=1),
-             "self_v": jax.lax.dynamic_update_slice_in_dim(cache["self_v"], v, t, axis=1)}
-    seen = jnp.arange(cache["self_k"].shape[1]) <= t
+             "self_k": jax.lax.dynamic_update_slice_in_dim(cache["self_k"], k, t, axis=2),
+             "self_v": jax.lax.dynamic_update_slice_in_dim(cache["self_v"], v, t, axis=2)}
+    seen = jnp.arange(cache["self_k"].shape[2]) <= t
     x = y_Bx1xE + self.SelfAttn.attend(x, cache["self_k"], cache["self_v"], seen)
     return self._cross_and_mlp(x, cache["cross_k"], cache["cross_v"]), cache
 
