@@ -84,7 +84,9 @@ def measure(config, *, figure: str = "train_step", steps: int = 5,
   seconds = float(np.median(times))
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  flops = float(cost.get("flops", 0.0)) * jax.device_count()
+  # The model's FLOPs (see uvim.tools.plan): XLA's count of the compiled step sees a scanned
+  # layer or micro-batch once and counts remat's recomputation.
+  flops = plan.model_flops(config, mesh)
   memory = compiled.memory_analysis()
   parallel = 1 if jax.devices()[0].platform == "cpu" else jax.device_count()
   measured = {
@@ -93,6 +95,7 @@ def measure(config, *, figure: str = "train_step", steps: int = 5,
       "remat": bool(config.get("remat")), "grad_accum_steps": config.get("grad_accum_steps") or 1,
       "seconds_per_step": seconds, "images_per_second": config.batch_size / seconds,
       "flops_per_step": flops, "flops_per_second": flops / seconds,
+      "xla_flops_per_step": float(cost.get("flops", 0.0)) * mesh.size,
       "temp_bytes_per_device": memory.temp_size_in_bytes, "compile_seconds": compile_seconds}
   derived = [f"{config.batch_size / seconds:.3g} images/s", common.si(flops, "FLOP/step"),
              common.si(flops / seconds, "FLOP/s")]
