@@ -54,6 +54,8 @@ def describe(config) -> str:
             f"{m.input_size[0]} px / {m.patch_size[0]}, code {m.code_len}, dict {m.dict_size}, "
             f"heads {'/'.join(map(str, heads))}")
   options = [o for o, on in (("remat", config.get("remat")),
+                             ("scan", config.get("scan_layers")),
+                             ("fused attention", config.get("attention") == "fused"),
                              (f"accum {config.get('grad_accum_steps')}",
                               (config.get("grad_accum_steps") or 1) > 1)) if on]
   dtype = config.get("compute_dtype") or "float32"
