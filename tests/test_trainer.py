@@ -140,12 +140,25 @@ def run_train(data_dir, workdir, devices, mesh="(('data', -1),)"):
   return checkpoint.load_npz(Path(workdir) / "params.npz")
 
 
+@pytest.fixture(scope="module")
+def one_device(toy_data_dir, tmp_path_factory):
+  """(params, losses) of the 1-device run that the multi-device runs are compared with."""
+  workdir = tmp_path_factory.mktemp("one_device")
+  return run_train(toy_data_dir, workdir, 1), losses(workdir)
+
+
+# The multi-device runs share one xdist worker (`--dist loadgroup`): several of them at once
+# (up to 16 simulated devices on 2 cores) starve XLA:CPU's collective rendezvous.
+multi_device = pytest.mark.xdist_group("multi_device")
+
+
 @pytest.mark.slow
-def test_two_processes_train_like_one(toy_data_dir, tmp_path):
+@multi_device
+def test_two_processes_train_like_one(toy_data_dir, tmp_path, one_device):
   """2 processes x 4 CPU devices (JAX's distributed runtime, gloo collectives, one shared
-  workdir) give the losses and parameters of 1 process x 8 devices, with FSDP over hosts."""
+  workdir, FSDP over hosts) give the losses and parameters of one device."""
   mesh = "(('data', 2), ('fsdp', 4))"
-  one = run_train(toy_data_dir, tmp_path / "one", 8, mesh)
+  one, one_losses = one_device
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -158,7 +171,7 @@ def test_two_processes_train_like_one(toy_data_dir, tmp_path):
   for p, (_, err) in zip(processes, outputs, strict=True):
     assert p.returncode == 0, err[-3000:]
   assert "Process 1 of 2: 4 local devices, 8 in all" in outputs[1][1]
-  np.testing.assert_allclose(list(losses(tmp_path / "one").values()),
+  np.testing.assert_allclose(list(one_losses.values()),
                              list(losses(tmp_path / "two").values()), rtol=1e-5)
   two = checkpoint.load_npz(tmp_path / "two" / "params.npz")
   for (k, a), b in zip(checkpoint.flatten(one).items(), checkpoint.flatten(two).values(),
@@ -168,14 +181,15 @@ def test_two_processes_train_like_one(toy_data_dir, tmp_path):
 
 
 @pytest.mark.slow
+@multi_device
 @pytest.mark.parametrize("mesh", ["(('data', -1),)", "(('data', 2), ('fsdp', 4))",
                                   "(('data', 2), ('fsdp', 2), ('tensor', 2))"])
-def test_eight_devices_train_like_one(toy_data_dir, tmp_path, mesh):
+def test_eight_devices_train_like_one(toy_data_dir, tmp_path, mesh, one_device):
   """Data parallel; data + FSDP (parameters and optimizer state sharded 4 ways); and with tensor
   parallelism (heads and MLP units split 2 ways) on top."""
-  one = run_train(toy_data_dir, tmp_path / "one", 1)
+  one, one_losses = one_device
   eight = run_train(toy_data_dir, tmp_path / "eight", 8, mesh)
-  np.testing.assert_allclose(list(losses(tmp_path / "one").values()),
+  np.testing.assert_allclose(list(one_losses.values()),
                              list(losses(tmp_path / "eight").values()), rtol=1e-5)
   for (k, a), b in zip(checkpoint.flatten(one).items(), checkpoint.flatten(eight).values(),
                        strict=True):
