@@ -79,7 +79,9 @@ def test_gpu_suite_builds_its_full_size_configs():
   result = run_bench("--suite=gpu", "--dry_run")
   built = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
   train = [b for b in built if b["group"] == "train_step"]
-  assert len(train) == 2 and all("--config.compute_dtype=bfloat16" in b["flags"] for b in train)
-  stage1, stage2 = (b["parameters"] for b in train)
+  assert len(train) == 4 and all("--config.compute_dtype=bfloat16" in b["flags"] for b in train)
+  assert [next(f for f in b["flags"] if "attention" in f) for b in train] == [
+      "--config.attention=einsum", "--config.attention=fused"] * 2
+  stage1, _, stage2, _ = (b["parameters"] for b in train)
   assert 200e6 < stage1 < 250e6 and 650e6 < stage2 < 750e6  # the paper's sizes (README)
   assert {b["group"] for b in built} >= {"resolution_scaling", "code_length_scaling"}
