@@ -71,6 +71,17 @@ def loss_and_grad(stage, **kw):
   return loss, grads, state, str(jax.make_jaxpr(jax.grad(fn, has_aux=stage == 1))(params))
 
 
+def assert_same_gradients(actual, expected, rtol: float) -> None:
+  """Same parameter paths and gradients, most of them non-zero (the comparison is not between
+  zeros)."""
+  flat, flat_a = jax.tree.leaves_with_path(expected), jax.tree.leaves_with_path(actual)
+  assert [p for p, _ in flat] == [p for p, _ in flat_a]
+  for (path, g), (_, g_a) in zip(flat, flat_a, strict=True):
+    np.testing.assert_allclose(g_a, g, rtol=rtol, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  nonzero = [float(jnp.abs(g).max()) > 0 for _, g in flat]
+  assert sum(nonzero) > 0.9 * len(nonzero)
+
+
 def shapes(variables):
   return jax.tree.map(lambda v: (v.shape, v.dtype), variables)
 
@@ -97,12 +108,7 @@ def test_remat_gives_the_same_loss_and_gradients(stage):
   loss, grads, state, jaxpr = loss_and_grad(stage)
   loss_r, grads_r, state_r, jaxpr_r = loss_and_grad(stage, remat=True)
   np.testing.assert_allclose(loss_r, loss, rtol=1e-6, atol=1e-6)
-  flat, flat_r = jax.tree.leaves_with_path(grads), jax.tree.leaves_with_path(grads_r)
-  assert [p for p, _ in flat] == [p for p, _ in flat_r]
-  for (path, g), (_, g_r) in zip(flat, flat_r, strict=True):
-    np.testing.assert_allclose(g_r, g, rtol=1e-6, atol=1e-6, err_msg=jax.tree_util.keystr(path))
-  nonzero = [float(jnp.abs(g).max()) > 0 for _, g in flat]
-  assert sum(nonzero) > 0.9 * len(nonzero)  # the comparison is not between zeros
+  assert_same_gradients(grads_r, grads, rtol=1e-6)
   if state is not None:
     for k in ("counts", "dictionary"):
       np.testing.assert_allclose(state_r[k], state[k], rtol=1e-6, atol=1e-6)
@@ -195,10 +201,7 @@ def test_fused_attention_gives_the_same_loss_and_gradients(stage):
   loss, grads, state, jaxpr = loss_and_grad(stage)
   loss_f, grads_f, state_f, jaxpr_f = loss_and_grad(stage, attention="fused")
   np.testing.assert_allclose(loss_f, loss, rtol=1e-5, atol=1e-6)
-  flat, flat_f = jax.tree.leaves_with_path(grads), jax.tree.leaves_with_path(grads_f)
-  assert [p for p, _ in flat] == [p for p, _ in flat_f]
-  for (path, g), (_, g_f) in zip(flat, flat_f, strict=True):
-    np.testing.assert_allclose(g_f, g, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  assert_same_gradients(grads_f, grads, rtol=1e-4)
   if state is not None:
     np.testing.assert_allclose(state_f["dictionary"], state["dictionary"], rtol=1e-5, atol=1e-6)
   # jax.nn.dot_product_attention is really called: in every ViT block (stage II's decoder, with
