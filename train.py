@@ -7,9 +7,13 @@ On several hosts, run the same command on each (SLURM, Open MPI and TPU pods are
 add --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
 """
 
+import os
+import sys
+
 from absl import app, flags
 
 from uvim import cli, distributed, trainer
+from uvim.errors import UserError
 
 _CONFIG = cli.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.")
@@ -26,7 +30,17 @@ def main(argv: list[str]) -> None:
   config = _CONFIG.value
   cli.quiet_library_logs()
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  trainer.train_and_evaluate(config, _WORKDIR.value)
+  try:
+    trainer.train_and_evaluate(config, _WORKDIR.value)
+  except trainer.TrainingInterruptedError as e:  # SIGTERM/SIGINT: saved, exit as the signal says
+    print(e, file=sys.stderr)
+    sys.exit(128 + e.signum)
+  except trainer.CheckpointSaveError as e:
+    # orbax's writer threads die with the failed save and would print a traceback each at exit.
+    print(f"FATAL {e}", file=sys.stderr, flush=True)
+    os._exit(1)
+  except (UserError, trainer.TrainingDivergedError) as e:
+    sys.exit(f"FATAL {e}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from configs import colorization_stage1, common
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """The stage II colorization config."""
-  parsed = common.parse_arg(arg, smoke=False, singlehost=False, res=None)
+  parsed = common.parse_arg(arg, smoke=False, singlehost=False, res=0)
   stage1 = colorization_stage1.get_config(arg)
   res = stage1.model.input_size[0]
   config = common.stage2_from_stage1(

@@ -102,6 +102,7 @@ def stage1_model(size: str, res: int, patch_size: int, inputs: dict) -> mlc.Conf
   model.dict_size = 256 if size == "smoke" else 4096
   model.codeword_dim = 32 if size == "smoke" else 768
   model.dict_momentum = 0.995
+  model.min_count = 0.1  # a word whose discounted count falls below is replaced by a split
   model.with_encoder_ctx = True
   model.with_decoder_ctx = True
   model.code_dropout = "random"

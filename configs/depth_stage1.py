@@ -18,7 +18,7 @@ QUANTIZATION_BINS = 256  # 64 with smoke: the one-hot bins dominate the cost of 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """The stage I depth config."""
-  arg = common.parse_arg(arg, smoke=False, singlehost=False, res=None)
+  arg = common.parse_arg(arg, smoke=False, singlehost=False, res=0)
   res = arg.res or (64 if arg.smoke else 512)
   patch_size = 8 if arg.smoke else 16
   eval_crop = "" if arg.smoke else "nyu_eval_crop|"  # toy scenes are not 480x640

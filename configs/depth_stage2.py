@@ -15,7 +15,7 @@ from configs import common, depth_stage1
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """The stage II depth config."""
-  parsed = common.parse_arg(arg, smoke=False, singlehost=False, res=None)
+  parsed = common.parse_arg(arg, smoke=False, singlehost=False, res=0)
   stage1 = depth_stage1.get_config(arg)
   res = stage1.model.input_size[0]
   return common.stage2_from_stage1(

@@ -17,7 +17,7 @@ from configs import common
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """The stage I panoptic config."""
-  arg = common.parse_arg(arg, smoke=False, singlehost=False, res=None)
+  arg = common.parse_arg(arg, smoke=False, singlehost=False, res=0)
   res = arg.res or (64 if arg.smoke else 512)
   patch_size = 8 if arg.smoke else 16
 
@@ -68,6 +68,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   config.model.dict_size = 4096  # Number of words in the dictionary.
   config.model.codeword_dim = 768
   config.model.dict_momentum = 0.995
+  config.model.min_count = 0.1  # a word whose discounted count falls below is replaced by a split
   config.model.with_encoder_ctx = True
   config.model.with_decoder_ctx = True
   config.model.code_dropout = "random"

@@ -18,7 +18,7 @@ from configs import common
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """The stage II panoptic config."""
-  arg = common.parse_arg(arg, smoke=False, singlehost=False, res=None)
+  arg = common.parse_arg(arg, smoke=False, singlehost=False, res=0)
   res = label_res = arg.res or (64 if arg.smoke else 512)
   patch_size = label_patch_size = 8 if arg.smoke else 16
 

@@ -7,9 +7,11 @@ It computes through the model functions `fns` the stage gives it (uvim/stages.py
 `predict`, both (variables, batch) -> per-example arrays, jit-compiled by the evaluator.
 """
 
-import difflib
 import functools
+import inspect
 from collections.abc import Callable
+
+from uvim.errors import UserError, did_you_mean
 
 EVALUATORS: dict[str, type] = {}
 
@@ -34,38 +36,50 @@ def from_config(config, **kwargs) -> list:
   evaluators = []
   for name, kind in config.evals:
     if kind not in EVALUATORS:
-      close = difflib.get_close_matches(kind, EVALUATORS, n=1)
-      hint = f"did you mean {close[0]!r}? " if close else ""
-      raise ValueError(f"Unknown evaluator type {kind!r} for {name!r} in config.evals: {hint}"
-                       f"known: {sorted(EVALUATORS)}")
+      raise UserError(f"Unknown evaluator type {kind!r} for {name!r} in config.evals"
+                      f"{did_you_mean(kind, EVALUATORS)}; known: {sorted(EVALUATORS)}")
     if name not in config:
-      raise ValueError(f"config.evals names {name!r}, but there is no config.{name}")
+      raise UserError(f"config.evals names {name!r}, but there is no config.{name}")
     options = dict(config[name])
     unknown = set(options) - EVALUATORS[kind].OPTIONS
     if unknown:
-      raise ValueError(f"config.{name}: unknown option(s) {sorted(unknown)} for evaluator "
-                       f"{kind!r}; valid: {sorted(EVALUATORS[kind].OPTIONS)}")
-    if "split" not in options:
-      raise ValueError(f"config.{name} needs a `split` (evaluator {kind!r})")
+      raise UserError(f"config.{name}: unknown option(s) {sorted(unknown)} for evaluator "
+                      f"{kind!r}; valid: {sorted(EVALUATORS[kind].OPTIONS)}")
+    for key in ("split", "pp"):
+      if not options.get(key):
+        raise UserError(f"config.{name} needs a `{key}` (evaluator {kind!r})")
     evaluators.append(EVALUATORS[kind](name, config, options, **kwargs))
   return evaluators
 
 
 class Evaluator:
   """Options every evaluator takes: `split`, `pp`, `log_steps`, `prefix`, `batch_size`, and
-  `predict_kwargs` for stage II's sampler (e.g. `dict(temperature=1.0)`; default greedy)."""
+  `predict_kwargs` for stage II's sampler (e.g. `dict(temperature=1.0)`; default greedy).
+
+  Construction checks them all and builds the input (split, pp string, shapes) without reading
+  it, so that a mistake stops the run before its first step, not when the evaluator first runs.
+  """
 
   OPTIONS = frozenset({"split", "pp", "log_steps", "prefix", "batch_size", "predict_kwargs"})
 
   def __init__(self, name: str, config, options: dict, *, mesh, fns: dict):
+    from uvim import input_pipeline
+
     predict_kwargs = dict(options.get("predict_kwargs") or {})
     if predict_kwargs:
+      _check_kwargs(f"config.{name}.predict_kwargs", fns["predict"], predict_kwargs)
       fns = {**fns, "predict": functools.partial(fns["predict"], **predict_kwargs)}
     self.config, self.mesh, self.fns = config, mesh, fns
-    self.split, self.pp = options["split"], options.get("pp")
+    self.split, self.pp = options["split"], options["pp"]
     self.log_steps = options.get("log_steps")
     self.prefix = options.get("prefix", f"{name}/")
     self.batch_size = options.get("batch_size", config.batch_size)
+    for key in ("log_steps", "batch_size"):
+      value = getattr(self, key)
+      if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                or value < (key == "batch_size")):
+        raise UserError(f"config.{name}.{key} must be a non-negative integer, got {value!r}")
+    input_pipeline.check_eval_input(config, self.split, self.pp, f"config.{name}")
 
   def batches(self):
     """Global batches covering `split` once (padding has `_mask` False)."""
@@ -73,6 +87,16 @@ class Evaluator:
     batches, _ = input_pipeline.eval_data(self.config, self.split, self.pp, self.batch_size,
                                           self.mesh)
     return batches
+
+
+def _check_kwargs(key: str, fn: Callable, kwargs: dict) -> None:
+  """Names a keyword argument that `fn` (or the function it declares as `__wrapped__`) does not
+  take."""
+  parameters = inspect.signature(fn).parameters
+  known = [n for n, p in parameters.items() if p.kind == p.KEYWORD_ONLY]
+  for k in kwargs:
+    if k not in known:
+      raise UserError(f"{key}: unknown option {k!r}{did_you_mean(k, known)}; valid: {known}")
 
 
 class MeanEvaluator(Evaluator):

@@ -24,12 +24,13 @@ from absl import logging
 
 from pp.builder import get_preprocess_fn
 from pp.utils import RNG_KEY
+from uvim.errors import UserError, did_you_mean
 
 MASK_KEY = "_mask"
 BATCH_AXES = ("data", "fsdp")  # mesh axes the batch is split over, where present
 
 
-class DatasetNotPreparedError(RuntimeError):
+class DatasetNotPreparedError(UserError):
   """A catalog dataset that is not in the data dir; says how to prepare it."""
 
 
@@ -42,7 +43,13 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
   """
   from uvim import datasets  # Registers the local builders.
 
-  builder = tfds.builder(name, data_dir=data_dir)
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    base = name.split("/")[0].split(":")[0]
+    hint = did_you_mean(base, tfds.list_builders())
+    raise UserError(f"Unknown dataset {name!r} (config.dataset){hint}; built in: 'toy_scenes', "
+                    "'coco_panoptic_folder', others are tfds catalog names") from None
   if builder.is_prepared():
     return builder
   if isinstance(builder, datasets.toy_scenes.ToyScenes):
@@ -59,6 +66,19 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
   raise DatasetNotPreparedError(
       f"Dataset {name!r} is not prepared in {builder.data_dir}. Point config.data_dir or "
       f"$TFDS_DATA_DIR at the directory that holds it, or {how}.")
+
+
+def num_examples(builder: tfds.core.DatasetBuilder, split: str, key: str) -> int:
+  """The number of examples of `split`; a split that does not exist or is empty is a UserError
+  naming the config `key` it came from."""
+  try:
+    n = builder.info.splits[split].num_examples
+  except (ValueError, KeyError) as e:
+    raise UserError(f"{key}={split!r}: {str(e).splitlines()[0]} (dataset "
+                    f"{builder.info.full_name}, splits {sorted(builder.info.splits)})") from None
+  if n <= 0:
+    raise UserError(f"{key}={split!r} has no examples (dataset {builder.info.full_name})")
+  return n
 
 
 def host_split(split: str, process_index: int, process_count: int) -> Any:
@@ -236,6 +256,18 @@ def train_data(config, mesh: jax.sharding.Mesh, position: int = 0) -> GlobalBatc
                       shuffle_buffer_size=config.shuffle_buffer_size, seed=config.seed,
                       position=position)
   return GlobalBatches(ds, batch_sharding(mesh), local, position)
+
+
+def check_eval_input(config, split: str, pp: str, key: str) -> None:
+  """Builds an evaluator's input (`split`, the pp string, fixed shapes) as `eval_data` will,
+  without reading it, so that a bad split, a typo'd op, a wrong argument or a missing feature
+  is a UserError naming `key` before training starts."""
+  builder = get_builder(config.dataset, config.data_dir)
+  num_examples(builder, split, f"{key}.split")
+  try:
+    make_for_inference(builder, split, get_preprocess_fn(pp, config.pp_modules), 1)
+  except Exception as e:  # any pp error: parse, unknown op, wrong argument, missing key
+    raise UserError(f"{key}.pp: {' '.join(str(e).split())[:500]}") from e
 
 
 def eval_data(config, split: str, pp: str, batch_size: int,

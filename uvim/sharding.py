@@ -98,3 +98,10 @@ def bytes_per_device(tree: Any) -> int:
     for shard in leaf.addressable_shards:
       per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
   return max(per_device.values(), default=0)
+
+
+def sync_hosts(name: str) -> None:
+  """Waits until every process reaches this point (no-op with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

@@ -14,17 +14,21 @@ The trainer (uvim/trainer.py) is the same for both. A stage provides
 the image context -> task output), used by the evaluators during training and by predict.py.
 """
 
-from collections.abc import Callable
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections as mlc
 import numpy as np
 import optax
 from absl import logging
 
 from uvim import checkpoint, decoding, models, tasks
+from uvim.errors import UserError
 from uvim.models import vit_init
 
 
@@ -32,9 +36,55 @@ def load_variables(path: str) -> dict[str, Any]:
   """{'params', 'state'} from a big_vision npz file or one of our training workdirs."""
   if str(path).endswith(".npz"):
     if not Path(path).exists():
-      raise FileNotFoundError(f"Checkpoint file {path} does not exist")
+      raise UserError(f"Checkpoint file {path} does not exist")
     return checkpoint.load_npz(path)
   return checkpoint.load_params_from_workdir(path)
+
+
+def recorded_config(path: str) -> tuple[dict, Path] | None:
+  """The config a checkpoint was trained with, and its file: `<workdir>/config.json`, or the
+  one next to a `params.npz` that a run exported; None for a bare (e.g. released) npz."""
+  path = Path(path)
+  config_file = path.with_name("config.json") if path.suffix == ".npz" else path / "config.json"
+  if (path.suffix == ".npz" and path.name != "params.npz") or not config_file.exists():
+    return None
+  return json.loads(config_file.read_text()), config_file
+
+
+# Stage I settings that only act in training: an oracle may differ in them from its run.
+TRAINING_ONLY = ("code_dropout", "dict_momentum", "min_count", "dropout")
+
+
+def check_oracle_config(oracle_config, source: str) -> None:
+  """Compares config.oracle (model_name, task, model) with the config the oracle `source` was
+  trained with. Shapes are checked when parameters load; this catches what they cannot show
+  (code_len, bottleneck, context flags...). A bare npz records nothing: a warning says so."""
+  recorded = recorded_config(source)
+  if recorded is None:
+    logging.warning("config.oracle.model_init=%s records no config: settings its parameters do "
+                    "not show (code_len, bottleneck_resize, with_*_ctx) are taken from "
+                    "config.oracle.model unverified.", source)
+    return
+  saved, config_file = recorded
+  if saved.get("model_name") != oracle_config.model_name:
+    raise UserError(f"config.oracle.model_init={source} is a {saved.get('model_name')!r} run "
+                    f"({config_file}), not a stage I oracle ({oracle_config.model_name!r})")
+  if saved.get("task") != oracle_config.task:
+    raise UserError(f"config.oracle.task is {oracle_config.task!r}, but the oracle "
+                    f"{source} was trained for {saved.get('task')!r} ({config_file})")
+
+  def settings(model_config) -> dict[str, str]:
+    model = models.get_model(oracle_config.model_name, mlc.ConfigDict(model_config))
+    return {f.name: _plain(getattr(model, f.name)) for f in dataclasses.fields(model)
+            if f.init and f.name not in ("parent", "name", *TRAINING_ONLY)
+            and f.name not in memory_options(mlc.ConfigDict())}
+
+  ours, theirs = settings(oracle_config.model), settings(saved["model"])
+  differ = [f"{k} {ours[k]} here, {theirs[k]} there" for k in ours if ours[k] != theirs[k]]
+  if differ:
+    raise UserError(f"config.oracle.model differs from the config the oracle was trained with "
+                    f"({config_file}): {'; '.join(differ)}. Set --config.oracle.model.<key> to "
+                    "its values.")
 
 
 def label_inputs(task, batch: dict, model_config) -> tuple[dict, jnp.ndarray, dict]:
@@ -51,6 +101,15 @@ def memory_options(config) -> dict:
   return {"dtype": config.get("compute_dtype") or "float32",
           "remat": bool(config.get("remat")), "scan_layers": bool(config.get("scan_layers")),
           "attention": config.get("attention") or "einsum"}
+
+
+def _plain(value: Any) -> str:
+  """A setting as canonical JSON (tuples as lists, mappings sorted), for comparing."""
+  def convert(v):
+    if isinstance(v, Mapping):
+      return {str(k): convert(x) for k, x in v.items()}
+    return [convert(x) for x in v] if isinstance(v, list | tuple) else v
+  return json.dumps(convert(value), sort_keys=True)
 
 
 class StageI:
@@ -123,12 +182,13 @@ class StageII:
                                    attention=options["attention"])
     self.task = tasks.get_task(config.oracle.task)
     self.oracle_config = config.oracle.model
+    self.oracle_full_config = config.oracle
     self.oracle_init = config.oracle.model_init
     if self.model.seq_len != self.oracle.code_len:
-      raise ValueError(f"config.model.seq_len ({self.model.seq_len}) must equal "
+      raise UserError(f"config.model.seq_len ({self.model.seq_len}) must equal "
                        f"config.oracle.model.code_len ({self.oracle.code_len})")
     if self.model.vocab_size != self.oracle.dict_size + 1:
-      raise ValueError(f"config.model.vocab_size ({self.model.vocab_size}) must be "
+      raise UserError(f"config.model.vocab_size ({self.model.vocab_size}) must be "
                        f"config.oracle.model.dict_size + 1 ({self.oracle.dict_size + 1})")
 
   def init_variables(self, rng: jax.Array, batch: dict) -> dict:
@@ -148,8 +208,9 @@ class StageII:
     """The oracle's {'params', 'state'} from `config.oracle.model_init`, checked against the
     oracle model of the config."""
     if not self.oracle_init:
-      raise ValueError("config.oracle.model_init is not set: stage II needs a trained stage I "
+      raise UserError("config.oracle.model_init is not set: stage II needs a trained stage I "
                        "(a training workdir or a big_vision *_stageI_params.npz)")
+    check_oracle_config(self.oracle_full_config, self.oracle_init)
     shapes = self.frozen_shapes()
     tree = load_variables(self.oracle_init)
     source = f"config.oracle.model_init={self.oracle_init}"
@@ -214,6 +275,7 @@ class StageII:
 
     def predict(v, batch, **kwargs):
       return jax.tree.map(lambda x: x[:, 0], self.predict_samples(v, batch, **kwargs))
+    predict.__wrapped__ = self.predict_samples  # its options, for checking predict_kwargs
 
     return {"loss": loss, "predict": predict}
 
@@ -225,7 +287,7 @@ class StageII:
       return checkpoint.merge_into(params, loaded, model_init), model_state
     unknown = set(model_init) - {"encoder"}
     if unknown:
-      raise ValueError(f"config.model_init: unknown part(s) {sorted(unknown)}; stage II "
+      raise UserError(f"config.model_init: unknown part(s) {sorted(unknown)}; stage II "
                        "takes a checkpoint path or {'encoder': <ViT name or .npz>}")
     if model_init.get("encoder"):
       grid = tuple(int(s // p) for s, p in zip(self.model.input_size,

@@ -7,8 +7,11 @@ examples), so a run killed and restarted with the same command ends where an uni
 would have, bit for bit.
 """
 
-import difflib
+import contextlib
 import json
+import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from functools import partial
@@ -27,6 +30,8 @@ from clu import metric_writers
 
 from evaluators import common as evaluators_common
 from uvim import checkpoint, input_pipeline, optim, sharding, stages
+from uvim import workdir as workdir_lib
+from uvim.errors import UserError, did_you_mean
 
 # Top-level config keys the trainer reads (plus one ConfigDict per evaluator in `evals`).
 KNOWN_KEYS = {
@@ -56,14 +61,31 @@ class TrainingDivergedError(RuntimeError):
 
 
 def check_config(config: mlc.ConfigDict) -> None:
-  """Rejects unknown top-level keys, naming the closest known one."""
+  """Rejects unknown top-level keys (naming the closest known one) and values the trainer
+  cannot run with, before anything is built."""
   known = KNOWN_KEYS | {name for name, _ in config.get("evals", [])}
   for key in config:
     is_eval_section = isinstance(config[key], mlc.ConfigDict) and "split" in config[key]
     if key not in known and not is_eval_section:  # a section left out of `evals` is unused
-      close = difflib.get_close_matches(key, known, n=1)
-      hint = f"; did you mean {close[0]!r}?" if close else ""
-      raise ValueError(f"Unknown config key {key!r}{hint}")
+      raise UserError(f"Unknown config key {key!r}{did_you_mean(key, known)}")
+  for key in ("batch_size", "log_training_steps", "checkpoint_steps"):
+    _check_int(config, key, minimum=1)
+  for key in ("keep_checkpoint_steps", "log_eval_steps", "grad_accum_steps"):
+    _check_int(config, key, minimum=1, optional=True)
+  _check_int(config, "total_steps", minimum=0, optional=True)
+  if config.get("total_steps") is None and not (
+      isinstance(config.get("num_epochs"), int | float) and config.num_epochs > 0):
+    raise UserError(f"config.num_epochs must be a positive number (or set config.total_steps), "
+                    f"got {config.get('num_epochs')!r}")
+
+
+def _check_int(config: mlc.ConfigDict, key: str, minimum: int, optional: bool = False) -> None:
+  value = config.get(key)
+  if value is None and optional:
+    return
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise UserError(f"config.{key} must be an integer >= {minimum}"
+                    f"{' (or None)' if optional else ''}, got {value!r}")
 
 
 def total_steps_of(config, num_train_examples: int) -> int:
@@ -133,24 +155,6 @@ def train_step(state: TrainState, batch: dict, frozen: Any, *, stage, tx, lr_fn,
   return new_state, metrics
 
 
-class JsonlWriter:
-  """Appends one JSON object per logging step to `<workdir>/metrics.jsonl`.
-
-  When a run resumes at `start`, lines a killed run logged after its last checkpoint are dropped,
-  since those steps are about to be run (and logged) again.
-  """
-
-  def __init__(self, path: Path, start: int = 0):
-    self.path = path
-    if path.exists():
-      lines = path.read_text().splitlines()
-      path.write_text("".join(f"{x}\n" for x in lines if json.loads(x)["step"] <= start))
-
-  def write(self, step: int, scalars: dict[str, float]) -> None:
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
-
-
 def _compare_configs(saved: dict, current: dict) -> list[str]:
   """Dotted keys under RESUME_KEYS whose values differ."""
   a, b = (checkpoint.flatten_json({k: d.get(k) for k in RESUME_KEYS}) for d in (saved, current))
@@ -168,37 +172,45 @@ def state_init_fn(init_variables: Callable, tx) -> Callable[[jax.Array], TrainSt
 
 
 def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> TrainState:
-  """Trains (or resumes) the model of `config` in `workdir`; evaluates on the way and at the end."""
+  """Trains (or resumes) the model of `config` in `workdir`; evaluates on the way and at the end.
+
+  SIGTERM or SIGINT (a scheduler's preemption, Ctrl-C) ends the current step, saves a checkpoint
+  at it and raises `TrainingInterruptedError`; the same command then continues exactly.
+  """
   check_config(config)
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
+  lock = workdir_lib.WorkdirLock(workdir).acquire() if is_main else None
+  try:
+    return _train_and_evaluate(config, workdir, is_main)
+  finally:
+    if lock:
+      lock.release()
+
+
+def _train_and_evaluate(config: mlc.ConfigDict, workdir: Path, is_main: bool) -> TrainState:
   mesh = sharding.make_mesh(config.get("mesh") or [("data", -1)])
   if input_pipeline.batch_shards(mesh) % jax.process_count():
-    raise ValueError(f"config.mesh {dict(mesh.shape)}: each of the {jax.process_count()} hosts "
-                     "reads its own rows of the batch, so data x fsdp must be a multiple of the "
-                     "number of hosts (keep the `tensor` axis within a host)")
+    raise UserError(f"config.mesh {dict(mesh.shape)}: each of the {jax.process_count()} hosts "
+                    "reads its own rows of the batch, so data x fsdp must be a multiple of the "
+                    "number of hosts (keep the `tensor` axis within a host)")
   repl = sharding.replicated(mesh)
   stage = stages.get_stage(config)
 
   builder = input_pipeline.get_builder(config.dataset, config.data_dir)
-  num_train = builder.info.splits[config.train_split].num_examples
+  num_train = input_pipeline.num_examples(builder, config.train_split, "config.train_split")
   total_steps = total_steps_of(config, num_train)
   input_pipeline.local_batch_size(config.batch_size)  # fails early when hosts do not divide it
 
   # Compare with a previous run in this workdir before writing anything.
-  manager = ocp.CheckpointManager(
-      (workdir / "checkpoints").absolute(), item_names=("state",),
-      options=ocp.CheckpointManagerOptions(max_to_keep=1,
-                                           keep_period=config.keep_checkpoint_steps,
-                                           enable_async_checkpointing=True))
+  manager = checkpoint_manager(workdir, config)
   config_path = workdir / "config.json"
   current = json.loads(config.to_json_best_effort())
   if manager.latest_step() is not None and config_path.exists():
     differ = _compare_configs(json.loads(config_path.read_text()), current)
     if differ:
-      raise ValueError(f"{workdir} holds a checkpoint of a different config (keys {differ}); "
-                       "use another --workdir or restore the config.")
+      raise UserError(f"{workdir} holds a checkpoint of a different config (keys {differ}); "
+                      "use another --workdir or restore the config.")
   if is_main:
     config_path.write_text(json.dumps(current, indent=2))
 
@@ -209,32 +221,29 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> TrainState:
   init = state_init_fn(init_variables, tx)
   abstract_state = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
   state_sharding = sharding.tree_shardings(abstract_state, mesh)
+  frozen = stage.frozen_variables()
+  frozen = jax.device_put(frozen, sharding.tree_shardings(frozen, mesh))
+  lr_fn = lambda step: config.lr * schedule(step)
+  accum_steps = grad_accum_steps(config, mesh)
+  evaluators = evaluators_common.from_config(config, mesh=mesh, fns=stage.eval_fns())
 
-  start = manager.latest_step()
-  if start is not None:
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          abstract_state, state_sharding)
-    state = manager.restore(start, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))["state"]
-    logging.info("Resumed from %s at step %d.", workdir, start)
-  else:
+  state, start = restore_latest_intact(manager, abstract_state, state_sharding)
+  if state is None:
     state = jax.jit(init, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
     if config.get("model_init"):
       params, model_state = stage.load_init(config.model_init, state.params, state.model_state)
       state = jax.device_put(state.replace(params=params, model_state=model_state),
                              state_sharding)
     start = 0
-  frozen = stage.frozen_variables()
-  frozen = jax.device_put(frozen, sharding.tree_shardings(frozen, mesh))
+  else:
+    logging.info("Resumed from %s at step %d.", workdir, start)
 
-  lr_fn = lambda step: config.lr * schedule(step)
-  accum_steps = grad_accum_steps(config, mesh)
   step_fn = jax.jit(partial(train_step, stage=stage, tx=tx, lr_fn=lr_fn,
                             accum_steps=accum_steps, param_shardings=state_sharding.params),
                     donate_argnums=0, out_shardings=(state_sharding, repl))
-  evaluators = evaluators_common.from_config(config, mesh=mesh, fns=stage.eval_fns())
   writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_main)
-  jsonl = JsonlWriter(workdir / "metrics.jsonl", start) if is_main else None
+  jsonl = workdir_lib.JsonlWriter(workdir / workdir_lib.METRICS_FILE, start,
+                                  rerun_evals_at_start=start >= total_steps) if is_main else None
 
   def write(step: int, scalars: dict) -> None:
     writer.write_scalars(step, scalars)
@@ -254,36 +263,150 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> TrainState:
   logging.info("Training %s for %d steps (%d examples, batch %d) on %d devices.",
                config.model_name, total_steps, num_train, config.batch_size, jax.device_count())
   try:
-    state = _loop(state, data, partial(step_fn, frozen=frozen), start, total_steps, config,
-                  manager, write, run_evals)
+    with StopSignals() as stop:
+      state = _loop(state, data=data, step_fn=partial(step_fn, frozen=frozen), start=start,
+                    total_steps=total_steps, config=config, manager=manager, write=write,
+                    run_evals=run_evals, stop=stop)
   finally:
-    manager.wait_until_finished()  # An interrupted run keeps its last complete checkpoint.
+    writer.flush()
+    _finish_saves(manager)  # An interrupted run keeps its last complete checkpoint.
+  export_params(state, workdir / "params.npz")
+  return state
+
+
+def checkpoint_manager(workdir: Path, config: mlc.ConfigDict) -> ocp.CheckpointManager:
+  """Asynchronous orbax checkpoints of the whole `TrainState` in `<workdir>/checkpoints`."""
+  return ocp.CheckpointManager(
+      (workdir / "checkpoints").absolute(), item_names=("state",),
+      options=ocp.CheckpointManagerOptions(max_to_keep=1,
+                                           keep_period=config.keep_checkpoint_steps,
+                                           enable_async_checkpointing=True))
+
+
+def restore_latest_intact(manager: ocp.CheckpointManager, abstract_state: TrainState,
+                          state_sharding: Any) -> tuple[TrainState | None, int | None]:
+  """The newest checkpoint that restores, and its step, or (None, None) when there is none.
+
+  A checkpoint that fails to restore (a truncated file, missing metadata, an empty folder) is
+  moved to `<workdir>/checkpoints_damaged/<step>` with a warning saying why, and the previous
+  one is tried.
+  """
+  target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        abstract_state, state_sharding)
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target)))
+      return restored["state"], step
+    except Exception as e:  # orbax and tensorstore raise many types for damaged files
+      damaged = Path(manager.directory).parent / "checkpoints_damaged" / str(step)
+      logging.warning("Skipping the checkpoint of step %d in %s: it does not restore (%s: %s). "
+                      "Moved to %s; trying the previous one.", step, manager.directory,
+                      type(e).__name__, _first_line(e), damaged)
+      if jax.process_index() == 0:
+        damaged.parent.mkdir(exist_ok=True)
+        if damaged.exists():
+          shutil.rmtree(damaged)
+        shutil.move(Path(manager.directory) / str(step), damaged)
+      sharding.sync_hosts(f"set aside checkpoint {step}")
+      manager.reload()
+  return None, None
+
+
+def export_params(state: TrainState, path: Path) -> None:
+  """Writes the parameters and model state as a big_vision npz (unscanned layout)."""
   exported = {"params": state.params, "state": state.model_state}
   if jax.process_count() > 1:  # every process takes part in gathering sharded arrays
     from jax.experimental import multihost_utils
     exported = multihost_utils.process_allgather(exported, tiled=True)
-  if is_main:  # big_vision's (unscanned) layout
+  if jax.process_index() == 0:
     exported = jax.device_get(exported)
     exported["params"] = checkpoint.scan_to_unscanned(exported["params"])
-    checkpoint.save_npz(workdir / "params.npz", exported)
-  writer.flush()
-  return state
+    checkpoint.save_npz(path, exported)
 
 
-def _loop(state, data, step_fn, start, total_steps, config, manager, write, run_evals):
-  """Steps from `start` to `total_steps`: log, check for divergence, checkpoint, evaluate."""
+class TrainingInterruptedError(Exception):
+  """Training stopped on SIGTERM/SIGINT after saving a checkpoint at the current step."""
+
+  def __init__(self, signum: int, step: int, directory: str):
+    self.signum, self.step = signum, step
+    super().__init__(f"Stopped by {signal.Signals(signum).name} at step {step}: checkpoint "
+                     f"saved in {directory}; rerun the same command to continue.")
+
+
+class StopSignals:
+  """Turns the first SIGTERM or SIGINT into a request to stop after the current step (the loop
+  then saves); a second one stops at once, as without this. Only in the main thread."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous: dict = {}
+
+  def _handle(self, signum, frame):
+    if self.signum is not None:
+      signal.signal(signum, self._previous[signum])
+      signal.raise_signal(signum)
+      return
+    self.signum = signum
+    logging.warning("%s received: saving a checkpoint after this step (send it again to stop "
+                    "at once).", signal.Signals(signum).name)
+
+  def __enter__(self) -> "StopSignals":
+    if threading.current_thread() is threading.main_thread():
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+
+
+def _finish_saves(manager: ocp.CheckpointManager) -> None:
+  """Waits for pending asynchronous saves; a failed one (e.g. a full disk) raises a one-line
+  `CheckpointSaveError` with its cause."""
+  try:
+    manager.wait_until_finished()
+    manager.check_for_errors()
+  except Exception as e:
+    with contextlib.suppress(Exception):  # the first error is the one to report
+      manager.close()  # stops orbax's threads, which would otherwise fail noisily at exit
+    raise CheckpointSaveError(f"Saving a checkpoint to {manager.directory} failed: "
+                              f"{_first_line(e)}") from e
+
+
+class CheckpointSaveError(RuntimeError):
+  """An (asynchronous) checkpoint save failed, e.g. on a full disk."""
+
+
+def _first_line(error: BaseException) -> str:
+  """The first non-empty line of an error message (tensorstore's run over many lines)."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return lines[0] if lines else type(error).__name__
+
+
+def _loop(state: TrainState, *, data, step_fn: Callable, start: int, total_steps: int,
+          config: mlc.ConfigDict, manager: ocp.CheckpointManager, write: Callable,
+          run_evals: Callable, stop: StopSignals) -> TrainState:
+  """Steps from `start` to `total_steps`: log, check for divergence, checkpoint, evaluate, and
+  stop (after saving) when a stop signal arrived."""
   timer_step, timer = start, time.perf_counter()
   for step in range(start + 1, total_steps + 1):
     state, metrics = step_fn(state, next(data))
+    if not manager.is_saving_in_progress():
+      _finish_saves(manager)  # reports a failed save at the first step after it ended
     log_now = step % config.log_training_steps == 0 or step == total_steps
-    save_now = step % config.checkpoint_steps == 0 or step == total_steps
+    stopping = _agree_to_stop(stop, step, config)
+    save_now = step % config.checkpoint_steps == 0 or step == total_steps or stopping
     if log_now or save_now:
       metrics = jax.device_get(metrics)
       if not np.isfinite(metrics["training_loss"]):
-        manager.wait_until_finished()
-        raise TrainingDivergedError(
-            f"Loss is {metrics['training_loss']} at step {step}; the last good checkpoint "
-            f"(step {manager.latest_step()}) is kept.")
+        _finish_saves(manager)
+        last = manager.latest_step()
+        kept = "no checkpoint was saved yet" if last is None else (
+            f"the last good checkpoint (step {last}) is kept")
+        raise TrainingDivergedError(f"Loss is {metrics['training_loss']} at step {step}; {kept}.")
     if log_now:
       per_step = (time.perf_counter() - timer) / max(step - timer_step, 1)
       metrics["img_per_sec"] = config.batch_size / per_step
@@ -294,11 +417,27 @@ def _loop(state, data, step_fn, start, total_steps, config, manager, write, run_
                    _duration(per_step * (total_steps - step)))
       timer_step, timer = step, time.perf_counter()
     if save_now:
-      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+      _finish_saves(manager)
+      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+                   force=stopping)
+    if stopping:
+      _finish_saves(manager)
+      raise TrainingInterruptedError(stop.signum or signal.SIGTERM, step, str(manager.directory))
     if step != total_steps and run_evals(step, state, final=False):
       timer_step, timer = step, time.perf_counter()  # img/s counts training time only
   run_evals(total_steps, state, final=True)
   return state
+
+
+def _agree_to_stop(stop: StopSignals, step: int, config: mlc.ConfigDict) -> bool:
+  """Whether to stop after `step`. One process decides at every step; several agree at logging
+  steps (a tiny all-gather), so that they all save the same step."""
+  if jax.process_count() == 1:
+    return stop.signum is not None
+  if step % config.log_training_steps:
+    return False
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.array(stop.signum is not None))))
 
 
 def _duration(seconds: float) -> str:

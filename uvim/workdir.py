@@ -1,0 +1,120 @@
+"""What a run keeps in its workdir besides checkpoints: the lock and `metrics.jsonl`.
+
+The lock (`<workdir>/LOCK`, an fcntl lock plus who holds it) stops a second run from writing
+into a workdir that a live run uses; the kernel drops it when the holder dies, even by kill -9,
+so a crashed run never leaves a stale lock. `metrics.jsonl` holds one JSON object per logged
+step; a line that cannot be read (a run killed mid-write, a full disk) is named and set aside
+in `metrics.jsonl.damaged`, never dropped silently.
+"""
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from absl import logging
+
+from uvim.errors import UserError
+
+LOCK_FILE = "LOCK"
+METRICS_FILE = "metrics.jsonl"
+
+
+class WorkdirLock:
+  """Holds `<workdir>/LOCK` for the life of a run; a second holder gets a UserError saying who
+  holds it (pid, host, start time, command)."""
+
+  def __init__(self, workdir: str | Path):
+    self.path = Path(workdir) / LOCK_FILE
+    self._file = None
+
+  def acquire(self) -> "WorkdirLock":
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(self.path, "a+")  # noqa: SIM115  (kept open: the lock lives with the descriptor)
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or "another process"
+      f.close()
+      raise UserError(f"{self.path.parent} is in use by a running training ({holder}); wait for "
+                      "it to finish, stop it, or use another --workdir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:300]}\n")
+    f.flush()
+    self._file = f
+    return self
+
+  def release(self) -> None:
+    if self._file is not None:
+      self._file.truncate(0)
+      fcntl.flock(self._file, fcntl.LOCK_UN)
+      self._file.close()
+      self._file = None
+
+  def __enter__(self) -> "WorkdirLock":
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+  """The records of a `metrics.jsonl`; damaged lines are moved to `<path>.damaged` with a
+  warning that names the file and line (the file is rewritten without them)."""
+  path = Path(path)
+  if not path.exists():
+    return []
+  records, damaged = [], []
+  lines = path.read_text(errors="replace").splitlines()
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        raise ValueError("not an object with an integer 'step'")
+      records.append(record)
+    except ValueError as e:
+      damaged.append(line)
+      logging.warning("%s line %d is damaged (%s); moved to %s.damaged", path, number, e,
+                      path.name)
+  if damaged:
+    with open(path.with_name(path.name + ".damaged"), "a") as f:
+      f.writelines(f"{line}\n" for line in damaged)
+    write_metrics(path, records)
+  return records
+
+
+def write_metrics(path: Path, records: list[dict[str, Any]]) -> None:
+  """Replaces `path` with `records`, atomically (temp file, then rename)."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+  tmp.replace(path)
+
+
+class JsonlWriter:
+  """Appends one JSON object per logging step to `<workdir>/metrics.jsonl`.
+
+  When a run resumes at `start`, records a killed run logged after its last checkpoint are
+  dropped, since those steps are about to be run (and logged) again; so are the evaluations at
+  `start` when `rerun_evals_at_start` (a finished run evaluates again).
+  """
+
+  def __init__(self, path: Path, start: int = 0, rerun_evals_at_start: bool = False):
+    self.path = path
+    if path.exists():
+      def keep(r):
+        return r["step"] < start or (r["step"] == start and
+                                     ("training_loss" in r or not rerun_evals_at_start))
+      write_metrics(path, [r for r in read_metrics(path) if keep(r)])
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
