@@ -17,12 +17,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import jax
 import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
-from uvim import checkpoint, cli, input_pipeline, stages, visualize
+from uvim import api, cli, input_pipeline, visualize
+from uvim.errors import UserError
 
 _CONFIG = cli.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Stage II training directory (latest checkpoint).")
@@ -59,34 +59,26 @@ def main(argv: list[str]) -> None:
                          "train.py --config.total_steps=0 --config.model_init=<checkpoint>.")
   if _ORACLE.value:
     config.oracle.model_init = _ORACLE.value
-  stage = stages.StageII(config)
-  variables = load_variables(stage, _CHECKPOINT.value or _WORKDIR.value)
-  failures = run(stage, variables, config, Path(_OUTPUT.value))
+  source = _CHECKPOINT.value or _WORKDIR.value
+  if not source:
+    raise app.UsageError("Give --workdir or --checkpoint (the trained stage II model).")
+  try:
+    model = api.Model(config, source)
+    failures = run(model, Path(_OUTPUT.value))
+  except UserError as e:
+    sys.exit(f"FATAL {e}")
   if failures:
     print(f"{len(failures)} input(s) failed:", *failures, sep="\n  ", file=sys.stderr)
     sys.exit(1)
 
 
-def load_variables(stage: stages.StageII, source: str | None) -> dict:
-  """Stage II parameters from an npz or workdir, and the frozen oracle."""
-  if not source:
-    raise app.UsageError("Give --workdir or --checkpoint (the trained stage II model).")
-  image = np.zeros((1, *stage.model.input_size, 3), np.float32)
-  shapes = jax.eval_shape(stage.init_variables, jax.random.key(0), {"image": image})
-  params = checkpoint.merge_into(shapes["params"], stages.load_variables(source)["params"],
-                                 source)
-  return jax.device_put(stage.variables(params, {}, stage.frozen_variables()))
-
-
-def run(stage: stages.StageII, variables: dict, config, output: Path) -> list[str]:
+def run(model: api.Model, output: Path) -> list[str]:
   """Predicts every input, writes the task's files and the contact sheet; returns failures."""
   output.mkdir(parents=True, exist_ok=True)
-  predict = jax.jit(stage.predict_samples, static_argnames=(
-      "temperature", "top_k", "top_p", "num_samples", "seed"))
+  config, stage = model.config, model.stage
   sampling = dict(top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
+  predict = lambda batch, **kwargs: model.predict_batch(batch, **sampling, **kwargs)
   temperature = _TEMPERATURE.value
-  if temperature is None:
-    temperature = stage.task.DEFAULT_TEMPERATURE
   categories = panoptic_categories(config, stage)
   failures: list[str] = []
   examples = read_inputs(_INPUT.value, config, failures)
@@ -94,14 +86,11 @@ def run(stage: stages.StageII, variables: dict, config, output: Path) -> list[st
   rows, done, start = [], 0, time.perf_counter()
   for batch_examples in batched(examples, _BATCH_SIZE.value):
     batch = pad_batch([e["model"] for e in batch_examples], _BATCH_SIZE.value)
-    outputs = jax.device_get(predict(variables, batch, temperature=temperature,
-                                     num_samples=_NUM_SAMPLES.value, **sampling))
+    outputs = predict(batch, temperature=temperature, num_samples=_NUM_SAMPLES.value)
     want_sheet = len(rows) < _SHEET_ROWS.value
     if want_sheet:
-      greedy = jax.device_get(predict(variables, batch, temperature=0.0, num_samples=1,
-                                      **sampling))
-      samples = jax.device_get(predict(variables, batch, temperature=1.0,
-                                       num_samples=SHEET_SAMPLES, **sampling))
+      greedy = predict(batch, temperature=0.0, num_samples=1)
+      samples = predict(batch, temperature=1.0, num_samples=SHEET_SAMPLES)
     for i, example in enumerate(batch_examples):
       image, name = example["image"], example["name"]
       for k in range(_NUM_SAMPLES.value):
@@ -175,8 +164,7 @@ def read_inputs(source: str, config, failures: list[str]) -> Inputs:
 def _file_examples(files: list[Path], pp, failures: list[str]) -> Iterator[dict]:
   for index, file in enumerate(files):
     try:
-      with Image.open(file) as f:
-        image = np.asarray(f.convert("RGB"))
+      image = api.read_image(file)
     except Exception as e:  # any unreadable file is reported and skipped
       logging.error("Cannot read %s: %s", file, e)
       failures.append(f"{file}: {e}")

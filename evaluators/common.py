@@ -34,7 +34,11 @@ def from_config(config, **kwargs) -> list:
   )
 
   evaluators = []
-  for name, kind in config.evals:
+  for entry in config.evals:
+    if not (isinstance(entry, list | tuple) and len(entry) == 2
+            and all(isinstance(x, str) for x in entry)):
+      raise UserError(f"config.evals holds (name, evaluator type) pairs of strings, got {entry!r}")
+    name, kind = entry
     if kind not in EVALUATORS:
       raise UserError(f"Unknown evaluator type {kind!r} for {name!r} in config.evals"
                       f"{did_you_mean(kind, EVALUATORS)}; known: {sorted(EVALUATORS)}")

@@ -16,6 +16,7 @@ from test_trainer import TINY, losses, tiny_config
 from configs import panoptic_stage2
 from uvim import checkpoint, input_pipeline, sharding, stages, trainer
 from uvim.datasets.coco_folder import rgb_to_id
+from uvim.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 LM_TINY = dict(num_layers=1, num_heads=2, mlp_dim=64, emb_dim=32)
@@ -191,3 +192,40 @@ def test_gradient_accumulation_matches_the_full_batch(toy_data_dir, oracle_workd
   for (k, a), b in zip(checkpoint.flatten(states[1].params).items(),
                        checkpoint.flatten(states[2].params).values(), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("key, value", [("code_len", 4), ("bottleneck_resize", False),
+                                        ("with_decoder_ctx", False)])
+def test_an_oracle_setting_its_parameters_cannot_show_is_compared_with_its_run(
+    toy_data_dir, oracle_workdir, tmp_path, key, value):
+  """Parameter shapes do not depend on these settings: the oracle's recorded config (its
+  workdir's config.json, or the one beside its exported params.npz) is what tells."""
+  config = stage2_config(toy_data_dir, oracle_workdir)
+  config.oracle.model[key] = value
+  recorded = json.loads((oracle_workdir / "config.json").read_text())["model"][key]
+  for source in (oracle_workdir, oracle_workdir / "params.npz"):
+    config.oracle.model_init = str(source)
+    with pytest.raises(UserError, match=rf"differs from the config the oracle was trained "
+                       rf"with \({oracle_workdir}/config.json\): {key} "
+                       rf"{json.dumps(value)} here, {json.dumps(recorded)} there"):
+      stages.StageII(config).frozen_variables()
+  config.oracle.model[key] = recorded
+  config.oracle.model.code_dropout = "none"  # training-only settings may differ
+  stages.StageII(config).frozen_variables()
+  config.oracle.task = "depth"
+  with pytest.raises(UserError, match=r"config\.oracle\.task is 'depth'"):
+    stages.StageII(config).frozen_variables()
+
+
+@pytest.mark.slow
+def test_stage2_model_init_takes_a_path_as_documented(toy_data_dir, stage2_workdir, tmp_path):
+  exported = checkpoint.load_npz(stage2_workdir / "params.npz")
+  config = stage2_config(toy_data_dir, stage2_workdir.parent / "unused", total_steps=0, evals=[])
+  config.oracle.model_init = json.loads((stage2_workdir / "config.json").read_text())[
+      "oracle"]["model_init"]
+  with config.ignore_type():
+    config.model_init = str(stage2_workdir / "params.npz")
+  state = trainer.train_and_evaluate(config, tmp_path)
+  for (name, a), b in zip(checkpoint.flatten(exported["params"]).items(),
+                          checkpoint.flatten(state.params).values(), strict=True):
+    np.testing.assert_array_equal(a, b, err_msg=name)

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from uvim.errors import UserError
+
 
 def unflatten(flat: dict[str, np.ndarray]) -> dict[str, Any]:
   """{'a/b': x} -> {'a': {'b': x}}."""
@@ -65,8 +67,8 @@ def load_params_from_workdir(workdir: str | Path) -> dict[str, Any]:
   manager = ocp.CheckpointManager(directory, item_names=("state",))
   step = manager.latest_step()
   if step is None:
-    raise FileNotFoundError(f"No checkpoint in {directory} (expected a training workdir or a "
-                            "big_vision .npz file)")
+    raise UserError(f"No checkpoint in {directory} (expected a training workdir or a "
+                    "big_vision .npz file)")
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   state = restored["state"]
   return {"params": state["params"], "state": state["model_state"]}
@@ -85,7 +87,7 @@ def merge_into(init: Any, loaded: Any, source: str) -> Any:
   missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
   wrong = sorted(k for k in want.keys() & have.keys() if want[k].shape != have[k].shape)
   if missing or extra or wrong:
-    raise ValueError(
+    raise UserError(
         f"{source} does not fit the model: missing {missing[:10]}, unexpected {extra[:10]}, "
         f"shape mismatch {[(k, have[k].shape, want[k].shape) for k in wrong[:10]]}")
   leaves = [have[k].astype(want[k].dtype) for k in want]

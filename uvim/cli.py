@@ -5,6 +5,7 @@
 end the program with one line that names the key and the closest valid one, not a traceback.
 """
 
+import ast
 import difflib
 import importlib.util
 import sys
@@ -37,15 +38,81 @@ def quiet_library_logs(prefixes: Sequence[str] = ("orbax", "tensorflow_datasets"
   logging.getLogger("absl").addFilter(keep)
 
 
+# ConfigDict keys that also take a plain string: `model_init` is a path, or a dict of parts.
+PATH_OR_DICT_KEYS = ("model_init",)
+
+
 def parse_flags(argv: Sequence[str]) -> list[str]:
-  """absl `flags_parser`: parses argv, exiting with one clear line on a config mistake."""
+  """absl `flags_parser`: parses argv, exiting with one clear line on a config mistake.
+
+  Overrides config_flags cannot parse are applied after it: list-valued keys
+  (`--config.evals="[('val', 'validation')]"`) and a path for a key that holds a dict
+  (`--config.model_init=params.npz`).
+  """
   try:
+    argv, late = split_late_overrides(argv)
+    late_args = {arg for arg, _, _ in late}
+    sys.argv = [a for a in sys.argv if a not in late_args]  # config_flags reads sys.argv too
     rest = flags.FLAGS(list(argv))
-    flags.FLAGS[CONFIG_FLAG].value.keys()  # config_flags defers some load errors to first use.
+    config = flags.FLAGS[CONFIG_FLAG].value
+    config.keys()  # config_flags defers some load errors to first use.
+    for arg, path, text in late:
+      apply_override(config, path, text, arg)
     return rest
   except Exception as e:  # config_flags raises many types; all end the program here.
     sys.exit(f"FATAL Flags parsing error: {explain_config_error(argv, e)}\n"
              "Pass --helpshort or --helpfull to see help on flags.")
+
+
+def split_late_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str, str]]]:
+  """argv without the overrides of list-valued keys and of dict keys given a path, and those
+  overrides as (arg, dotted path, value text)."""
+  spec = _flag_value(argv, CONFIG_FLAG)
+  overrides = [a for a in argv if a.startswith(f"--{CONFIG_FLAG}.") and "=" in a]
+  if spec is None or not overrides:
+    return list(argv), []
+  config = load_config(spec)
+  keep, late = [], []
+  for arg in argv:
+    path, _, text = arg[len(CONFIG_FLAG) + 3:].partition("=")
+    node = _lookup(config, path) if arg in overrides else None
+    is_path = (isinstance(node, mlc.ConfigDict) and path.split(".")[-1] in PATH_OR_DICT_KEYS
+               and not text.lstrip().startswith(("{", "dict(")))
+    if isinstance(node, list) or is_path:
+      late.append((arg, path, text))
+    else:
+      keep.append(arg)
+  return keep, late
+
+
+def apply_override(config: mlc.ConfigDict, path: str, text: str, arg: str) -> None:
+  """Sets the list or path override `arg` (`--config.<path>=<text>`) on `config`."""
+  *parents, key = path.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  if isinstance(node[key], list):
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      raise ValueError(f"{arg}: config.{path} is a list; give a Python list, e.g. "
+                       f"--config.{path}=\"{node[key]!r}\"") from None
+    if not isinstance(value, list | tuple):
+      raise ValueError(f"{arg}: config.{path} is a list, got {type(value).__name__}")
+    node[key] = list(value)
+  else:
+    with node.ignore_type():
+      node[key] = text
+
+
+def _lookup(config: mlc.ConfigDict, path: str):
+  """The value at dotted `path`, or None when there is none."""
+  node = config
+  for part in path.split("."):
+    if not isinstance(node, mlc.ConfigDict) or part not in node:
+      return None
+    node = node[part]
+  return node
 
 
 def explain_config_error(argv: Sequence[str], error: Exception) -> str:

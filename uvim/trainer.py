@@ -449,8 +449,10 @@ def _example_batch(config, builder) -> dict:
   """A batch of one zero example with the shapes the training pp produces (for init)."""
   from pp.builder import get_preprocess_fn
 
-  ds = builder.as_dataset(split=config.train_split)
-  spec = ds.map(get_preprocess_fn(config.pp_train, config.pp_modules)).element_spec
+  try:
+    ds = builder.as_dataset(split=config.train_split)
+    spec = ds.map(get_preprocess_fn(config.pp_train, config.pp_modules)).element_spec
+  except Exception as e:  # any pp error: parse, unknown op, wrong argument, missing key
+    raise UserError(f"config.pp_train: {' '.join(str(e).split())[:500]}") from e
   return {k: jnp.zeros((1, *s.shape), s.dtype.as_numpy_dtype) for k, s in spec.items()
           if s.dtype.is_numeric or s.dtype.is_bool}
-

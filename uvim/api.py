@@ -1,0 +1,130 @@
+"""A trained or released UViM in one call, predicting on arrays: for notebooks and scripts.
+
+  from uvim import api
+  model = api.load("runs/panoptic_stage2")  # a stage II workdir: its config and checkpoint
+  model = api.load("configs/panoptic_stage2.py",  # or a config and released big_vision files
+                   checkpoint="uvim_panoptic_stageII_params.npz",
+                   oracle="uvim_panoptic_stageI_params.npz")
+  outputs = model.predict([api.read_image("photo.jpg")])  # task outputs, (B, samples, ...)
+
+`predict` runs the one predict path of the trainer and predict.py (image -> sampled code ->
+stage I decoder -> task output) at the model's resolution; `model.task.render(output, image)`
+draws one output over its image at the image's size.
+"""
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections as mlc
+import numpy as np
+from PIL import Image
+
+from uvim import cli, stages
+from uvim.errors import UserError
+
+
+class Model:
+  """A stage II model with its frozen oracle, ready to predict."""
+
+  def __init__(self, config: mlc.ConfigDict, checkpoint: str):
+    if config.model_name != "proj.uvim.lm":
+      raise UserError(f"{checkpoint}: a {config.model_name!r} model; api.load takes stage II "
+                      "models ('proj.uvim.lm'), which predict from images alone")
+    self.config = config
+    self.stage = stages.StageII(config)
+    self.task = self.stage.task
+    image = jax.ShapeDtypeStruct((1, *self.stage.model.input_size, 3), np.float32)
+    shapes = jax.eval_shape(self.stage.init_variables, jax.random.key(0), {"image": image})
+    params, _ = self.stage.load_init(checkpoint, shapes["params"], {})
+    self.variables = jax.device_put(self.stage.variables(params, {},
+                                                         self.stage.frozen_variables()))
+    self._predict = jax.jit(self.stage.predict_samples, static_argnames=(
+        "temperature", "top_k", "top_p", "num_samples", "seed"))
+    self._pp = None
+
+  def preprocess(self, image: np.ndarray) -> dict[str, np.ndarray]:
+    """`config.pp_predict` on one uint8 RGB image: the model inputs (`image`, ...)."""
+    from pp.builder import get_preprocess_fn
+
+    if self._pp is None:
+      self._pp = get_preprocess_fn(self.config.pp_predict, self.config.pp_modules)
+    out = self._pp({"image": np.asarray(image), "image/id": 0})
+    return {k: np.asarray(v) for k, v in out.items() if k in ("image", "image_ctx")}
+
+  def predict_batch(self, batch: dict[str, np.ndarray], *, temperature: float | None = None,
+                    num_samples: int = 1, top_k: int = 0, top_p: float = 1.0,
+                    seed: int = 0) -> dict[str, np.ndarray]:
+    """Task outputs for a batch of preprocessed inputs, each (B, num_samples, ...), plus the
+    sampled `code` and its `code_logprob`. `temperature` None is the task's default."""
+    if temperature is None:
+      temperature = self.task.DEFAULT_TEMPERATURE
+    return jax.device_get(self._predict(self.variables, batch, temperature=temperature,
+                                        top_k=top_k, top_p=top_p, num_samples=num_samples,
+                                        seed=seed))
+
+  def predict(self, images: Sequence[np.ndarray], **sampling: Any) -> dict[str, np.ndarray]:
+    """Task outputs for uint8 RGB images of any sizes (see `predict_batch` for `sampling`)."""
+    inputs = [self.preprocess(image) for image in images]
+    batch = {k: np.stack([x[k] for x in inputs]) for k in inputs[0]}
+    return self.predict_batch(batch, **sampling)
+
+
+def load(source: str, *, checkpoint: str | None = None, oracle: str | None = None,
+         overrides: dict[str, Any] | None = None) -> Model:
+  """A stage II model from a training workdir (its `config.json` and latest checkpoint) or from
+  a config file (`path.py[:arg]`) and a `checkpoint` (npz or workdir). `oracle` replaces
+  `config.oracle.model_init`; `overrides` sets dotted config keys."""
+  config = load_config(source)
+  if checkpoint is None:
+    if not Path(source, "config.json").exists():
+      raise UserError(f"{source} is a config file: give checkpoint=<stage II npz or workdir>")
+    checkpoint = source
+  for key, value in (overrides or {}).items():
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  if oracle is not None:
+    config.oracle.model_init = oracle
+  return Model(config, checkpoint)
+
+
+def load_config(source: str) -> mlc.ConfigDict:
+  """The config of a workdir (`config.json`) or of a config file (`path.py[:arg]`)."""
+  recorded = Path(source, "config.json")
+  if recorded.exists():
+    return mlc.ConfigDict(json.loads(recorded.read_text()))
+  if not Path(source.partition(":")[0]).is_file():
+    raise UserError(f"{source}: neither a training workdir (with config.json) nor a config file")
+  return cli.load_config(source)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+  """An image file as uint8 RGB (H, W, 3). 16-bit and 32-bit grayscale are scaled by their bit
+  depth, not clipped; palette, grayscale and RGBA images are converted."""
+  with Image.open(path) as f:
+    if f.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+      return gray_to_rgb8(np.asarray(f), f.mode, str(path))
+    return np.asarray(f.convert("RGB"))
+
+
+def gray_to_rgb8(pixels: np.ndarray, mode: str, name: str) -> np.ndarray:
+  """A 16-bit, 32-bit integer or float grayscale image as uint8 RGB, scaled to its range:
+  16-bit by 65535; 32-bit integers by 65535 when they fit 16 bits (PNG readers widen 16-bit
+  data), else by 2^32 - 1; floats must lie in [0, 1]."""
+  pixels = pixels.astype(np.float64)
+  if mode == "F":
+    if pixels.min() < 0 or pixels.max() > 1:
+      raise UserError(f"{name}: a float image must lie in [0, 1], got [{pixels.min():g}, "
+                      f"{pixels.max():g}]")
+    top = 1.0
+  elif mode == "I" and pixels.max() > 65535:
+    top = 2.0**32 - 1
+  else:
+    top = 65535.0
+  gray = np.round(pixels / top * 255).clip(0, 255).astype(np.uint8)
+  return np.repeat(gray[..., None], 3, axis=-1)
