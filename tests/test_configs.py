@@ -17,7 +17,7 @@ from configs import (
     panoptic_stage2,
 )
 from pp.builder import get_preprocess_fn
-from uvim import cli
+from uvim import cli, stages
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [panoptic_stage1, panoptic_stage2, colorization_stage1, colorization_stage2,
@@ -78,7 +78,7 @@ def test_stage2_oracle_is_the_stage1_model(stage1, stage2, workdir, variant):
   """The stage II oracle section describes exactly the model its stage I config trains, and
   `:smoke` chains to the stage I `:smoke` workdir of the README."""
   oracle, trained = stage2.get_config(variant).oracle, stage1.get_config(variant).model
-  ignore = {"code_dropout", "dict_momentum"}  # training-time only
+  ignore = set(stages.TRAINING_ONLY)  # training-time only
   mine = {k: v for k, v in oracle.model.to_dict().items() if k not in ignore}
   theirs = {k: v for k, v in trained.to_dict().items() if k not in ignore and k in mine}
   assert {k: (tuple(v) if isinstance(v, list) else v) for k, v in mine.items()} == {

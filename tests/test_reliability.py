@@ -31,7 +31,7 @@ def test_a_locked_workdir_names_its_holder_and_a_killed_holder_frees_it(tmp_path
 
   holder = subprocess.Popen(
       [sys.executable, "-c", "import sys, time; from uvim import workdir; "
-       f"workdir.WorkdirLock({str(tmp_path)!r}).acquire(); print('held', flush=True); "
+       f"lock = workdir.WorkdirLock({str(tmp_path)!r}).acquire(); print('held', flush=True); "
        "time.sleep(600)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
   assert holder.stdout.readline().strip() == "held"
   with pytest.raises(UserError, match=rf"pid {holder.pid} on"):
@@ -108,11 +108,10 @@ def test_sigterm_saves_the_current_step_and_the_rerun_ends_like_an_uninterrupted
 # 5. Resume falls back to the newest intact checkpoint.
 
 def _damage(step_dir: Path, how: str) -> None:
-  if how == "truncated data file":
-    data = [p for p in step_dir.rglob("*") if p.is_file() and "/d/" in str(p)]
-    biggest = max(data, key=lambda p: p.stat().st_size)
-    with open(biggest, "r+b") as f:
-      f.truncate(biggest.stat().st_size // 2)
+  if how == "truncated data files":  # as a copy or a write cut short
+    for data in step_dir.glob("state/ocdbt.process_*/d/*"):
+      with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 2)
   elif how == "missing _METADATA":
     (step_dir / "state/_METADATA").unlink()
   else:
@@ -130,7 +129,7 @@ def finished_run(toy_data_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["truncated data file", "missing _METADATA", "empty folder"])
+@pytest.mark.parametrize("how", ["truncated data files", "missing _METADATA", "empty folder"])
 def test_a_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_resumes(
     toy_data_dir, tmp_path, finished_run, how, caplog):
   source, final = finished_run
@@ -189,7 +188,7 @@ def test_evaluator_mistakes_stop_the_run_before_its_first_step(toy_data_dir, tmp
   config.panoptic_val[section] = value
   with pytest.raises(UserError, match=message):
     trainer.train_and_evaluate(config, tmp_path)
-  assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+  assert not list(tmp_path.glob("checkpoints/*")) and not (tmp_path / "metrics.jsonl").exists()
 
 
 # 8. A failed save is reported with its cause.
@@ -237,7 +236,8 @@ def train_cli(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
     ("--config.batch_size=0", "config.batch_size must be an integer >= 1, got 0"),
     ("--config.total_steps=-5", "config.total_steps must be an integer >= 0 (or None), got -5"),
     ("--config.dataset=toy_scens/medium",
-     "Unknown dataset 'toy_scens/medium' (config.dataset); did you mean 'toy_scenes'?"),
+     "Unknown dataset 'toy_scens/medium' (config.dataset); did you mean 'toy_scenes'?; built in: "
+     "'toy_scenes', 'coco_panoptic_folder', others are tfds catalog names"),
 ])
 def test_config_values_are_checked_in_one_line(tmp_path, override, message):
   result = train_cli("--config=configs/panoptic_stage1.py:smoke", f"--workdir={tmp_path}",

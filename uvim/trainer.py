@@ -8,9 +8,11 @@ would have, bit for bit.
 """
 
 import contextlib
+import io
 import json
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -203,10 +205,9 @@ def _train_and_evaluate(config: mlc.ConfigDict, workdir: Path, is_main: bool) ->
   input_pipeline.local_batch_size(config.batch_size)  # fails early when hosts do not divide it
 
   # Compare with a previous run in this workdir before writing anything.
-  manager = checkpoint_manager(workdir, config)
   config_path = workdir / "config.json"
   current = json.loads(config.to_json_best_effort())
-  if manager.latest_step() is not None and config_path.exists():
+  if checkpoint_manager(workdir, config).latest_step() is not None and config_path.exists():
     differ = _compare_configs(json.loads(config_path.read_text()), current)
     if differ:
       raise UserError(f"{workdir} holds a checkpoint of a different config (keys {differ}); "
@@ -227,7 +228,8 @@ def _train_and_evaluate(config: mlc.ConfigDict, workdir: Path, is_main: bool) ->
   accum_steps = grad_accum_steps(config, mesh)
   evaluators = evaluators_common.from_config(config, mesh=mesh, fns=stage.eval_fns())
 
-  state, start = restore_latest_intact(manager, abstract_state, state_sharding)
+  manager, state, start = restore_latest_intact(partial(checkpoint_manager, workdir, config),
+                                               abstract_state, state_sharding)
   if state is None:
     state = jax.jit(init, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
     if config.get("model_init"):
@@ -283,34 +285,81 @@ def checkpoint_manager(workdir: Path, config: mlc.ConfigDict) -> ocp.CheckpointM
                                            enable_async_checkpointing=True))
 
 
-def restore_latest_intact(manager: ocp.CheckpointManager, abstract_state: TrainState,
-                          state_sharding: Any) -> tuple[TrainState | None, int | None]:
-  """The newest checkpoint that restores, and its step, or (None, None) when there is none.
+def restore_latest_intact(
+    make_manager: Callable[[], ocp.CheckpointManager], abstract_state: TrainState,
+    state_sharding: Any) -> tuple[ocp.CheckpointManager, TrainState | None, int | None]:
+  """A checkpoint manager, the newest checkpoint that restores and its step, or (manager, None,
+  None) when there is none.
 
   A checkpoint that fails to restore (a truncated file, missing metadata, an empty folder) is
   moved to `<workdir>/checkpoints_damaged/<step>` with a warning saying why, and the previous
-  one is tried.
+  one is tried with a fresh manager (the failed one holds orbax's abandoned reads).
   """
   target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         abstract_state, state_sharding)
+  manager = make_manager()
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target)))
-      return restored["state"], step
+      with _abandoned_reads_quiet():
+        try:
+          restored = manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(target)))
+        except Exception:
+          with contextlib.suppress(Exception):
+            manager.close()
+          manager = None
+          raise
+      return manager, restored["state"], step
     except Exception as e:  # orbax and tensorstore raise many types for damaged files
-      damaged = Path(manager.directory).parent / "checkpoints_damaged" / str(step)
+      directory = Path(make_manager().directory)
+      damaged = directory.parent / "checkpoints_damaged" / str(step)
       logging.warning("Skipping the checkpoint of step %d in %s: it does not restore (%s: %s). "
-                      "Moved to %s; trying the previous one.", step, manager.directory,
+                      "Moved to %s; trying the previous one.", step, directory,
                       type(e).__name__, _first_line(e), damaged)
       if jax.process_index() == 0:
         damaged.parent.mkdir(exist_ok=True)
         if damaged.exists():
           shutil.rmtree(damaged)
-        shutil.move(Path(manager.directory) / str(step), damaged)
+        shutil.move(directory / str(step), damaged)
       sharding.sync_hosts(f"set aside checkpoint {step}")
-      manager.reload()
-  return None, None
+      manager = make_manager()
+  return manager, None, None
+
+
+@contextlib.contextmanager
+def _abandoned_reads_quiet(settle_s: float = 0.5, most_s: float = 10.0):
+  """Drops what orbax's abandoned reads print when a restore fails on a damaged file: hundreds
+  of tracebacks from its closed event loop while they settle, and one per unfinished read
+  coroutine whenever orbax lets go of it (then a hook drops those, for the rest of the run).
+  The failure itself is raised."""
+  stderr, sys.stderr = sys.stderr, io.StringIO()
+  try:
+    yield
+  except Exception:
+    _drop_unfinished_orbax_coroutines()
+    start, size = time.monotonic(), -1
+    while sys.stderr.tell() != size and time.monotonic() - start < most_s:
+      size = sys.stderr.tell()
+      time.sleep(settle_s)
+    raise
+  finally:
+    sys.stderr = stderr
+
+
+def _drop_unfinished_orbax_coroutines() -> None:
+  """Installs an unraisable-exception hook that ignores orbax's never-finished coroutines and
+  passes everything else on."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_orbax", False):
+    return
+
+  def hook(unraisable):
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is None or "/orbax/" not in code.co_filename:
+      previous(unraisable)
+
+  hook.drops_orbax = True
+  sys.unraisablehook = hook
 
 
 def export_params(state: TrainState, path: Path) -> None:
