@@ -82,6 +82,14 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(toy_data_dir, tmp
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(straight.model_state["counts"], imported.model_state["counts"])
 
+  # Rerunning the finished run evaluates again and replaces its final evaluation lines.
+  def final_evals():
+    return [x for x in map(json.loads, (tmp_path / "a/metrics.jsonl").read_text().splitlines())
+            if x["step"] == 6 and "training_loss" not in x]
+  before = final_evals()
+  trainer.train_and_evaluate(tiny_config(toy_data_dir), tmp_path / "a")
+  assert len(final_evals()) == len(before) == len(tiny_config(toy_data_dir).evals)
+
   # The same workdir with a different model refuses to resume and names the keys.
   with pytest.raises(ValueError, match=r"different config.*model\.width"):
     trainer.train_and_evaluate(tiny_config(toy_data_dir, model=dict(TINY, width=64)),

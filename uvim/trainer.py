@@ -441,10 +441,12 @@ def _loop(state: TrainState, *, data, step_fn: Callable, start: int, total_steps
   """Steps from `start` to `total_steps`: log, check for divergence, checkpoint, evaluate, and
   stop (after saving) when a stop signal arrived."""
   timer_step, timer = start, time.perf_counter()
+  saving = False
   for step in range(start + 1, total_steps + 1):
     state, metrics = step_fn(state, next(data))
-    if not manager.is_saving_in_progress():
+    if saving and not manager.is_saving_in_progress():
       _finish_saves(manager)  # reports a failed save at the first step after it ended
+      saving = False
     log_now = step % config.log_training_steps == 0 or step == total_steps
     stopping = _agree_to_stop(stop, step, config)
     save_now = step % config.checkpoint_steps == 0 or step == total_steps or stopping
@@ -469,6 +471,7 @@ def _loop(state: TrainState, *, data, step_fn: Callable, start: int, total_steps
       _finish_saves(manager)
       manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
                    force=stopping)
+      saving = True
     if stopping:
       _finish_saves(manager)
       raise TrainingInterruptedError(stop.signum or signal.SIGTERM, step, str(manager.directory))
