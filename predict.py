@@ -64,7 +64,10 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("Give --workdir or --checkpoint (the trained stage II model).")
   try:
     model = api.Model(config, source)
-    failures = run(model, Path(_OUTPUT.value))
+    failures = run(model, _INPUT.value, Path(_OUTPUT.value), temperature=_TEMPERATURE.value,
+                   num_samples=_NUM_SAMPLES.value, batch_size=_BATCH_SIZE.value,
+                   sheet_rows=_SHEET_ROWS.value,
+                   sampling=dict(top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value))
   except UserError as e:
     sys.exit(f"FATAL {e}")
   if failures:
@@ -72,31 +75,32 @@ def main(argv: list[str]) -> None:
     sys.exit(1)
 
 
-def run(model: api.Model, output: Path) -> list[str]:
-  """Predicts every input, writes the task's files and the contact sheet; returns failures."""
+def run(model: api.Model, source: str, output: Path, *, temperature: float | None,
+        num_samples: int, batch_size: int, sheet_rows: int, sampling: dict) -> list[str]:
+  """Predicts every input of `source`, writes the task's files and a contact sheet of
+  `sheet_rows` images into `output`; returns the inputs that failed. `temperature` None is the
+  task's default; `sampling` holds top_k, top_p and seed."""
   output.mkdir(parents=True, exist_ok=True)
   config, stage = model.config, model.stage
-  sampling = dict(top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
   predict = lambda batch, **kwargs: model.predict_batch(batch, **sampling, **kwargs)
-  temperature = _TEMPERATURE.value
   categories = panoptic_categories(config, stage)
   failures: list[str] = []
-  examples = read_inputs(_INPUT.value, config, failures)
+  examples = read_inputs(source, config, failures)
   total = examples.total
   rows, done, start = [], 0, time.perf_counter()
-  for batch_examples in batched(examples, _BATCH_SIZE.value):
-    batch = pad_batch([e["model"] for e in batch_examples], _BATCH_SIZE.value)
-    outputs = predict(batch, temperature=temperature, num_samples=_NUM_SAMPLES.value)
-    want_sheet = len(rows) < _SHEET_ROWS.value
+  for batch_examples in batched(examples, batch_size):
+    batch = pad_batch([e["model"] for e in batch_examples], batch_size)
+    outputs = predict(batch, temperature=temperature, num_samples=num_samples)
+    want_sheet = len(rows) < sheet_rows
     if want_sheet:
       greedy = predict(batch, temperature=0.0, num_samples=1)
       samples = predict(batch, temperature=1.0, num_samples=SHEET_SAMPLES)
     for i, example in enumerate(batch_examples):
       image, name = example["image"], example["name"]
-      for k in range(_NUM_SAMPLES.value):
+      for k in range(num_samples):
         stem = output / (name if k == 0 else f"{name}_s{k}")
         stage.task.save(take(outputs, i, k), image, stem, categories)
-      if want_sheet and len(rows) < _SHEET_ROWS.value:
+      if want_sheet and len(rows) < sheet_rows:
         truth = example.get("labels")
         rows.append(([None if truth is None else stage.task.render_labels(truth, image)]
                      + [model_view(example["model"]["image"], image),
@@ -212,7 +216,7 @@ def panoptic_categories(config, stage) -> list[dict]:
   """The dataset's COCO categories when known, else ids 1..N for the N classes."""
   if config.oracle.task != "panoptic_segmentation":
     return []
-  from evaluators.panoptic import panoptic_categories as categories_of
+  from uvim.panoptic_format import panoptic_categories as categories_of
 
   try:
     return categories_of(input_pipeline.get_builder(config.dataset, config.data_dir))

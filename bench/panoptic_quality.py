@@ -19,7 +19,7 @@ from PIL import Image
 
 from bench import common
 from evaluators import panoptic
-from uvim.datasets.coco_folder import id_to_rgb
+from uvim.panoptic_format import id_to_rgb
 
 CATEGORIES = [{"id": i, "name": str(i), "isthing": int(i <= 90)} for i in range(1, 134)]
 

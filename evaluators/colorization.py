@@ -25,7 +25,7 @@ class Psnr(MeanEvaluator):
   """Mean PSNR of the predicted colours against `labels`."""
 
   def per_example(self, fns, options):
-    return lambda state, batch: {"psnr": psnr(fns["predict"](state, batch)["color"],
+    return lambda variables, batch: {"psnr": psnr(fns["predict"](variables, batch)["color"],
                                               batch["labels"])}
 
 
@@ -80,16 +80,16 @@ class ColtranFid(Evaluator):
     self.ref_split = options["ref_split"]
     self.inception = _inception(options["inception_weights"])
 
-    def fid_images(state, batch):
-      return quantize_8bit(area_resize(self.fns["predict"](state, batch)["color"], FID_SIZE))
+    def fid_images(variables, batch):
+      return quantize_8bit(area_resize(self.fns["predict"](variables, batch)["color"], FID_SIZE))
 
     self._fid_images = jax.jit(fid_images)
 
-  def run(self, state) -> dict[str, float]:
+  def run(self, variables) -> dict[str, float]:
     fake = []
     for batch in self.batches():
       mask = input_pipeline.local_rows(batch[input_pipeline.MASK_KEY])
-      features = self.inception(self._fid_images(state, batch))
+      features = self.inception(self._fid_images(variables, batch))
       fake.append(input_pipeline.local_rows(features)[mask])
     real = [np.asarray(self.inception(batch))[:n] for batch, n in self._reference_batches()]
     fake, real = np.concatenate(fake), np.concatenate(real)

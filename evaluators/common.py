@@ -113,24 +113,24 @@ class MeanEvaluator(Evaluator):
     super().__init__(name, config, options, mesh=mesh, fns=fns)
     per_example = self.per_example(self.fns, options)
 
-    def sums(state, batch):
+    def sums(variables, batch):
       mask = batch["_mask"].astype(jnp.float32)
-      return ({k: jnp.sum(v * mask) for k, v in per_example(state, batch).items()},
+      return ({k: jnp.sum(v * mask) for k, v in per_example(variables, batch).items()},
               jnp.sum(mask))
 
     self._sums = jax.jit(sums)
 
   def per_example(self, fns: dict, options: dict) -> Callable:
-    """(state, batch) -> {metric: (B,) values}."""
+    """(variables, batch) -> {metric: (B,) values}."""
     raise NotImplementedError
 
-  def run(self, state) -> dict[str, float]:
+  def run(self, variables) -> dict[str, float]:
     import jax
     import jax.numpy as jnp
 
     totals, count = None, 0.0
     for batch in self.batches():  # Dispatch every batch, then fetch once.
-      sums, n = self._sums(state, batch)
+      sums, n = self._sums(variables, batch)
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
       count = count + n
     totals, count = jax.device_get((totals, count))

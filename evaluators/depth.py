@@ -34,9 +34,9 @@ class NyuDepth(MeanEvaluator):
   def per_example(self, fns, options):
     limits = (options.get("min_depth", 1e-3), options.get("max_depth", 10.0))
 
-    def metrics(state, batch):
+    def metrics(variables, batch):
       gt = batch["ground_truth"][..., 0]
-      pred = jax.image.resize(fns["predict"](state, batch)["depth"], gt.shape, method="nearest")
+      pred = jax.image.resize(fns["predict"](variables, batch)["depth"], gt.shape, method="nearest")
       return depth_metrics(pred, gt, *limits)
 
     return metrics

@@ -16,7 +16,6 @@ Score a COCO-format prediction folder:
   python -m evaluators.panoptic --gt_json F --gt_folder D --pred_json F --pred_folder D
 """
 
-import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,25 +26,15 @@ from PIL import Image
 
 from evaluators.common import Evaluator, register
 from uvim import input_pipeline
-from uvim.datasets.coco_folder import id_to_rgb, rgb_to_id
-
-VOID = 0
-
-
-@dataclasses.dataclass
-class Segments:
-  """The segments of one image: ids, COCO category ids, crowd flags, areas (ground truth)."""
-  ids: np.ndarray
-  category_ids: np.ndarray
-  iscrowd: np.ndarray | None = None
-  areas: np.ndarray | None = None
-
-  @classmethod
-  def from_coco(cls, segments_info: Sequence[Mapping]) -> "Segments":
-    return cls(ids=np.array([s["id"] for s in segments_info], np.int64),
-               category_ids=np.array([s["category_id"] for s in segments_info], np.int64),
-               iscrowd=np.array([s.get("iscrowd", 0) for s in segments_info], bool),
-               areas=np.array([s.get("area", 0) for s in segments_info], np.int64))
+from uvim.panoptic_format import (
+  VOID,
+  Segments,
+  id_to_rgb,
+  panoptic_categories,
+  panoptic_from_two_channels,
+  resize_nearest,
+  rgb_to_id,
+)
 
 
 class PQAccumulator:
@@ -114,13 +103,6 @@ class PQAccumulator:
     ignored = (void_inter + crowd_inter) / pred_area > 0.5
     np.add.at(self.fp, pred_cat[~pred_matched & ~ignored], 1)
 
-  def merge(self, other: "PQAccumulator") -> None:
-    """Adds another accumulator's sums (another batch or host)."""
-    self.tp += other.tp
-    self.fp += other.fp
-    self.fn += other.fn
-    self.iou += other.iou
-
   def state(self) -> np.ndarray:
     """The sums as one float64 array (tp, fp, fn, iou), for gathering across hosts."""
     return np.stack([self.tp, self.fp, self.fn, self.iou]).astype(np.float64)
@@ -172,44 +154,6 @@ def _index_of(id_map: np.ndarray, ids: np.ndarray, void: int, unknown: int) -> n
   return np.where(id_map == VOID, void, index)
 
 
-def panoptic_from_two_channels(semantics: np.ndarray, instances: np.ndarray,
-                               category_ids: np.ndarray) -> tuple[np.ndarray, Segments]:
-  """A (class + 1, instance) prediction -> segment-id map and segments; class 0 is void.
-
-  Each distinct (class, instance) pair with class > 0 becomes one segment, as panopticapi's
-  two-channel converter does.
-  """
-  key = semantics.astype(np.int64) * (int(instances.max(initial=0)) + 1) + instances
-  pairs, inverse = np.unique(key, return_inverse=True)
-  pair_class = pairs // (int(instances.max(initial=0)) + 1)
-  ids = np.arange(1, len(pairs) + 1)
-  segment_ids = np.where(pair_class > 0, ids, VOID)[inverse.reshape(key.shape)]
-  keep = pair_class > 0
-  return segment_ids, Segments(ids=ids[keep], category_ids=category_ids[pair_class[keep] - 1])
-
-
-def resize_nearest(x: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-  """Nearest-neighbour resize of a 2-D map with half-pixel centres (as tf.image.resize)."""
-  h, w = x.shape[:2]
-  rows = np.minimum(((np.arange(shape[0]) + 0.5) * h / shape[0]).astype(int), h - 1)
-  cols = np.minimum(((np.arange(shape[1]) + 0.5) * w / shape[1]).astype(int), w - 1)
-  return x[rows][:, cols]
-
-
-def panoptic_categories(builder) -> list[dict]:
-  """COCO categories of a panoptic tfds dataset (label k is the k-th by id).
-
-  Local builders keep them in their metadata; for the catalog `coco/2017_panoptic` (labels
-  sorted by category id, the 80 things first) the ids are stand-ins, which PQ does not depend
-  on; write predictions for official scoring from a `coco_panoptic_folder` dataset instead.
-  """
-  metadata = builder.info.metadata or {}
-  if "categories" in metadata:
-    return sorted(metadata["categories"], key=lambda c: c["id"])
-  names = builder.info.features["panoptic_objects"]["label"].names
-  return [{"id": k + 1, "name": n, "isthing": int(k < 80)} for k, n in enumerate(names)]
-
-
 @register("coco_panoptic")
 class CocoPanoptic(Evaluator):
   """PQ of the model's panoptic predictions, scored at each image's original resolution.
@@ -225,7 +169,7 @@ class CocoPanoptic(Evaluator):
     self.write_to = options.get("write_predictions")
     self._predict = jax.jit(self.fns["predict"])
 
-  def run(self, state) -> dict[str, float]:
+  def run(self, variables) -> dict[str, float]:
     builder = input_pipeline.get_builder(self.config.dataset, self.config.data_dir)
     categories = panoptic_categories(builder)
     category_ids = np.array([c["id"] for c in categories])
@@ -234,7 +178,7 @@ class CocoPanoptic(Evaluator):
       writer = PredictionWriter(Path(self.write_to), categories)
     ground_truth = input_pipeline.host_examples(builder, self.split)
     for batch in self.batches():
-      pred = jax.tree.map(input_pipeline.local_rows, self._predict(state, batch))
+      pred = jax.tree.map(input_pipeline.local_rows, self._predict(variables, batch))
       mask = input_pipeline.local_rows(batch[input_pipeline.MASK_KEY])
       for i in np.nonzero(mask)[0]:
         gt = next(ground_truth)

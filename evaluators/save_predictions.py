@@ -24,11 +24,11 @@ class SavePredictions(Evaluator):
     self.outfile = Path(options["outfile"])
     self._predict = jax.jit(self.fns["predict"])
 
-  def run(self, state) -> dict[str, float]:
+  def run(self, variables) -> dict[str, float]:
     rows: dict[str, list] = {}
     for batch in self.batches():
       mask = input_pipeline.local_rows(batch[input_pipeline.MASK_KEY])
-      pred = {f"pred/{k}": v for k, v in self._predict(state, batch).items()}
+      pred = {f"pred/{k}": v for k, v in self._predict(variables, batch).items()}
       for key, value in {**batch, **pred}.items():
         if key != input_pipeline.MASK_KEY:
           rows.setdefault(key, []).append(input_pipeline.local_rows(value)[mask])

@@ -8,7 +8,7 @@ class Validation(MeanEvaluator):
   """Masked mean of the per-example losses over every example of `split`."""
 
   def per_example(self, fns, options):
-    def losses(state, batch):
-      loss, parts = fns["loss"](state, batch)
+    def losses(variables, batch):
+      loss, parts = fns["loss"](variables, batch)
       return {"loss": loss, **parts}
     return losses

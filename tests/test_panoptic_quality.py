@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from evaluators import panoptic
-from uvim.datasets.coco_folder import id_to_rgb
+from uvim.panoptic_format import id_to_rgb
 
 CATEGORIES = [{"id": i, "name": f"c{i}", "isthing": int(i < 90)} for i in (1, 3, 7, 20, 92, 95)]
 

@@ -15,8 +15,8 @@ from test_trainer import TINY, losses, tiny_config
 
 from configs import panoptic_stage2
 from uvim import checkpoint, input_pipeline, sharding, stages, trainer
-from uvim.datasets.coco_folder import rgb_to_id
 from uvim.errors import UserError
+from uvim.panoptic_format import rgb_to_id
 
 ROOT = Path(__file__).resolve().parents[1]
 LM_TINY = dict(num_layers=1, num_heads=2, mlp_dim=64, emb_dim=32)

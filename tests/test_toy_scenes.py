@@ -5,7 +5,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from uvim.datasets import toy_scenes
-from uvim.datasets.coco_folder import rgb_to_id
+from uvim.panoptic_format import rgb_to_id
 
 
 @pytest.fixture(scope="module")

@@ -29,28 +29,11 @@ import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
+from uvim.panoptic_format import rgb_to_id
+
 FOLDER_TO_TFDS_SPLIT = {"val": "validation"}
 TFDS_TO_FOLDER_SPLIT = {v: k for k, v in FOLDER_TO_TFDS_SPLIT.items()}
 ANNOTATION_RE = re.compile(r"panoptic_(?P<split>[a-z]+)(?P<year>\d*)\.json")
-
-
-def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-  """COCO panoptic PNG colours (uint8, ..., 3; extra channels ignored) -> uint32 segment ids:
-  R + 256 G + 256^2 B."""
-  flat = np.ascontiguousarray(np.asarray(rgb)[..., :3], np.uint8).reshape(-1)
-  ids = np.empty(np.shape(rgb)[:-1], np.uint32)
-  out = ids.reshape(-1)
-  if out.size:
-    # Each pixel's bytes and the next pixel's red as one little-endian word, less that red.
-    words = np.ndarray((out.size - 1,), "<u4", flat, strides=(3,))
-    np.bitwise_and(words, 0xFFFFFF, out=out[:-1])
-    out[-1] = int.from_bytes(flat[-3:].tobytes(), "little")
-  return ids
-
-
-def id_to_rgb(ids: np.ndarray) -> np.ndarray:
-  """Segment ids -> COCO panoptic PNG colours (uint8, ..., 3)."""
-  return np.stack([ids % 256, ids // 256 % 256, ids // 256**2], -1).astype(np.uint8)
 
 
 def panoptic_features(label: tfds.features.ClassLabel, image_format: str | None = None,

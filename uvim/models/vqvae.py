@@ -95,7 +95,6 @@ class Model(nn.Module):
   codeword_dim: int | None = None
   dict_momentum: float = 0.995
   min_count: float = 0.1  # ~0.995^460: a word unused for ~460 steps is replaced.
-  quantize: bool = True
   with_encoder_ctx: bool = True
   with_decoder_ctx: bool = True
   code_dropout: str = "none"  # "none", "random" (random positions) or "prefix"
@@ -164,12 +163,12 @@ class Model(nn.Module):
     return einops.rearrange(stem(ctx), "b h w c -> b (h w) c")
 
   def encode(self, x: Mapping[str, jnp.ndarray], *, ctx: jnp.ndarray | None = None,
-             train: bool = False, update_dict: bool = True) -> tuple[jnp.ndarray, dict]:
+             train: bool = False) -> tuple[jnp.ndarray, dict]:
     """Labels (+ context) -> quantised code vectors (B, code_len, dim) and `aux`.
 
     `aux` has `bottleneck` (standardised pre-quantisation vectors), `bottleneck_q`, `code`
-    (B, code_len) ints and codebook statistics. With `train` (and `update_dict`) the
-    dictionary state is updated from this batch.
+    (B, code_len) ints and codebook statistics. With `train` the dictionary state is updated
+    from this batch.
     """
     h = sum(self.embeddings[k](x[k]) for k in self.inputs)
     if self.with_encoder_ctx:
@@ -183,10 +182,8 @@ class Model(nn.Module):
     quantized, code = quantize(bottleneck, self.codewords())
     aux = {"bottleneck": bottleneck, "bottleneck_q": quantized, "code": code,
            **codebook_stats(code, self.dict_size)}
-    if train and update_dict:
+    if train:
       self._update_dictionary(bottleneck, code)
-    if not self.quantize:
-      quantized = aux["bottleneck_q"] = bottleneck
     return quantized, aux
 
   def _update_dictionary(self, bottleneck: jnp.ndarray, code: jnp.ndarray) -> None:
@@ -223,8 +220,8 @@ class Model(nn.Module):
     return logits, {"logits": logits}
 
   def __call__(self, x: Mapping[str, jnp.ndarray], *, ctx: jnp.ndarray | None = None,
-               train: bool = False, update_dict: bool = True) -> tuple[dict, dict]:
+               train: bool = False) -> tuple[dict, dict]:
     """Encode then decode: (logits per output, aux of both)."""
-    quantized, aux_enc = self.encode(x, ctx=ctx, train=train, update_dict=update_dict)
+    quantized, aux_enc = self.encode(x, ctx=ctx, train=train)
     logits, aux_dec = self.decode(quantized, ctx=ctx, train=train)
     return logits, {**aux_enc, **aux_dec}

@@ -9,8 +9,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from evaluators.panoptic import resize_nearest
 from uvim import visualize
+from uvim.panoptic_format import resize_nearest
 from uvim.tasks import common
 
 MIN_DEPTH, MAX_DEPTH = 1e-3, 10.0

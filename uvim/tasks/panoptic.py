@@ -13,9 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evaluators.panoptic import panoptic_from_two_channels, resize_nearest
 from uvim import visualize
-from uvim.datasets.coco_folder import id_to_rgb
+from uvim.panoptic_format import id_to_rgb, panoptic_from_two_channels, resize_nearest
 from uvim.tasks import common
 
 LABELS = (2, "int32")  # (semantic class + 1, instance id) per pixel
