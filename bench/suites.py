@@ -178,7 +178,7 @@ def fit_batch(spec: common.ConfigSpec, probe: int = 8, largest: int = 1024,
   if "bytes_limit" not in stats:
     return probe
   config = spec.with_overrides({"batch_size": probe}).build()
-  figures = plan.plan(config, sharding.make_mesh(config.get("mesh") or [("data", -1)]))
+  figures = plan.plan(config, sharding.make_mesh(config.mesh))
   fixed = figures["peak_bytes_estimate"] - figures["temp_bytes"]
   per_example = figures["temp_bytes"] / probe
   fits = lambda b: fixed + b * per_example <= fill * stats["bytes_limit"]

@@ -53,12 +53,11 @@ def describe(config) -> str:
     size = (f"stage I: width {m.width}, {m.oracle_depth}+{m.base_model_depth} layers, "
             f"{m.input_size[0]} px / {m.patch_size[0]}, code {m.code_len}, dict {m.dict_size}, "
             f"heads {'/'.join(map(str, heads))}")
-  options = [o for o, on in (("remat", config.get("remat")),
-                             ("scan", config.get("scan_layers")),
-                             ("fused attention", config.get("attention") == "fused"),
-                             (f"accum {config.get('grad_accum_steps')}",
-                              (config.get("grad_accum_steps") or 1) > 1)) if on]
-  dtype = config.get("compute_dtype") or "float32"
+  options = [o for o, on in (("remat", config.remat), ("scan", config.scan_layers),
+                             ("fused attention", config.attention == "fused"),
+                             (f"accum {config.grad_accum_steps}", config.grad_accum_steps > 1))
+             if on]
+  dtype = config.compute_dtype
   return ", ".join([size, f"batch {config.batch_size}", dtype, *options])
 
 
@@ -70,7 +69,7 @@ def measure(config, *, figure: str = "train_step", steps: int = 5,
   fraction of it (of it times the device count for accelerators: simulated CPU devices share
   the same cores), and as MFU against the datasheet peak where the device kind is known.
   """
-  mesh = sharding.make_mesh(config.get("mesh") or [("data", -1)])
+  mesh = sharding.make_mesh(config.mesh)
   start = time.perf_counter()
   compiled, inputs = plan.compile_step(config, mesh)
   compile_seconds = time.perf_counter() - start
@@ -93,8 +92,8 @@ def measure(config, *, figure: str = "train_step", steps: int = 5,
   parallel = 1 if jax.devices()[0].platform == "cpu" else jax.device_count()
   measured = {
       "model": config.model_name, "batch_size": config.batch_size, "mesh": dict(mesh.shape),
-      "compute_dtype": config.get("compute_dtype") or "float32",
-      "remat": bool(config.get("remat")), "grad_accum_steps": config.get("grad_accum_steps") or 1,
+      "compute_dtype": config.compute_dtype,
+      "remat": config.remat, "grad_accum_steps": config.grad_accum_steps,
       "seconds_per_step": seconds, "images_per_second": config.batch_size / seconds,
       "flops_per_step": flops, "flops_per_second": flops / seconds,
       "xla_flops_per_step": float(cost.get("flops", 0.0)) * mesh.size,

@@ -1,10 +1,11 @@
 """What the config files share: the `:arg` parser and the model sizes."""
 
 import ast
-import difflib
 from typing import Any
 
 import ml_collections as mlc
+
+from uvim.errors import did_you_mean
 
 # Stage I (`proj.uvim.vit`) and stage II (`proj.uvim.lm`) sizes. 'base'/'large' are the paper's;
 # 'smoke' trains in minutes on a CPU.
@@ -36,9 +37,8 @@ def parse_arg(arg: str | None, **spec: Any) -> mlc.ConfigDict:
     if not name:
       continue
     if name not in spec:
-      close = difflib.get_close_matches(name, spec, n=1)
-      hint = f"did you mean {close[0]!r}? " if close else ""
-      raise ValueError(f"Unknown config arg {name!r} in {arg!r}: {hint}valid args: {sorted(spec)}")
+      raise ValueError(f"Unknown config arg {name!r} in {arg!r}: {did_you_mean(name, spec)}"
+                       f"valid args: {sorted(spec)}")
     if not has_value:
       if not isinstance(spec[name], bool):
         raise ValueError(f"Config arg {name!r} needs a value ({name}=...), got a bare word")

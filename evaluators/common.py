@@ -40,8 +40,8 @@ def from_config(config, **kwargs) -> list:
       raise UserError(f"config.evals holds (name, evaluator type) pairs of strings, got {entry!r}")
     name, kind = entry
     if kind not in EVALUATORS:
-      raise UserError(f"Unknown evaluator type {kind!r} for {name!r} in config.evals"
-                      f"{did_you_mean(kind, EVALUATORS)}; known: {sorted(EVALUATORS)}")
+      raise UserError(f"Unknown evaluator type {kind!r} for {name!r} in config.evals: "
+                      f"{did_you_mean(kind, EVALUATORS)}known: {sorted(EVALUATORS)}")
     if name not in config:
       raise UserError(f"config.evals names {name!r}, but there is no config.{name}")
     options = dict(config[name])
@@ -100,7 +100,7 @@ def _check_kwargs(key: str, fn: Callable, kwargs: dict) -> None:
   known = [n for n, p in parameters.items() if p.kind == p.KEYWORD_ONLY]
   for k in kwargs:
     if k not in known:
-      raise UserError(f"{key}: unknown option {k!r}{did_you_mean(k, known)}; valid: {known}")
+      raise UserError(f"{key}: unknown option {k!r}; {did_you_mean(k, known)}valid: {known}")
 
 
 class MeanEvaluator(Evaluator):

@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 
 from evaluators.common import MeanEvaluator, register
+from uvim.tasks.depth import MAX_DEPTH, MIN_DEPTH
 
 
-def depth_metrics(pred_BxHxW: jnp.ndarray, gt_BxHxW: jnp.ndarray, min_depth: float = 1e-3,
-                  max_depth: float = 10.0) -> dict[str, jnp.ndarray]:
+def depth_metrics(pred_BxHxW: jnp.ndarray, gt_BxHxW: jnp.ndarray, min_depth: float = MIN_DEPTH,
+                  max_depth: float = MAX_DEPTH) -> dict[str, jnp.ndarray]:
   """Per-image metrics (B,) over the valid pixels of each image."""
   valid = (gt_BxHxW > min_depth) & (gt_BxHxW < max_depth)
   n = jnp.maximum(jnp.sum(valid, axis=(1, 2)), 1)
@@ -32,7 +33,7 @@ class NyuDepth(MeanEvaluator):
   OPTIONS = MeanEvaluator.OPTIONS | {"min_depth", "max_depth"}
 
   def per_example(self, fns, options):
-    limits = (options.get("min_depth", 1e-3), options.get("max_depth", 10.0))
+    limits = (options.get("min_depth", MIN_DEPTH), options.get("max_depth", MAX_DEPTH))
 
     def metrics(variables, batch):
       gt = batch["ground_truth"][..., 0]

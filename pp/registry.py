@@ -5,10 +5,11 @@ An op module registers its ops when imported. Config files name op modules in
 which resolve to this package's modules.
 """
 
-import difflib
 import importlib
 from collections.abc import Callable, Iterable
 from typing import Any
+
+from uvim.errors import did_you_mean
 
 PPFn = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -39,9 +40,8 @@ def register(name: str) -> Callable[[Callable[..., PPFn]], Callable[..., PPFn]]:
 def lookup(name: str) -> Callable[..., PPFn]:
   """The factory registered under `name`; an unknown name suggests the closest one."""
   if name not in _OPS:
-    close = difflib.get_close_matches(name, _OPS, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; known ops: {sorted(_OPS)}"
-    raise ValueError(f"Unknown pp op {name!r}{hint}")
+    raise ValueError(f"Unknown pp op {name!r}; {did_you_mean(name, _OPS)}known ops: "
+                     f"{sorted(_OPS)}")
   return _OPS[name]
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from uvim import panoptic_format
 from uvim.datasets import coco_folder, toy_scenes
 
 
@@ -104,7 +105,7 @@ def test_rgb_to_id_is_the_formula_on_any_layout(shape):
   read_only.flags.writeable = False
   rgba = np.concatenate([rgb, rgb[..., :1]], -1)
   for x in (rgb, np.asfortranarray(rgb), rgb[..., ::-1, :][..., ::-1, :], read_only, rgba, wide):
-    ids = coco_folder.rgb_to_id(x)
+    ids = panoptic_format.rgb_to_id(x)
     assert ids.dtype == np.uint32 and ids.shape == shape
     np.testing.assert_array_equal(ids, expected)
 
@@ -112,6 +113,6 @@ def test_rgb_to_id_is_the_formula_on_any_layout(shape):
 def test_id_to_rgb_round_trips():
   ids = np.random.default_rng(0).integers(0, 256**3, (9, 11))
   ids[0, :3] = 0, 256**3 - 1, 255
-  rgb = coco_folder.id_to_rgb(ids)
+  rgb = panoptic_format.id_to_rgb(ids)
   assert rgb.dtype == np.uint8 and rgb.shape == (9, 11, 3)
-  np.testing.assert_array_equal(coco_folder.rgb_to_id(rgb), ids)
+  np.testing.assert_array_equal(panoptic_format.rgb_to_id(rgb), ids)

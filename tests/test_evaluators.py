@@ -65,7 +65,7 @@ def test_coco_panoptic_evaluator_agrees_with_panopticapi(toy_data_dir, tmp_path)
                  write_predictions=str(tmp_path / "pred"))
   mesh = sharding.make_mesh([("data", -1)])
   evaluator = panoptic.CocoPanoptic("panoptic_val", config, options, mesh=mesh, fns=fns)
-  ours = evaluator.run(state=None)
+  ours = evaluator.run(variables=None)
   assert 50 < ours["PQ"] < 100  # thin things lose pixels at 64 px
 
   builder = tfds.builder("toy_scenes/tiny", data_dir=toy_data_dir)

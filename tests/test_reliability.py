@@ -236,7 +236,7 @@ def train_cli(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
     ("--config.batch_size=0", "config.batch_size must be an integer >= 1, got 0"),
     ("--config.total_steps=-5", "config.total_steps must be an integer >= 0 (or None), got -5"),
     ("--config.dataset=toy_scens/medium",
-     "Unknown dataset 'toy_scens/medium' (config.dataset); did you mean 'toy_scenes'?; built in: "
+     "Unknown dataset 'toy_scens/medium' (config.dataset): did you mean 'toy_scenes'? built in: "
      "'toy_scenes', 'coco_panoptic_folder', others are tfds catalog names"),
 ])
 def test_config_values_are_checked_in_one_line(tmp_path, override, message):

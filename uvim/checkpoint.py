@@ -12,6 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from uvim.errors import UserError
+from uvim.tree import leaves_by_name
 
 
 def unflatten(flat: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -28,11 +29,8 @@ def unflatten(flat: dict[str, np.ndarray]) -> dict[str, Any]:
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
   """{'a': {'b': x}} -> {'a/b': np.asarray(x)}."""
-  flat = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-    flat[f"{prefix}{name}"] = np.asarray(jax.device_get(leaf))
-  return flat
+  return {f"{prefix}{name}": np.asarray(jax.device_get(leaf))
+          for name, leaf in leaves_by_name(tree).items()}
 
 
 def load_npz(path: str | Path) -> dict[str, Any]:
@@ -74,16 +72,10 @@ def load_params_from_workdir(workdir: str | Path) -> dict[str, Any]:
   return {"params": state["params"], "state": state["model_state"]}
 
 
-def _leaves_by_name(tree: Any) -> dict[str, Any]:
-  """{'a/b': leaf}, leaves untouched (arrays or jax.ShapeDtypeStruct)."""
-  return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def merge_into(init: Any, loaded: Any, source: str) -> Any:
   """`loaded` in the structure and dtypes of `init` (arrays or shapes); names missing or
   mismatched keys."""
-  want, have = _leaves_by_name(init), flatten(loaded)
+  want, have = leaves_by_name(init), flatten(loaded)
   missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
   wrong = sorted(k for k in want.keys() & have.keys() if want[k].shape != have[k].shape)
   if missing or extra or wrong:

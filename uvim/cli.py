@@ -6,7 +6,6 @@ end the program with one line that names the key and the closest valid one, not 
 """
 
 import ast
-import difflib
 import importlib.util
 import sys
 from collections.abc import Sequence
@@ -14,6 +13,8 @@ from collections.abc import Sequence
 import ml_collections as mlc
 from absl import flags
 from ml_collections import config_flags
+
+from uvim.errors import did_you_mean
 
 CONFIG_FLAG = "config"
 
@@ -152,8 +153,7 @@ def find_unknown_key(config: mlc.ConfigDict, path: str) -> str | None:
       keys = list(node.keys())
       if part not in keys:
         where = f"config.{'.'.join(walked)}" if walked else "the config"
-        close = difflib.get_close_matches(part, keys, n=1)
-        hint = f"did you mean {'.'.join([*walked, close[0]])!r}? " if close else ""
+        hint = did_you_mean(part, keys, prefix="".join(f"{w}." for w in walked))
         return f"{where} has no key {part!r}; {hint}valid keys: {sorted(keys)}"
       node = node[part]
     elif isinstance(node, list | tuple) and part.isdigit() and int(part) < len(node):

@@ -12,7 +12,8 @@ class UserError(ValueError):
   """A mistake in a config, a flag or an input file, explained in one line."""
 
 
-def did_you_mean(name: str, known: Iterable[str]) -> str:
-  """'; did you mean X?' for the known name closest to `name`, or ''."""
+def did_you_mean(name: str, known: Iterable[str], prefix: str = "") -> str:
+  """"did you mean 'X'? " for the known name X closest to `name` (shown after `prefix`), or ""
+  when none is close: the one hint every "unknown name" error gives."""
   close = difflib.get_close_matches(name, list(known), n=1)
-  return f"; did you mean {close[0]!r}?" if close else ""
+  return f"did you mean {prefix + close[0]!r}? " if close else ""

@@ -48,7 +48,7 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
   except tfds.core.registered.DatasetNotFoundError:
     base = name.split("/")[0].split(":")[0]
     hint = did_you_mean(base, tfds.list_builders())
-    raise UserError(f"Unknown dataset {name!r} (config.dataset){hint}; built in: 'toy_scenes', "
+    raise UserError(f"Unknown dataset {name!r} (config.dataset): {hint}built in: 'toy_scenes', "
                     "'coco_panoptic_folder', others are tfds catalog names") from None
   if builder.is_prepared():
     return builder
@@ -256,6 +256,26 @@ def train_data(config, mesh: jax.sharding.Mesh, position: int = 0) -> GlobalBatc
                       shuffle_buffer_size=config.shuffle_buffer_size, seed=config.seed,
                       position=position)
   return GlobalBatches(ds, batch_sharding(mesh), local, position)
+
+
+def check_train_input(config, expected: dict) -> None:
+  """Traces `config.pp_train` on the training split and compares what it gives with the model's
+  inputs `expected` (shapes; the first axis is the batch): a pp error, a missing key or a size
+  the model does not take is a UserError naming config.pp_train, before anything compiles."""
+  builder = get_builder(config.dataset, config.data_dir)
+  try:
+    spec = _read(builder, config.train_split).map(
+        get_preprocess_fn(config.pp_train, config.pp_modules)).element_spec
+  except Exception as e:  # any pp error: parse, unknown op, wrong argument, missing key
+    raise UserError(f"config.pp_train: {' '.join(str(e).split())[:500]}") from e
+  for key, want in expected.items():
+    got = spec.get(key, spec.get("image") if key == "image_ctx" else None)  # ctx defaults to image
+    if got is None:
+      raise UserError(f"config.pp_train gives no {key!r} (it gives {sorted(spec)}); the model "
+                      f"takes {key} of shape {tuple(want.shape[1:])}")
+    if tuple(got.shape) != tuple(want.shape[1:]):
+      raise UserError(f"config.pp_train gives {key} of shape {tuple(got.shape)}; the model "
+                      f"(config.model / config.oracle.model sizes) takes {tuple(want.shape[1:])}")
 
 
 def check_eval_input(config, split: str, pp: str, key: str) -> None:

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from uvim.tree import path_name
+
 WD_PATTERN = r".*/kernel$|^kernel$"  # decay weights, not biases, norms or embeddings
 
 
@@ -141,16 +143,12 @@ def schedule_fn(total_steps: int, decay_type: str = "cosine", warmup_steps: int 
   return fn
 
 
-def path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def tree_of_mults(params: Any, lr_mults: Sequence[tuple[str, float]]) -> Any:
   """Per parameter, the multiplier of the first regex in `lr_mults` that matches its path."""
   compiled = [(re.compile(p), m) for p, m in lr_mults]
 
   def mult(path, _):
-    name = path_str(path)
+    name = path_name(path)
     return next((m for pattern, m in compiled if pattern.fullmatch(name)), 1.0)
 
   return jax.tree_util.tree_map_with_path(mult, params)
@@ -169,7 +167,7 @@ def decoupled_update(lr: float, wd: float, mults: Any, schedule: Callable,
     scale = schedule(state.count)
 
     def one(path, u, p, m):
-      decay = wd if (m > 0 and wd_re.fullmatch(path_str(path))) else 0.0
+      decay = wd if (m > 0 and wd_re.fullmatch(path_name(path))) else 0.0
       return -scale * (lr * m * u + decay * p)
 
     new = jax.tree_util.tree_map_with_path(one, updates, params, mults)

@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from uvim.tree import path_name
+
 FSDP_AXIS = "fsdp"
 TENSOR_AXIS = "tensor"
 # Parameter path (ending) -> the dimension, counted from the end so that scanned layers' leading
@@ -79,16 +81,11 @@ def fsdp_spec(shape: Sequence[int], mesh: Mesh, path: str = "") -> PartitionSpec
   return PartitionSpec(*spec)
 
 
-def _path_name(path: tuple) -> str:
-  """A pytree path as 'a/b/c' (dict keys, attribute names and indices)."""
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def tree_shardings(tree: Any, mesh: Mesh) -> Any:
   """NamedShardings for every array of `tree` (arrays or shapes) by the tensor and FSDP rules
   (optimizer states follow their parameters' paths)."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: NamedSharding(mesh, fsdp_spec(np.shape(x), mesh, _path_name(path))), tree)
+      lambda path, x: NamedSharding(mesh, fsdp_spec(np.shape(x), mesh, path_name(path))), tree)
 
 
 def bytes_per_device(tree: Any) -> int:

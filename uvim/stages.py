@@ -16,6 +16,7 @@ the image context -> task output), used by the evaluators during training and by
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
-import numpy as np
 import optax
 from absl import logging
 
 from uvim import checkpoint, decoding, models, tasks
 from uvim.errors import UserError
-from uvim.models import vit_init
+from uvim.models import vit, vit_init
 
 
 def load_variables(path: str) -> dict[str, Any]:
@@ -77,7 +77,7 @@ def check_oracle_config(oracle_config, source: str) -> None:
     model = models.get_model(oracle_config.model_name, mlc.ConfigDict(model_config))
     return {f.name: _plain(getattr(model, f.name)) for f in dataclasses.fields(model)
             if f.init and f.name not in ("parent", "name", *TRAINING_ONLY)
-            and f.name not in memory_options(mlc.ConfigDict())}
+            and f.name not in MEMORY_OPTIONS}
 
   ours, theirs = settings(oracle_config.model), settings(saved["model"])
   differ = [f"{k} {ours[k]} here, {theirs[k]} there" for k in ours if ours[k] != theirs[k]]
@@ -93,14 +93,16 @@ def label_inputs(task, batch: dict, model_config) -> tuple[dict, jnp.ndarray, di
   return inputs, batch.get("image_ctx", batch["image"]), stats
 
 
+MEMORY_OPTIONS = ("dtype", "remat", "scan_layers", "attention")
+
+
 def memory_options(config) -> dict:
   """Model overrides from the run config: `compute_dtype` (activations and matmuls; parameters
   stay float32), `remat` (recompute each block's activations in the backward pass),
   `scan_layers` (one `nn.scan` per stack of transformer blocks; checkpoints convert either
   way) and `attention` (the kernel, `vit.ATTENTION`)."""
-  return {"dtype": config.get("compute_dtype") or "float32",
-          "remat": bool(config.get("remat")), "scan_layers": bool(config.get("scan_layers")),
-          "attention": config.get("attention") or "einsum"}
+  return {"dtype": config.compute_dtype, "remat": config.remat,
+          "scan_layers": config.scan_layers, "attention": config.attention}
 
 
 def _plain(value: Any) -> str:
@@ -197,8 +199,8 @@ class StageII:
 
   def frozen_shapes(self) -> dict:
     """Shapes of the oracle's {'params', 'state'}."""
-    size, patch = self.oracle_config.input_size, self.oracle_config.patch_size
-    tokens = int(np.prod(np.array(size) // np.array(patch)))
+    size = self.oracle_config.input_size
+    tokens = math.prod(vit.patch_grid(size, self.oracle_config.patch_size))
     inputs = {k: jnp.zeros((1, tokens, *shape)) for k, shape in self.oracle_config.inputs.items()}
     return jax.eval_shape(lambda: self.oracle.init(
         {"params": jax.random.key(0), "state": jax.random.key(1)}, inputs,
@@ -290,8 +292,7 @@ class StageII:
       raise UserError(f"config.model_init: unknown part(s) {sorted(unknown)}; stage II "
                        "takes a checkpoint path or {'encoder': <ViT name or .npz>}")
     if model_init.get("encoder"):
-      grid = tuple(int(s // p) for s, p in zip(self.model.input_size,
-                                                self.model.patches["size"], strict=True))
+      grid = vit.patch_grid(self.model.input_size, self.model.patches["size"])
       logging.info("Stage II encoder from %s", model_init["encoder"])
       unscanned = checkpoint.in_layout(jax.device_get(params), scanned=False)
       params = checkpoint.in_layout(

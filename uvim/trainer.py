@@ -8,6 +8,7 @@ would have, bit for bit.
 """
 
 import contextlib
+import dataclasses
 import io
 import json
 import shutil
@@ -69,7 +70,8 @@ def check_config(config: mlc.ConfigDict) -> None:
   for key in config:
     is_eval_section = isinstance(config[key], mlc.ConfigDict) and "split" in config[key]
     if key not in known and not is_eval_section:  # a section left out of `evals` is unused
-      raise UserError(f"Unknown config key {key!r}{did_you_mean(key, known)}")
+      raise UserError(f"Unknown config key {key!r}; {did_you_mean(key, known)}known: "
+                      f"{sorted(known)}")
   for key in ("batch_size", "log_training_steps", "checkpoint_steps"):
     _check_int(config, key, minimum=1)
   for key in ("keep_checkpoint_steps", "log_eval_steps", "grad_accum_steps"):
@@ -100,7 +102,7 @@ def total_steps_of(config, num_train_examples: int) -> int:
 def grad_accum_steps(config: mlc.ConfigDict, mesh: jax.sharding.Mesh) -> int:
   """`config.grad_accum_steps` (default 1), once the batch is known to split evenly into that
   many micro-batches over the mesh's batch axes."""
-  accum_steps = config.get("grad_accum_steps") or 1
+  accum_steps = config.grad_accum_steps
   shards = input_pipeline.batch_shards(mesh)
   if config.batch_size % (accum_steps * shards):
     raise ValueError(f"batch_size {config.batch_size} must be divisible by grad_accum_steps "
@@ -191,89 +193,140 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> TrainState:
 
 
 def _train_and_evaluate(config: mlc.ConfigDict, workdir: Path, is_main: bool) -> TrainState:
-  mesh = sharding.make_mesh(config.get("mesh") or [("data", -1)])
-  if input_pipeline.batch_shards(mesh) % jax.process_count():
-    raise UserError(f"config.mesh {dict(mesh.shape)}: each of the {jax.process_count()} hosts "
-                    "reads its own rows of the batch, so data x fsdp must be a multiple of the "
-                    "number of hosts (keep the `tensor` axis within a host)")
-  repl = sharding.replicated(mesh)
+  mesh = make_mesh(config)
   stage = stages.get_stage(config)
-
-  builder = input_pipeline.get_builder(config.dataset, config.data_dir)
-  num_train = input_pipeline.num_examples(builder, config.train_split, "config.train_split")
-  total_steps = total_steps_of(config, num_train)
-  input_pipeline.local_batch_size(config.batch_size)  # fails early when hosts do not divide it
-
-  # Compare with a previous run in this workdir before writing anything.
-  config_path = workdir / "config.json"
-  current = json.loads(config.to_json_best_effort())
-  if checkpoint_manager(workdir, config).latest_step() is not None and config_path.exists():
-    differ = _compare_configs(json.loads(config_path.read_text()), current)
-    if differ:
-      raise UserError(f"{workdir} holds a checkpoint of a different config (keys {differ}); "
-                      "use another --workdir or restore the config.")
-  if is_main:
-    config_path.write_text(json.dumps(current, indent=2))
-
-  example_batch = _example_batch(config, builder)
-  init_variables = partial(stage.init_variables, batch=example_batch)
-  abstract_params = jax.eval_shape(init_variables, jax.random.PRNGKey(0))["params"]
-  tx, schedule = optim.make(config, abstract_params, total_steps)
-  init = state_init_fn(init_variables, tx)
-  abstract_state = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
-  state_sharding = sharding.tree_shardings(abstract_state, mesh)
-  frozen = stage.frozen_variables()
-  frozen = jax.device_put(frozen, sharding.tree_shardings(frozen, mesh))
-  lr_fn = lambda step: config.lr * schedule(step)
-  accum_steps = grad_accum_steps(config, mesh)
+  total_steps, num_train = training_length(config)
+  record_config(config, workdir, is_main)
+  step = build_step(config, stage, mesh, total_steps)
+  input_pipeline.check_train_input(config, stage.abstract_batch(1))
+  frozen = jax.device_put(stage.frozen_variables(), step.frozen_sharding)
   evaluators = evaluators_common.from_config(config, mesh=mesh, fns=stage.eval_fns())
-
-  manager, state, start = restore_latest_intact(partial(checkpoint_manager, workdir, config),
-                                               abstract_state, state_sharding)
-  if state is None:
-    state = jax.jit(init, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
-    if config.get("model_init"):
-      params, model_state = stage.load_init(config.model_init, state.params, state.model_state)
-      state = jax.device_put(state.replace(params=params, model_state=model_state),
-                             state_sharding)
-    start = 0
-  else:
-    logging.info("Resumed from %s at step %d.", workdir, start)
-
-  step_fn = jax.jit(partial(train_step, stage=stage, tx=tx, lr_fn=lr_fn,
-                            accum_steps=accum_steps, param_shardings=state_sharding.params),
-                    donate_argnums=0, out_shardings=(state_sharding, repl))
-  writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_main)
-  jsonl = workdir_lib.JsonlWriter(workdir / workdir_lib.METRICS_FILE, start,
-                                  rerun_evals_at_start=start >= total_steps) if is_main else None
-
-  def write(step: int, scalars: dict) -> None:
-    writer.write_scalars(step, scalars)
-    if jsonl:
-      jsonl.write(step, scalars)
-
-  def run_evals(step: int, state: TrainState, final: bool) -> bool:
-    ran = False
-    for ev in evaluators:
-      if final or (ev.log_steps and step % ev.log_steps == 0):
-        variables = stage.variables(state.params, state.model_state, frozen)
-        write(step, {f"{ev.prefix}{k}": v for k, v in ev.run(variables).items()})
-        ran = True
-    return ran
-
+  manager, state, start = restore_or_init(config, workdir, stage, step)
+  log = MetricsLog(workdir, start, rerun_evals=start >= total_steps, is_main=is_main)
   data = input_pipeline.train_data(config, mesh, position=start * config.batch_size)
   logging.info("Training %s for %d steps (%d examples, batch %d) on %d devices.",
                config.model_name, total_steps, num_train, config.batch_size, jax.device_count())
   try:
     with StopSignals() as stop:
-      state = _loop(state, data=data, step_fn=partial(step_fn, frozen=frozen), start=start,
-                    total_steps=total_steps, config=config, manager=manager, write=write,
-                    run_evals=run_evals, stop=stop)
+      state = _loop(state, data=data, step_fn=partial(step.fn, frozen=frozen), start=start,
+                    total_steps=total_steps, config=config, manager=manager, log=log,
+                    evaluate=partial(_evaluate, evaluators, stage, frozen, log), stop=stop)
   finally:
-    writer.flush()
+    log.flush()
     _finish_saves(manager)  # An interrupted run keeps its last complete checkpoint.
   export_params(state, workdir / "params.npz")
   return state
+
+
+def make_mesh(config: mlc.ConfigDict) -> jax.sharding.Mesh:
+  """`config.mesh`, once its batch axes are known to split over the hosts."""
+  mesh = sharding.make_mesh(config.mesh)
+  if input_pipeline.batch_shards(mesh) % jax.process_count():
+    raise UserError(f"config.mesh {dict(mesh.shape)}: each of the {jax.process_count()} hosts "
+                    "reads its own rows of the batch, so data x fsdp must be a multiple of the "
+                    "number of hosts (keep the `tensor` axis within a host)")
+  return mesh
+
+
+def training_length(config: mlc.ConfigDict) -> tuple[int, int]:
+  """(total steps, training examples), once the split exists and the hosts divide the batch."""
+  builder = input_pipeline.get_builder(config.dataset, config.data_dir)
+  num_train = input_pipeline.num_examples(builder, config.train_split, "config.train_split")
+  input_pipeline.local_batch_size(config.batch_size)
+  return total_steps_of(config, num_train), num_train
+
+
+def record_config(config: mlc.ConfigDict, workdir: Path, is_main: bool) -> None:
+  """Writes `<workdir>/config.json`, after refusing a workdir that holds a checkpoint of a
+  different model (RESUME_KEYS), before anything else is written."""
+  path = workdir / "config.json"
+  current = json.loads(config.to_json_best_effort())
+  if path.exists() and checkpoint_manager(workdir, config).latest_step() is not None:
+    differ = _compare_configs(json.loads(path.read_text()), current)
+    if differ:
+      raise UserError(f"{workdir} holds a checkpoint of a different config (keys {differ}); "
+                      "use another --workdir or restore the config.")
+  if is_main:
+    path.write_text(json.dumps(current, indent=2))
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+  """The jitted training step, `fn(state, batch, frozen) -> (state, metrics)` (state donated),
+  with what initialising, restoring and planning need: a fresh-state `init(rng)`, the state's
+  shapes and the shardings of state, batch and frozen variables."""
+  fn: Callable
+  init: Callable
+  abstract_state: TrainState
+  state_sharding: Any
+  batch_sharding: jax.sharding.NamedSharding
+  frozen_sharding: Any
+
+
+def build_step(config: mlc.ConfigDict, stage, mesh: jax.sharding.Mesh, total_steps: int) -> Step:
+  """The training step of `config` on `mesh` from shapes only (model, loss, optimizer,
+  shardings, donation): the one train.py runs, `uvim.tools.plan` sizes and `bench` times."""
+  one = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), stage.abstract_batch(1))
+  init_variables = partial(stage.init_variables, batch=one)
+  abstract_params = jax.eval_shape(init_variables, jax.random.PRNGKey(0))["params"]
+  tx, schedule = optim.make(config, abstract_params, total_steps)
+  init = state_init_fn(init_variables, tx)
+  abstract_state = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
+  state_sharding = sharding.tree_shardings(abstract_state, mesh)
+  batch_sharding = input_pipeline.batch_sharding(mesh)
+  frozen_sharding = sharding.tree_shardings(stage.frozen_shapes(), mesh)
+  fn = jax.jit(partial(train_step, stage=stage, tx=tx,
+                       lr_fn=lambda step: config.lr * schedule(step),
+                       accum_steps=grad_accum_steps(config, mesh),
+                       param_shardings=state_sharding.params),
+               in_shardings=(state_sharding, batch_sharding, frozen_sharding),
+               out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+  return Step(fn=fn, init=init, abstract_state=abstract_state, state_sharding=state_sharding,
+              batch_sharding=batch_sharding, frozen_sharding=frozen_sharding)
+
+
+def restore_or_init(config: mlc.ConfigDict, workdir: Path, stage,
+                    step: Step) -> tuple[ocp.CheckpointManager, TrainState, int]:
+  """(checkpoint manager, state, step): the newest intact checkpoint of `workdir`, or a fresh
+  state (from `config.model_init` when set) at step 0."""
+  manager, state, start = restore_latest_intact(partial(checkpoint_manager, workdir, config),
+                                               step.abstract_state, step.state_sharding)
+  if state is not None:
+    logging.info("Resumed from %s at step %d.", workdir, start)
+    return manager, state, start
+  state = jax.jit(step.init, out_shardings=step.state_sharding)(jax.random.PRNGKey(config.seed))
+  if config.get("model_init"):
+    params, model_state = stage.load_init(config.model_init, state.params, state.model_state)
+    state = jax.device_put(state.replace(params=params, model_state=model_state),
+                           step.state_sharding)
+  return manager, state, 0
+
+
+class MetricsLog:
+  """Scalars to TensorBoard and the console (every process) and `metrics.jsonl` (process 0)."""
+
+  def __init__(self, workdir: Path, start: int, rerun_evals: bool, is_main: bool):
+    self.writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_main)
+    self.jsonl = workdir_lib.JsonlWriter(workdir / workdir_lib.METRICS_FILE, start,
+                                         rerun_evals_at_start=rerun_evals) if is_main else None
+
+  def write(self, step: int, scalars: dict) -> None:
+    self.writer.write_scalars(step, scalars)
+    if self.jsonl:
+      self.jsonl.write(step, scalars)
+
+  def flush(self) -> None:
+    self.writer.flush()
+
+
+def _evaluate(evaluators: list, stage, frozen: Any, log: MetricsLog, step: int,
+              state: TrainState, final: bool) -> bool:
+  """Runs the evaluators due at `step` (all of them when `final`); whether any ran."""
+  due = [ev for ev in evaluators if final or (ev.log_steps and step % ev.log_steps == 0)]
+  for ev in due:
+    variables = stage.variables(state.params, state.model_state, frozen)
+    log.write(step, {f"{ev.prefix}{k}": v for k, v in ev.run(variables).items()})
+  return bool(due)
 
 
 def checkpoint_manager(workdir: Path, config: mlc.ConfigDict) -> ocp.CheckpointManager:
@@ -436,8 +489,8 @@ def _first_line(error: BaseException) -> str:
 
 
 def _loop(state: TrainState, *, data, step_fn: Callable, start: int, total_steps: int,
-          config: mlc.ConfigDict, manager: ocp.CheckpointManager, write: Callable,
-          run_evals: Callable, stop: StopSignals) -> TrainState:
+          config: mlc.ConfigDict, manager: ocp.CheckpointManager, log: MetricsLog,
+          evaluate: Callable, stop: StopSignals) -> TrainState:
   """Steps from `start` to `total_steps`: log, check for divergence, checkpoint, evaluate, and
   stop (after saving) when a stop signal arrived."""
   timer_step, timer = start, time.perf_counter()
@@ -462,7 +515,7 @@ def _loop(state: TrainState, *, data, step_fn: Callable, start: int, total_steps
       per_step = (time.perf_counter() - timer) / max(step - timer_step, 1)
       metrics["img_per_sec"] = config.batch_size / per_step
       metrics["eta_hours"] = per_step * (total_steps - step) / 3600
-      write(step, metrics)
+      log.write(step, metrics)
       logging.info("step %d/%d loss %.4f, %.1f img/s, ETA %s", step, total_steps,
                    metrics["training_loss"], metrics["img_per_sec"],
                    _duration(per_step * (total_steps - step)))
@@ -475,9 +528,9 @@ def _loop(state: TrainState, *, data, step_fn: Callable, start: int, total_steps
     if stopping:
       _finish_saves(manager)
       raise TrainingInterruptedError(stop.signum or signal.SIGTERM, step, str(manager.directory))
-    if step != total_steps and run_evals(step, state, final=False):
+    if step != total_steps and evaluate(step, state, final=False):
       timer_step, timer = step, time.perf_counter()  # img/s counts training time only
-  run_evals(total_steps, state, final=True)
+  evaluate(total_steps, state, final=True)
   return state
 
 
@@ -495,16 +548,3 @@ def _agree_to_stop(stop: StopSignals, step: int, config: mlc.ConfigDict) -> bool
 def _duration(seconds: float) -> str:
   seconds = int(seconds)
   return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
-
-
-def _example_batch(config, builder) -> dict:
-  """A batch of one zero example with the shapes the training pp produces (for init)."""
-  from pp.builder import get_preprocess_fn
-
-  try:
-    ds = builder.as_dataset(split=config.train_split)
-    spec = ds.map(get_preprocess_fn(config.pp_train, config.pp_modules)).element_spec
-  except Exception as e:  # any pp error: parse, unknown op, wrong argument, missing key
-    raise UserError(f"config.pp_train: {' '.join(str(e).split())[:500]}") from e
-  return {k: jnp.zeros((1, *s.shape), s.dtype.as_numpy_dtype) for k, s in spec.items()
-          if s.dtype.is_numeric or s.dtype.is_bool}

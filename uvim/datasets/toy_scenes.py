@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from uvim import panoptic_format
 from uvim.datasets import coco_folder
 
 THING_CLASSES = ("circle", "square", "triangle", "diamond", "bar")
@@ -109,7 +110,7 @@ def example_from_scene(scene: dict, image_id: int) -> dict:
       "image": encode_png(scene["image"]),
       "image/filename": f"{image_id:012d}.png",
       "image/id": image_id,
-      "panoptic_image": encode_png(coco_folder.id_to_rgb(pixel_ids)),
+      "panoptic_image": encode_png(panoptic_format.id_to_rgb(pixel_ids)),
       "panoptic_image/filename": f"{image_id:012d}.png",
       "panoptic_objects": objects,
       "depth": scene["depth"],

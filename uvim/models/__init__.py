@@ -13,7 +13,7 @@ def get_model(name: str, model_config, **overrides) -> nn.Module:
   """The model `name` (config.model_name) built from `model_config` (config.model), with
   `overrides` (e.g. the run's `dtype` and `remat`) on top."""
   if name not in MODELS:
-    raise UserError(f"Unknown model_name {name!r}{did_you_mean(name, MODELS)}; known: "
+    raise UserError(f"Unknown model_name {name!r}: {did_you_mean(name, MODELS)}known: "
                     f"{sorted(MODELS)}")
   kwargs = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
   kwargs.update(overrides)

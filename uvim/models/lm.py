@@ -18,13 +18,13 @@ to and from big_vision's `EncDecBlock<i>` by `uvim.checkpoint`); the decoding ca
 dict of arrays with a leading layer axis instead of a list of per-block dicts.
 """
 
+import math
 from collections.abc import Mapping, Sequence
 
 import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from uvim.models import vit
 
@@ -238,9 +238,9 @@ class Model(nn.Module):
     if self.posemb_type != "learn":
       raise ValueError(f"posemb_type must be 'learn', got {self.posemb_type!r}")
     patch = tuple(self.patches["size"])
-    grid = np.array(self.input_size) // np.array(patch)
     self.pos_embedding_encoder = vit.learned_posemb(
-        self, "pos_embedding_encoder", int(np.prod(grid)), self.emb_dim)
+        self, "pos_embedding_encoder", math.prod(vit.patch_grid(self.input_size, patch)),
+        self.emb_dim)
     self.pos_embedding_decoder = vit.learned_posemb(
         self, "pos_embedding_decoder", self.seq_len, self.emb_dim)
     self.embed_patches = nn.Conv(self.emb_dim, patch, strides=patch, padding="VALID",

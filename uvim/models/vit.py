@@ -20,6 +20,11 @@ import numpy as np
 ATTENTION = ("einsum", "fused")
 
 
+def patch_grid(input_size, patch_size) -> tuple[int, ...]:
+  """Patches per side of an image: input_size // patch_size, per axis."""
+  return tuple(int(i // p) for i, p in zip(input_size, patch_size, strict=True))
+
+
 def check_attention(attention: str) -> None:
   if attention not in ATTENTION:
     raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")

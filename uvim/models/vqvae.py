@@ -105,7 +105,7 @@ class Model(nn.Module):
   attention: str = "einsum"  # vit.ATTENTION
 
   def setup(self):
-    self.grid = tuple(int(i // p) for i, p in zip(self.input_size, self.patch_size, strict=True))
+    self.grid = vit.patch_grid(self.input_size, self.patch_size)
     num_tokens = int(np.prod(self.grid))
     self.code_side = round(self.code_len**0.5)
     if self.bottleneck_resize and self.code_side**2 != self.code_len:

@@ -11,9 +11,9 @@ and, for predict.py, on one example's numpy outputs and its uint8 image:
   LABELS: (channels, dtype) of the `labels` the pp gives (for shapes without data)
 """
 
-import difflib
 from types import ModuleType
 
+from uvim.errors import UserError, did_you_mean
 from uvim.tasks import colorization, depth, panoptic
 
 TASKS: dict[str, ModuleType] = {
@@ -26,7 +26,6 @@ TASKS: dict[str, ModuleType] = {
 def get_task(name: str) -> ModuleType:
   """The task module registered as `name` (config.task)."""
   if name not in TASKS:
-    close = difflib.get_close_matches(name, TASKS, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    raise ValueError(f"Unknown task {name!r} (config.task): {hint}known: {sorted(TASKS)}")
+    raise UserError(f"Unknown task {name!r} (config.task): {did_you_mean(name, TASKS)}known: "
+                    f"{sorted(TASKS)}")
   return TASKS[name]

@@ -6,6 +6,8 @@ import einops
 import jax
 import jax.numpy as jnp
 
+from uvim.models import vit
+
 
 def patchify(x_BxHxWxC: jnp.ndarray, patch_size: Sequence[int]) -> jnp.ndarray:
   """(B, H, W, C) -> (B, tokens, C, p*p): the layout of stage I inputs and outputs."""
@@ -22,9 +24,8 @@ def unpatchify(x_BxTxCxP: jnp.ndarray, patch_size: Sequence[int],
 
 
 def grid_of(model_config) -> tuple[int, int]:
-  """Tokens per side: input_size // patch_size."""
-  return tuple(int(i // p) for i, p in zip(model_config.input_size, model_config.patch_size,
-                                           strict=True))
+  """Tokens per side of a stage I model: input_size // patch_size."""
+  return vit.patch_grid(model_config.input_size, model_config.patch_size)
 
 
 def one_hot_patches(ids_BxHxW: jnp.ndarray, num_classes: int,

@@ -42,14 +42,13 @@ if __name__ == "__main__":  # as a command: simulate the mesh's devices (JAX not
 
 import json  # noqa: E402  (JAX must see XLA_FLAGS first)
 import time  # noqa: E402
-from functools import partial  # noqa: E402
 from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from uvim import cli, input_pipeline, optim, sharding, stages, trainer  # noqa: E402
+from uvim import cli, sharding, stages, trainer  # noqa: E402
 
 
 def sharded_bytes(tree, shardings) -> int:
@@ -59,29 +58,18 @@ def sharded_bytes(tree, shardings) -> int:
 
 
 def lower_step(config, mesh) -> tuple[Any, dict]:
-  """The training step of `config` on `mesh`, lowered from shapes as train.py builds it; and
-  the abstract inputs {'state', 'batch', 'frozen'} with their shardings."""
-  accum_steps = trainer.grad_accum_steps(config, mesh)
+  """The training step of `config` on `mesh` (`trainer.build_step`, as train.py runs it),
+  lowered from shapes; and the abstract inputs {'state', 'batch', 'frozen'} with their
+  shardings."""
   stage = stages.get_stage(config)
+  step = trainer.build_step(config, stage, mesh, total_steps=10_000)
+  state, frozen = step.abstract_state, stage.frozen_shapes()
   batch = stage.abstract_batch(config.batch_size)
-  one = jax.tree.map(lambda x: np.zeros((1, *x.shape[1:]), x.dtype), batch)
-  init_variables = partial(stage.init_variables, batch=one)
-  abstract_params = jax.eval_shape(init_variables, jax.random.key(0))["params"]
-  tx, schedule = optim.make(config, abstract_params, total_steps=10_000)
-  state = jax.eval_shape(trainer.state_init_fn(init_variables, tx), jax.random.key(0))
-  frozen = stage.frozen_shapes()
-  shardings = {"state": sharding.tree_shardings(state, mesh),
-               "batch": jax.tree.map(lambda _: input_pipeline.batch_sharding(mesh), batch),
-               "frozen": sharding.tree_shardings(frozen, mesh)}
-  step = jax.jit(partial(trainer.train_step, stage=stage, tx=tx,
-                         lr_fn=lambda s: config.lr * schedule(s),
-                         accum_steps=accum_steps,
-                         param_shardings=shardings["state"].params),
-                 in_shardings=(shardings["state"], shardings["batch"], shardings["frozen"]),
-                 out_shardings=(shardings["state"], sharding.replicated(mesh)),
-                 donate_argnums=0)
+  shardings = {"state": step.state_sharding,
+               "batch": jax.tree.map(lambda _: step.batch_sharding, batch),
+               "frozen": step.frozen_sharding}
   inputs = {"state": state, "batch": batch, "frozen": frozen, "shardings": shardings}
-  return step.lower(state, batch, frozen), inputs
+  return step.fn.lower(state, batch, frozen), inputs
 
 
 def compile_step(config, mesh) -> tuple[Any, dict]:
