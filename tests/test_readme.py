@@ -23,3 +23,11 @@ def test_main_command_configs_exist():
   main, _ = readme_commands()
   configs = re.findall(r"--config (\S+?)(?::\S+)? ", main)
   assert configs and all((ROOT / c).is_file() for c in configs)
+
+
+def test_readme_links_to_docs_pages_that_exist_and_stays_short():
+  text = (ROOT / "README.md").read_text()
+  links = re.findall(r"\]\((docs/[^)#]+)", text)
+  assert {Path(x).name for x in links} >= {p.name for p in (ROOT / "docs").glob("*.md")}
+  assert all((ROOT / x).is_file() for x in links)
+  assert len(text.splitlines()) < 150
