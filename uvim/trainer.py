@@ -208,7 +208,7 @@ def _train_and_evaluate(config: mlc.ConfigDict, workdir: Path, is_main: bool) ->
                config.model_name, total_steps, num_train, config.batch_size, jax.device_count())
   try:
     with StopSignals() as stop:
-      state = _loop(state, data=data, step_fn=partial(step.fn, frozen=frozen), start=start,
+      state = _loop(state, data=data, step_fn=step.fn, frozen=frozen, start=start,
                     total_steps=total_steps, config=config, manager=manager, log=log,
                     evaluate=partial(_evaluate, evaluators, stage, frozen, log), stop=stop)
   finally:
@@ -488,15 +488,15 @@ def _first_line(error: BaseException) -> str:
   return lines[0] if lines else type(error).__name__
 
 
-def _loop(state: TrainState, *, data, step_fn: Callable, start: int, total_steps: int,
-          config: mlc.ConfigDict, manager: ocp.CheckpointManager, log: MetricsLog,
-          evaluate: Callable, stop: StopSignals) -> TrainState:
+def _loop(state: TrainState, *, data, step_fn: Callable, frozen: Any, start: int,
+          total_steps: int, config: mlc.ConfigDict, manager: ocp.CheckpointManager,
+          log: MetricsLog, evaluate: Callable, stop: StopSignals) -> TrainState:
   """Steps from `start` to `total_steps`: log, check for divergence, checkpoint, evaluate, and
   stop (after saving) when a stop signal arrived."""
   timer_step, timer = start, time.perf_counter()
   saving = False
   for step in range(start + 1, total_steps + 1):
-    state, metrics = step_fn(state, next(data))
+    state, metrics = step_fn(state, next(data), frozen)
     if saving and not manager.is_saving_in_progress():
       _finish_saves(manager)  # reports a failed save at the first step after it ended
       saving = False
