@@ -86,7 +86,8 @@ def test_predict_path_decodes_codes_like_the_oracle_reconstructs(toy_data_dir, o
   config = stage2_config(toy_data_dir, oracle_workdir)
   stage = stages.StageII(config)
   oracle = stages.StageI(ml_collections.ConfigDict(dict(
-      model_name=config.oracle.model_name, model=config.oracle.model, task=config.oracle.task)))
+      model_name=config.oracle.model_name, model=config.oracle.model, task=config.oracle.task,
+      compute_dtype="float32", remat=False, scan_layers=False, attention="einsum")))
   frozen = stage.frozen_variables()
   mesh = sharding.make_mesh([("data", -1)])
   batches, _ = input_pipeline.eval_data(config, "validation", config.pp_eval, 8, mesh)

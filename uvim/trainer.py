@@ -501,7 +501,7 @@ def _loop(state: TrainState, *, data, step_fn: Callable, frozen: Any, start: int
       _finish_saves(manager)  # reports a failed save at the first step after it ended
       saving = False
     log_now = step % config.log_training_steps == 0 or step == total_steps
-    stopping = _agree_to_stop(stop, step, config)
+    stopping = _agree_to_stop(stop, log_now, state)
     save_now = step % config.checkpoint_steps == 0 or step == total_steps or stopping
     if log_now or save_now:
       metrics = jax.device_get(metrics)
@@ -534,15 +534,18 @@ def _loop(state: TrainState, *, data, step_fn: Callable, frozen: Any, start: int
   return state
 
 
-def _agree_to_stop(stop: StopSignals, step: int, config: mlc.ConfigDict) -> bool:
-  """Whether to stop after `step`. One process decides at every step; several agree at logging
-  steps (a tiny all-gather), so that they all save the same step."""
+def _agree_to_stop(stop: StopSignals, log_now: bool, state: TrainState) -> bool:
+  """Whether to stop after this step. One process decides at every step; several agree at
+  logging steps with a tiny all-gather, once the step has finished everywhere (on CPUs, two
+  programs' collectives running at once would mismatch), so that they all save the same step."""
   if jax.process_count() == 1:
     return stop.signum is not None
-  if step % config.log_training_steps:
+  if not log_now:
     return False
   from jax.experimental import multihost_utils
-  return bool(np.any(multihost_utils.process_allgather(np.array(stop.signum is not None))))
+  jax.block_until_ready(state)
+  flags = multihost_utils.process_allgather(np.array([stop.signum is not None], np.int32))
+  return bool(np.any(flags))
 
 
 def _duration(seconds: float) -> str:
