@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags
 
-from uvim import cli, distributed, trainer
+from uvim import checkpoint, cli, distributed, trainer
 from uvim.errors import UserError
 
 _CONFIG = cli.define_config_flag()
@@ -35,7 +35,7 @@ def main(argv: list[str]) -> None:
   except trainer.TrainingInterruptedError as e:  # SIGTERM/SIGINT: saved, exit as the signal says
     print(e, file=sys.stderr)
     sys.exit(128 + e.signum)
-  except trainer.CheckpointSaveError as e:
+  except checkpoint.CheckpointSaveError as e:
     # orbax's writer threads die with the failed save and would print a traceback each at exit.
     print(f"FATAL {e}", file=sys.stderr, flush=True)
     os._exit(1)

@@ -1,8 +1,13 @@
-"""Checkpoints: big_vision npz files (flat '/'-joined names) for released models and exports."""
+"""Checkpoints: a run's orbax checkpoints (saved asynchronously, restored from the newest intact
+one) and big_vision npz files (flat '/'-joined names) for released models and exports."""
 
+import contextlib
 import io
 import re
-from collections.abc import Mapping
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
+from uvim import sharding
 from uvim.errors import UserError
 from uvim.tree import leaves_by_name
 
@@ -61,13 +68,13 @@ def flatten_json(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def load_params_from_workdir(workdir: str | Path) -> dict[str, Any]:
   """{'params', 'state'} of the latest checkpoint in one of our training workdirs."""
-  directory = Path(workdir).absolute() / "checkpoints"
-  manager = ocp.CheckpointManager(directory, item_names=("state",))
-  step = manager.latest_step()
+  checkpoints = manager(workdir)
+  step = checkpoints.latest_step()
   if step is None:
-    raise UserError(f"No checkpoint in {directory} (expected a training workdir or a "
-                    "big_vision .npz file)")
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    raise UserError(f"No checkpoint in {checkpoints.directory} (expected a training workdir or "
+                    "a big_vision .npz file)")
+  restored = checkpoints.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))
   state = restored["state"]
   return {"params": state["params"], "state": state["model_state"]}
 
@@ -158,3 +165,108 @@ def in_layout(params: Mapping[str, Any], scanned: bool) -> dict[str, Any]:
   """`params` in either layout -> the scanned (`scan_layers`) or the unscanned one."""
   params = scan_to_unscanned(params)
   return unscanned_to_scan(params) if scanned else params
+
+
+def manager(workdir: str | Path, keep_period: int | None = None) -> ocp.CheckpointManager:
+  """Asynchronous orbax checkpoints of a run's whole state in `<workdir>/checkpoints`: the
+  latest, and every `keep_period`-th step."""
+  return ocp.CheckpointManager(
+      (Path(workdir) / "checkpoints").absolute(), item_names=("state",),
+      options=ocp.CheckpointManagerOptions(max_to_keep=1, keep_period=keep_period,
+                                           enable_async_checkpointing=True))
+
+
+def restore_latest_intact(
+    make_manager: Callable[[], ocp.CheckpointManager], abstract_state: Any,
+    state_sharding: Any) -> tuple[ocp.CheckpointManager, Any, int | None]:
+  """A checkpoint manager, the newest checkpoint that restores and its step, or (manager, None,
+  None) when there is none.
+
+  A checkpoint that fails to restore (a truncated file, missing metadata, an empty folder) is
+  moved to `<workdir>/checkpoints_damaged/<step>` with a warning saying why, and the previous
+  one is tried with a fresh manager (the failed one holds orbax's abandoned reads).
+  """
+  target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        abstract_state, state_sharding)
+  manager = make_manager()
+  directory = Path(manager.directory)
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      with _abandoned_reads_quiet():
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target)))
+      return manager, restored["state"], step
+    except Exception as e:  # orbax and tensorstore raise many types for damaged files
+      with contextlib.suppress(Exception):
+        manager.close()
+      damaged = directory.parent / "checkpoints_damaged" / str(step)
+      logging.warning("Skipping the checkpoint of step %d in %s: it does not restore (%s: %s). "
+                      "Moved to %s; trying the previous one.", step, directory,
+                      type(e).__name__, _first_line(e), damaged)
+      if jax.process_index() == 0:
+        damaged.parent.mkdir(exist_ok=True)
+        if damaged.exists():
+          shutil.rmtree(damaged)
+        shutil.move(directory / str(step), damaged)
+      sharding.sync_hosts(f"set aside checkpoint {step}")
+      manager = make_manager()
+  return manager, None, None
+
+
+@contextlib.contextmanager
+def _abandoned_reads_quiet(settle_s: float = 0.5, most_s: float = 10.0):
+  """Drops what orbax's abandoned reads print when a restore fails on a damaged file: hundreds
+  of tracebacks from its closed event loop while they settle, and one per unfinished read
+  coroutine whenever orbax lets go of it (then a hook drops those, for the rest of the run).
+  The failure itself is raised."""
+  stderr, sys.stderr = sys.stderr, io.StringIO()
+  try:
+    yield
+  except Exception:
+    _drop_unfinished_orbax_coroutines()
+    start, size = time.monotonic(), -1
+    while sys.stderr.tell() != size and time.monotonic() - start < most_s:
+      size = sys.stderr.tell()
+      time.sleep(settle_s)
+    raise
+  finally:
+    sys.stderr = stderr
+
+
+def _drop_unfinished_orbax_coroutines() -> None:
+  """Installs an unraisable-exception hook that ignores orbax's never-finished coroutines and
+  passes everything else on."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_orbax", False):
+    return
+
+  def hook(unraisable):
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is None or "/orbax/" not in code.co_filename:
+      previous(unraisable)
+
+  hook.drops_orbax = True
+  sys.unraisablehook = hook
+
+
+def finish_saves(manager: ocp.CheckpointManager) -> None:
+  """Waits for pending asynchronous saves; a failed one (e.g. a full disk) raises a one-line
+  `CheckpointSaveError` with its cause."""
+  try:
+    manager.wait_until_finished()
+    manager.check_for_errors()
+  except Exception as e:
+    with contextlib.suppress(Exception):  # the first error is the one to report
+      manager.close()  # stops orbax's threads, which would otherwise fail noisily at exit
+    raise CheckpointSaveError(f"Saving a checkpoint to {manager.directory} failed: "
+                              f"{_first_line(e)}") from e
+
+
+class CheckpointSaveError(RuntimeError):
+  """An (asynchronous) checkpoint save failed, e.g. on a full disk."""
+
+
+def _first_line(error: BaseException) -> str:
+  """The first non-empty line of an error message (tensorstore's run over many lines)."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return lines[0] if lines else type(error).__name__

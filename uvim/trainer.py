@@ -7,13 +7,9 @@ examples), so a run killed and restarted with the same command ends where an uni
 would have, bit for bit.
 """
 
-import contextlib
 import dataclasses
-import io
 import json
-import shutil
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -213,7 +209,7 @@ def _train_and_evaluate(config: mlc.ConfigDict, workdir: Path, is_main: bool) ->
                     evaluate=partial(_evaluate, evaluators, stage, frozen, log), stop=stop)
   finally:
     log.flush()
-    _finish_saves(manager)  # An interrupted run keeps its last complete checkpoint.
+    checkpoint.finish_saves(manager)  # An interrupted run keeps its last complete checkpoint.
   export_params(state, workdir / "params.npz")
   return state
 
@@ -241,7 +237,8 @@ def record_config(config: mlc.ConfigDict, workdir: Path, is_main: bool) -> None:
   different model (RESUME_KEYS), before anything else is written."""
   path = workdir / "config.json"
   current = json.loads(config.to_json_best_effort())
-  if path.exists() and checkpoint_manager(workdir, config).latest_step() is not None:
+  has_checkpoint = checkpoint.manager(workdir).latest_step() is not None  # on every host
+  if has_checkpoint and path.exists():
     differ = _compare_configs(json.loads(path.read_text()), current)
     if differ:
       raise UserError(f"{workdir} holds a checkpoint of a different config (keys {differ}); "
@@ -289,8 +286,9 @@ def restore_or_init(config: mlc.ConfigDict, workdir: Path, stage,
                     step: Step) -> tuple[ocp.CheckpointManager, TrainState, int]:
   """(checkpoint manager, state, step): the newest intact checkpoint of `workdir`, or a fresh
   state (from `config.model_init` when set) at step 0."""
-  manager, state, start = restore_latest_intact(partial(checkpoint_manager, workdir, config),
-                                               step.abstract_state, step.state_sharding)
+  manager, state, start = checkpoint.restore_latest_intact(
+      partial(checkpoint.manager, workdir, config.keep_checkpoint_steps), step.abstract_state,
+      step.state_sharding)
   if state is not None:
     logging.info("Resumed from %s at step %d.", workdir, start)
     return manager, state, start
@@ -327,92 +325,6 @@ def _evaluate(evaluators: list, stage, frozen: Any, log: MetricsLog, step: int,
     variables = stage.variables(state.params, state.model_state, frozen)
     log.write(step, {f"{ev.prefix}{k}": v for k, v in ev.run(variables).items()})
   return bool(due)
-
-
-def checkpoint_manager(workdir: Path, config: mlc.ConfigDict) -> ocp.CheckpointManager:
-  """Asynchronous orbax checkpoints of the whole `TrainState` in `<workdir>/checkpoints`."""
-  return ocp.CheckpointManager(
-      (workdir / "checkpoints").absolute(), item_names=("state",),
-      options=ocp.CheckpointManagerOptions(max_to_keep=1,
-                                           keep_period=config.keep_checkpoint_steps,
-                                           enable_async_checkpointing=True))
-
-
-def restore_latest_intact(
-    make_manager: Callable[[], ocp.CheckpointManager], abstract_state: TrainState,
-    state_sharding: Any) -> tuple[ocp.CheckpointManager, TrainState | None, int | None]:
-  """A checkpoint manager, the newest checkpoint that restores and its step, or (manager, None,
-  None) when there is none.
-
-  A checkpoint that fails to restore (a truncated file, missing metadata, an empty folder) is
-  moved to `<workdir>/checkpoints_damaged/<step>` with a warning saying why, and the previous
-  one is tried with a fresh manager (the failed one holds orbax's abandoned reads).
-  """
-  target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        abstract_state, state_sharding)
-  manager = make_manager()
-  for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      with _abandoned_reads_quiet():
-        try:
-          restored = manager.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(target)))
-        except Exception:
-          with contextlib.suppress(Exception):
-            manager.close()
-          manager = None
-          raise
-      return manager, restored["state"], step
-    except Exception as e:  # orbax and tensorstore raise many types for damaged files
-      directory = Path(make_manager().directory)
-      damaged = directory.parent / "checkpoints_damaged" / str(step)
-      logging.warning("Skipping the checkpoint of step %d in %s: it does not restore (%s: %s). "
-                      "Moved to %s; trying the previous one.", step, directory,
-                      type(e).__name__, _first_line(e), damaged)
-      if jax.process_index() == 0:
-        damaged.parent.mkdir(exist_ok=True)
-        if damaged.exists():
-          shutil.rmtree(damaged)
-        shutil.move(directory / str(step), damaged)
-      sharding.sync_hosts(f"set aside checkpoint {step}")
-      manager = make_manager()
-  return manager, None, None
-
-
-@contextlib.contextmanager
-def _abandoned_reads_quiet(settle_s: float = 0.5, most_s: float = 10.0):
-  """Drops what orbax's abandoned reads print when a restore fails on a damaged file: hundreds
-  of tracebacks from its closed event loop while they settle, and one per unfinished read
-  coroutine whenever orbax lets go of it (then a hook drops those, for the rest of the run).
-  The failure itself is raised."""
-  stderr, sys.stderr = sys.stderr, io.StringIO()
-  try:
-    yield
-  except Exception:
-    _drop_unfinished_orbax_coroutines()
-    start, size = time.monotonic(), -1
-    while sys.stderr.tell() != size and time.monotonic() - start < most_s:
-      size = sys.stderr.tell()
-      time.sleep(settle_s)
-    raise
-  finally:
-    sys.stderr = stderr
-
-
-def _drop_unfinished_orbax_coroutines() -> None:
-  """Installs an unraisable-exception hook that ignores orbax's never-finished coroutines and
-  passes everything else on."""
-  previous = sys.unraisablehook
-  if getattr(previous, "drops_orbax", False):
-    return
-
-  def hook(unraisable):
-    code = getattr(unraisable.object, "cr_code", None)
-    if code is None or "/orbax/" not in code.co_filename:
-      previous(unraisable)
-
-  hook.drops_orbax = True
-  sys.unraisablehook = hook
 
 
 def export_params(state: TrainState, path: Path) -> None:
@@ -465,73 +377,74 @@ class StopSignals:
       signal.signal(s, handler)
 
 
-def _finish_saves(manager: ocp.CheckpointManager) -> None:
-  """Waits for pending asynchronous saves; a failed one (e.g. a full disk) raises a one-line
-  `CheckpointSaveError` with its cause."""
-  try:
-    manager.wait_until_finished()
-    manager.check_for_errors()
-  except Exception as e:
-    with contextlib.suppress(Exception):  # the first error is the one to report
-      manager.close()  # stops orbax's threads, which would otherwise fail noisily at exit
-    raise CheckpointSaveError(f"Saving a checkpoint to {manager.directory} failed: "
-                              f"{_first_line(e)}") from e
-
-
-class CheckpointSaveError(RuntimeError):
-  """An (asynchronous) checkpoint save failed, e.g. on a full disk."""
-
-
-def _first_line(error: BaseException) -> str:
-  """The first non-empty line of an error message (tensorstore's run over many lines)."""
-  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  return lines[0] if lines else type(error).__name__
-
-
 def _loop(state: TrainState, *, data, step_fn: Callable, frozen: Any, start: int,
           total_steps: int, config: mlc.ConfigDict, manager: ocp.CheckpointManager,
           log: MetricsLog, evaluate: Callable, stop: StopSignals) -> TrainState:
   """Steps from `start` to `total_steps`: log, check for divergence, checkpoint, evaluate, and
   stop (after saving) when a stop signal arrived."""
-  timer_step, timer = start, time.perf_counter()
-  saving = False
+  timer, saving = StepTimer(start), False
   for step in range(start + 1, total_steps + 1):
     state, metrics = step_fn(state, next(data), frozen)
     if saving and not manager.is_saving_in_progress():
-      _finish_saves(manager)  # reports a failed save at the first step after it ended
+      checkpoint.finish_saves(manager)  # reports a failed save at the first step after it ended
       saving = False
     log_now = step % config.log_training_steps == 0 or step == total_steps
     stopping = _agree_to_stop(stop, log_now, state)
     save_now = step % config.checkpoint_steps == 0 or step == total_steps or stopping
     if log_now or save_now:
       metrics = jax.device_get(metrics)
-      if not np.isfinite(metrics["training_loss"]):
-        _finish_saves(manager)
-        last = manager.latest_step()
-        kept = "no checkpoint was saved yet" if last is None else (
-            f"the last good checkpoint (step {last}) is kept")
-        raise TrainingDivergedError(f"Loss is {metrics['training_loss']} at step {step}; {kept}.")
+      _raise_if_diverged(metrics["training_loss"], step, manager)
     if log_now:
-      per_step = (time.perf_counter() - timer) / max(step - timer_step, 1)
-      metrics["img_per_sec"] = config.batch_size / per_step
-      metrics["eta_hours"] = per_step * (total_steps - step) / 3600
-      log.write(step, metrics)
-      logging.info("step %d/%d loss %.4f, %.1f img/s, ETA %s", step, total_steps,
-                   metrics["training_loss"], metrics["img_per_sec"],
-                   _duration(per_step * (total_steps - step)))
-      timer_step, timer = step, time.perf_counter()
+      _log_progress(log, metrics, step, total_steps, config.batch_size, timer)
     if save_now:
-      _finish_saves(manager)
+      checkpoint.finish_saves(manager)
       manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
                    force=stopping)
       saving = True
     if stopping:
-      _finish_saves(manager)
+      checkpoint.finish_saves(manager)
       raise TrainingInterruptedError(stop.signum or signal.SIGTERM, step, str(manager.directory))
     if step != total_steps and evaluate(step, state, final=False):
-      timer_step, timer = step, time.perf_counter()  # img/s counts training time only
+      timer.mark(step)  # img/s counts training time only
   evaluate(total_steps, state, final=True)
   return state
+
+
+class StepTimer:
+  """Seconds per training step since the last mark."""
+
+  def __init__(self, step: int):
+    self.mark(step)
+
+  def mark(self, step: int) -> None:
+    self.step, self.time = step, time.perf_counter()
+
+  def per_step(self, step: int) -> float:
+    return (time.perf_counter() - self.time) / max(step - self.step, 1)
+
+
+def _log_progress(log: MetricsLog, metrics: dict, step: int, total_steps: int, batch_size: int,
+                  timer: StepTimer) -> None:
+  """Writes the step's metrics with images/s and the ETA, and logs a progress line."""
+  per_step = timer.per_step(step)
+  metrics["img_per_sec"] = batch_size / per_step
+  metrics["eta_hours"] = per_step * (total_steps - step) / 3600
+  log.write(step, metrics)
+  logging.info("step %d/%d loss %.4f, %.1f img/s, ETA %s", step, total_steps,
+               metrics["training_loss"], metrics["img_per_sec"],
+               _duration(per_step * (total_steps - step)))
+  timer.mark(step)
+
+
+def _raise_if_diverged(loss: float, step: int, manager: ocp.CheckpointManager) -> None:
+  """A NaN or inf loss stops the run, naming the last good checkpoint (kept)."""
+  if np.isfinite(loss):
+    return
+  checkpoint.finish_saves(manager)
+  last = manager.latest_step()
+  kept = ("no checkpoint was saved yet" if last is None
+          else f"the last good checkpoint (step {last}) is kept")
+  raise TrainingDivergedError(f"Loss is {loss} at step {step}; {kept}.")
 
 
 def _agree_to_stop(stop: StopSignals, log_now: bool, state: TrainState) -> bool:
