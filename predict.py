@@ -85,7 +85,7 @@ def run(model: api.Model, source: str, output: Path, *, temperature: float | Non
   predict = lambda batch, **kwargs: model.predict_batch(batch, **sampling, **kwargs)
   categories = panoptic_categories(config, stage)
   failures: list[str] = []
-  examples = read_inputs(source, config, failures)
+  examples = read_inputs(source, model, failures)
   total = examples.total
   rows, done, start = [], 0, time.perf_counter()
   for batch_examples in batched(examples, batch_size):
@@ -142,18 +142,18 @@ class Inputs:
     return self.iterator
 
 
-def read_inputs(source: str, config, failures: list[str]) -> Inputs:
+def read_inputs(source: str, model: api.Model, failures: list[str]) -> Inputs:
   """Files, a folder, or a tfds split; unreadable files are appended to `failures`."""
   from pp.builder import get_preprocess_fn
 
+  config = model.config
   path = Path(source)
   if path.is_dir() or path.is_file():
     files = [path] if path.is_file() else sorted(
         p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
       raise app.UsageError(f"No images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {path}")
-    pp = get_preprocess_fn(config.pp_predict, config.pp_modules)
-    return Inputs(_file_examples(files, pp, failures), len(files))
+    return Inputs(_file_examples(files, model.preprocess, failures), len(files))
   if ":" not in source:
     raise app.UsageError(f"--input {source}: no such file or folder (a tfds split is written "
                          "`dataset:split`, e.g. toy_scenes/medium:train[:8])")
@@ -161,12 +161,12 @@ def read_inputs(source: str, config, failures: list[str]) -> Inputs:
   dataset, split = source[:colon], source[colon + 1:]
   builder = input_pipeline.get_builder(dataset, config.data_dir)
   pp = get_preprocess_fn(config.pp_eval, config.pp_modules)
-  total = builder.info.splits[split].num_examples
+  total = input_pipeline.num_examples(builder, split, "--input")
   return Inputs(_tfds_examples(builder, split, pp), total)
 
 
-def _file_examples(files: list[Path], pp, failures: list[str]) -> Iterator[dict]:
-  for index, file in enumerate(files):
+def _file_examples(files: list[Path], preprocess, failures: list[str]) -> Iterator[dict]:
+  for file in files:
     try:
       image = api.read_image(file)
     except Exception as e:  # any unreadable file is reported and skipped
@@ -174,7 +174,7 @@ def _file_examples(files: list[Path], pp, failures: list[str]) -> Iterator[dict]
       failures.append(f"{file}: {e}")
       continue
     yield {"name": file.stem, "image": image,
-           "model": _numpy(pp({"image": image, "image/id": index}))}
+           "model": preprocess(image)}
 
 
 def _tfds_examples(builder, split: str, pp) -> Iterator[dict]:

@@ -101,8 +101,8 @@ def grad_accum_steps(config: mlc.ConfigDict, mesh: jax.sharding.Mesh) -> int:
   accum_steps = config.grad_accum_steps
   shards = input_pipeline.batch_shards(mesh)
   if config.batch_size % (accum_steps * shards):
-    raise ValueError(f"batch_size {config.batch_size} must be divisible by grad_accum_steps "
-                     f"({accum_steps}) x batch shards ({shards}: the mesh's data x fsdp)")
+    raise UserError(f"batch_size {config.batch_size} must be divisible by grad_accum_steps "
+                    f"({accum_steps}) x batch shards ({shards}: the mesh's data x fsdp)")
   return accum_steps
 
 
