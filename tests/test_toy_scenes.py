@@ -79,3 +79,22 @@ def test_depth_follows_the_scene_geometry(examples):
         rows = np.nonzero(ids == segment_id)[0]
         per_row = [depth[r][ids[r] == segment_id].max() for r in np.unique(rows)]
         assert np.all(np.diff(per_row) <= 1e-6)
+
+
+def test_a_things_hue_tells_its_class(examples):
+  """Each thing's mean colour has the hue of its class's band, nearer to it than to any other."""
+  import colorsys
+
+  bands = np.array(toy_scenes.CLASS_HUES)
+  checked = 0
+  for ex in examples:
+    ids, image = rgb_to_id(ex["panoptic_image"]), ex["image"].astype(float) / 255
+    objects = ex["panoptic_objects"]
+    for segment_id, label in zip(objects["id"], objects["label"], strict=True):
+      if label >= len(toy_scenes.THING_CLASSES):
+        continue
+      hue = colorsys.rgb_to_hsv(*image[ids == segment_id].mean(0))[0]
+      distance = np.abs((hue - bands + 0.5) % 1.0 - 0.5)
+      assert distance.argmin() == label and distance[label] < 0.05, (ex["image/id"], label, hue)
+      checked += 1
+  assert checked > 50

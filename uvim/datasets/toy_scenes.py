@@ -4,8 +4,9 @@ A scene is a ground plane under a sky, with an optional lake, seen by a camera: 
 ground, water) split by a random horizon, and 1..N 'things' (circles, squares, triangles,
 diamonds, bars) standing on the ground. Things are sized by perspective and painted far to near,
 so nearer things occlude farther ones, and depth follows the geometry. Every label is a function
-of what is visible (each thing has its own colour and a class given by its shape), so a small
-model learns it in minutes. Features match tfds `coco/2017_panoptic` plus `depth` as in
+of what is visible (a thing's class shows in its shape and in its hue, each class having its own
+band of the colour wheel; things of one class differ in brightness), so a small model learns it in
+minutes. Features match tfds `coco/2017_panoptic` plus `depth` as in
 `nyu_depth_v2`, so the same pp strings run on both. Nothing is downloaded.
 """
 
@@ -47,10 +48,12 @@ class ToyScenesConfig(tfds.core.BuilderConfig):
 class ToyScenes(tfds.core.GeneratorBasedBuilder):
   """Procedural scenes with COCO-panoptic, NYU-depth and image features (no download)."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {"1.0.0": "First version.",
                    "1.1.0": "Larger things (radius ~ depth^-1/2): most were too small to learn; "
-                            "depth has a fixed shape."}
+                            "depth has a fixed shape.",
+                   "1.2.0": "A thing's hue tells its class (as its shape does): from shape alone, "
+                            "a CPU-sized stage II could not tell the classes apart."}
   BUILDER_CONFIGS = [
       ToyScenesConfig(name="small", description="1024 train / 128 validation, 96x128."),
       ToyScenesConfig(name="medium", train_size=8192, validation_size=512,
@@ -154,13 +157,13 @@ def render_scene(rng: np.random.Generator, height: int, width: int, max_things: 
 
   num_things = rng.integers(1, max_things + 1)
   things = [_sample_thing(rng, height, width, horizon) for _ in range(num_things)]
-  hues = _distinct_hues(rng, len(things))
-  for thing, hue in sorted(zip(things, hues, strict=True), key=lambda t: -t[0]["depth"]):
+  _set_colours(rng, things)
+  for thing in sorted(things, key=lambda t: -t["depth"]):
     mask = _thing_mask(thing, y, x)
     labels.append(thing["label"])
     segments = np.where(mask, len(labels), segments)
     depth = np.where(mask, thing["depth"], depth).astype(np.float32)
-    image = np.where(mask[..., None], _thing_colour(rng, thing, hue, y, x), image)
+    image = np.where(mask[..., None], _thing_colour(rng, thing, y, x), image)
 
   segments = _drop_slivers(segments, len(labels))
   segment_ids = _unique_ids(rng, len(labels))
@@ -211,15 +214,27 @@ def _thing_mask(thing, y, x):
   return (np.abs(dx) <= 0.35 * r) & (np.abs(dy) <= r)  # bar
 
 
-def _distinct_hues(rng, n):
-  """n hues spread around the wheel (so touching things differ), in random order."""
-  return (rng.uniform() + np.arange(n) / max(n, 1) + rng.uniform(-0.03, 0.03, n)) % 1.0
+# Centre of each thing class's hue band (fraction of the colour wheel): red, amber, cyan,
+# violet, magenta; away from the stuff's blues and greens.
+CLASS_HUES = (0.0, 0.12, 0.5, 0.74, 0.88)
 
 
-def _thing_colour(rng, thing, hue, y, x):
-  """A saturated colour of `hue`, lit from the top left, with a little noise."""
-  rgb = 255 * np.clip(np.abs(((hue * 6 + np.array([0, 4, 2])) % 6) - 3) - 1, 0, 1)
-  rgb = 0.25 * 128 + 0.75 * rgb
+def _set_colours(rng, things):
+  """Each thing's hue (its class's band, +-0.03) and brightness: things of one class get
+  brightnesses spread over [0.5, 1] in random order, so touching ones still differ."""
+  for label in {t["label"] for t in things}:
+    same = [t for t in things if t["label"] == label]
+    values = 1.0 - 0.5 * rng.permutation(len(same)) / max(len(same) - 1, 1)
+    for thing, value in zip(same, values, strict=True):
+      thing["hue"] = CLASS_HUES[label] + rng.uniform(-0.03, 0.03)
+      thing["value"] = value
+
+
+def _thing_colour(rng, thing, y, x):
+  """A saturated colour of the thing's hue and brightness, lit from the top left, with a little
+  noise."""
+  rgb = 255 * np.clip(np.abs(((thing["hue"] * 6 + np.array([0, 4, 2])) % 6) - 3) - 1, 0, 1)
+  rgb = thing["value"] * (0.25 * 128 + 0.75 * rgb)
   light = 1 + 0.15 * np.clip(((thing["cy"] - y) + (thing["cx"] - x)) / (2 * thing["radius"]),
                              -1, 1)
   return rgb * light[..., None] + rng.normal(0, 3, (*np.broadcast(y, x).shape, 3))
