@@ -14,9 +14,10 @@ from configs import common
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """The stage I colorization config."""
-  arg = common.parse_arg(arg, smoke=False, singlehost=False, res=0)
-  res = arg.res or (64 if arg.smoke else 512)
-  patch_size = 8 if arg.smoke else 16
+  arg = common.parse_arg(arg, smoke=False, cpu=False, singlehost=False, res=0)
+  toy = arg.smoke or arg.cpu  # the built-in toy scenes
+  res = arg.res or (64 if toy else 512)
+  patch_size = 8 if toy else 16
 
   config = mlc.ConfigDict()
   config.seed = 0
@@ -51,7 +52,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
 
   config.model_name = "proj.uvim.vit"
   config.model_init = mlc.config_dict.placeholder(str)  # a *_stageI_params.npz or a workdir
-  config.model = common.stage1_model("smoke" if arg.smoke else "base", res, patch_size,
+  config.model = common.stage1_model("smoke" if toy else "base", res, patch_size,
                                      {"color": (3, patch_size**2)})
 
   config.optax_name = "scale_by_adafactor"
@@ -80,10 +81,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   if arg.singlehost:
     config.batch_size = 128
     config.num_epochs = 20
-  if arg.smoke:
-    common.apply_smoke(config)
+  if toy:
+    common.apply_smoke(config, cpu=arg.cpu)
     config.colorization_val.split = "validation"
-    config.colorization_val.log_steps = 200
+    config.colorization_val.log_steps = 1000 if arg.cpu else 200
     config.colorization_val_fid.split = "validation[:128]"  # once, at the end: Inception at
     config.colorization_val_fid.ref_split = "train[:128]"   # 299 px is slow on a CPU
     # No Inception weights offline: a random network (not comparable with published FIDs).

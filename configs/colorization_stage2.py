@@ -16,11 +16,12 @@ from configs import colorization_stage1, common
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """The stage II colorization config."""
-  parsed = common.parse_arg(arg, smoke=False, singlehost=False, res=0)
+  parsed = common.parse_arg(arg, smoke=False, cpu=False, singlehost=False, res=0)
   stage1 = colorization_stage1.get_config(arg)
   res = stage1.model.input_size[0]
   config = common.stage2_from_stage1(
-      stage1, parsed, "runs/colorization_stage1" if parsed.smoke else "color_stageI_params.npz",
+      stage1, parsed,
+      common.oracle_init(parsed, "runs/colorization_stage1", "color_stageI_params.npz"),
       predict_pp=(f'resize({res})|rgb_to_grayscale_to_rgb|value_range(-1, 1)|keep("image")'))
   for name in ("colorization_val", "colorization_val_fid"):
     config[name].predict_kwargs = dict(temperature=1.0)

@@ -11,7 +11,10 @@ from uvim.errors import did_you_mean
 # 'smoke' trains in minutes on a CPU.
 STAGE_I_MODELS = {
     "base": dict(oracle_depth=6, base_model_depth=12, num_heads=12, mlp_dim=3072, width=768),
-    "smoke": dict(oracle_depth=1, base_model_depth=2, num_heads=4, mlp_dim=512, width=128),
+    # Oracle depth 0: the oracle's encoder is its label embedding alone, so each code word
+    # describes its own patch, which a small stage II learns to read off the image in minutes
+    # (with one attention layer, words carry scene-wide facts and stage II finds few objects).
+    "smoke": dict(oracle_depth=0, base_model_depth=2, num_heads=4, mlp_dim=512, width=128),
 }
 LM_MODELS = {
     "base": dict(num_layers=12, num_heads=12, mlp_dim=3072, emb_dim=768),
@@ -77,13 +80,18 @@ def set_memory_options(config: mlc.ConfigDict) -> None:
   config.attention = "einsum"  # or "fused": jax.nn.dot_product_attention (cuDNN on GPUs)
 
 
-def apply_smoke(config: mlc.ConfigDict) -> None:
-  """`:smoke` settings shared by every config: toy data, small batches, frequent logs."""
+# Epochs of the toy variants: `:smoke` for the quick start (minutes), `:cpu` for ~30 minutes a
+# stage on 2 CPU cores.
+TOY_EPOCHS = {"smoke": 6, "cpu": 40}
+
+
+def apply_smoke(config: mlc.ConfigDict, cpu: bool = False) -> None:
+  """`:smoke` / `:cpu` settings shared by every config: toy data, small batches, frequent logs."""
   config.dataset = "toy_scenes/medium"  # 8192 scenes, generated once in ~1 minute
   config.train_split = "train[256:]"
   config.val_split = "train[:256]"
   config.batch_size = 32
-  config.num_epochs = 3
+  config.num_epochs = TOY_EPOCHS["cpu" if cpu else "smoke"]
   config.shuffle_buffer_size = 1_000
   config.log_training_steps = 10
   config.log_eval_steps = 100
@@ -98,12 +106,13 @@ def stage1_model(size: str, res: int, patch_size: int, inputs: dict) -> mlc.Conf
   model = mlc.ConfigDict(STAGE_I_MODELS[size])
   model.input_size = (res, res)
   model.patch_size = (patch_size, patch_size)
-  model.code_len = 16 if size == "smoke" else 256
+  model.code_len = 64 if size == "smoke" else 256  # smoke: one word per 8x8 patch
   model.dict_size = 256 if size == "smoke" else 4096
   model.codeword_dim = 32 if size == "smoke" else 768
   model.dict_momentum = 0.995
   model.min_count = 0.1  # a word whose discounted count falls below is replaced by a split
-  model.with_encoder_ctx = True
+  # smoke: a code of the labels alone (what the image shows needs no word), see STAGE_I_MODELS.
+  model.with_encoder_ctx = size != "smoke"
   model.with_decoder_ctx = True
   model.code_dropout = "random"
   model.bottleneck_resize = True
@@ -116,8 +125,8 @@ def stage2_from_stage1(stage1: mlc.ConfigDict, arg: mlc.ConfigDict, oracle_init:
                        predict_pp: str) -> mlc.ConfigDict:
   """A stage II config whose oracle is the model of the stage I config `stage1` (same data and
   pp), with the paper's stage II model, optimizer and schedule (as in Listing 2). `arg` holds
-  the parsed `smoke` and `singlehost` switches."""
-  smoke = arg.smoke
+  the parsed `smoke`, `cpu` and `singlehost` switches."""
+  toy = arg.smoke or arg.cpu
   config = mlc.ConfigDict(stage1.to_dict())
   task, oracle_model = config.task, stage1.model
   del config["task"], config["grad_clip_norm"]  # stage II trains without clipping
@@ -139,9 +148,8 @@ def stage2_from_stage1(stage1: mlc.ConfigDict, arg: mlc.ConfigDict, oracle_init:
   config.oracle.model = oracle_model
 
   config.model_name = "proj.uvim.lm"
-  config.model_init = {"encoder": mlc.config_dict.placeholder(str) if smoke
-                       else "howto-i21k-L/16"}
-  config.model = mlc.ConfigDict(LM_MODELS["smoke" if smoke else "large"])
+  config.model_init = {"encoder": "howto-i21k-L/16"}
+  config.model = mlc.ConfigDict(LM_MODELS["smoke" if toy else "large"])
   config.model.patches = dict(size=tuple(oracle_model.patch_size))
   config.model.vocab_size = oracle_model.dict_size + 1
   config.model.posemb_type = "learn"
@@ -149,6 +157,26 @@ def stage2_from_stage1(stage1: mlc.ConfigDict, arg: mlc.ConfigDict, oracle_init:
   config.model.seq_len = oracle_model.code_len
   if arg.singlehost:
     config.batch_size = 32  # as Listing 2's singlehost
-  if smoke:
-    apply_smoke(config)
+  if toy:
+    apply_toy_stage2(config, cpu=arg.cpu)
   return config
+
+
+def apply_toy_stage2(config: mlc.ConfigDict, cpu: bool) -> None:
+  """Stage II on the toy scenes: `apply_smoke`, and an image encoder trained from scratch."""
+  apply_smoke(config, cpu)
+  # No ViT checkpoint offline: the encoder starts from scratch unless one is given, so it
+  # trains at the full rate; fixed sin-cos positions shared by image and code let the decoder's
+  # cross-attention find each word's patch from the first step (learned positions take longer
+  # than a toy run: PQ things 0.1 instead of 23 after 1000 steps).
+  config.model_init = mlc.ConfigDict({"encoder": mlc.config_dict.placeholder(str)})
+  config.lr_mults = [(".*", 1.0)]
+  config.model.posemb_type = "sincos2d"
+
+
+def oracle_init(arg: mlc.ConfigDict, toy_run: str, released: str) -> str:
+  """Stage II's default oracle: the stage I run of the same toy variant (`toy_run`, with
+  `_cpu` for `:cpu`), else the `released` big_vision file."""
+  if arg.cpu:
+    return f"{toy_run}_cpu"
+  return toy_run if arg.smoke else released

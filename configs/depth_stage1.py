@@ -18,10 +18,11 @@ QUANTIZATION_BINS = 256  # 64 with smoke: the one-hot bins dominate the cost of 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """The stage I depth config."""
-  arg = common.parse_arg(arg, smoke=False, singlehost=False, res=0)
-  res = arg.res or (64 if arg.smoke else 512)
-  patch_size = 8 if arg.smoke else 16
-  eval_crop = "" if arg.smoke else "nyu_eval_crop|"  # toy scenes are not 480x640
+  arg = common.parse_arg(arg, smoke=False, cpu=False, singlehost=False, res=0)
+  toy = arg.smoke or arg.cpu  # the built-in toy scenes
+  res = arg.res or (64 if toy else 512)
+  patch_size = 8 if toy else 16
+  eval_crop = "" if toy else "nyu_eval_crop|"  # toy scenes are not 480x640
 
   config = mlc.ConfigDict()
   config.seed = 0
@@ -54,8 +55,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
 
   config.model_name = "proj.uvim.vit"
   config.model_init = mlc.config_dict.placeholder(str)  # a *_stageI_params.npz or a workdir
-  bins = 64 if arg.smoke else QUANTIZATION_BINS
-  config.model = common.stage1_model("smoke" if arg.smoke else "base", res, patch_size,
+  bins = 64 if toy else QUANTIZATION_BINS
+  config.model = common.stage1_model("smoke" if toy else "base", res, patch_size,
                                      {"depth": (bins, patch_size**2)})
 
   config.optax_name = "scale_by_adafactor"
@@ -78,7 +79,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   if arg.singlehost:
     config.batch_size = 128
     config.num_epochs = 50
-  if arg.smoke:
-    common.apply_smoke(config)
-    config.nyu_depth_val.log_steps = 200
+  if toy:
+    common.apply_smoke(config, cpu=arg.cpu)
+    config.nyu_depth_val.log_steps = 1000 if arg.cpu else 200
   return config

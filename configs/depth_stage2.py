@@ -15,9 +15,9 @@ from configs import common, depth_stage1
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """The stage II depth config."""
-  parsed = common.parse_arg(arg, smoke=False, singlehost=False, res=0)
+  parsed = common.parse_arg(arg, smoke=False, cpu=False, singlehost=False, res=0)
   stage1 = depth_stage1.get_config(arg)
   res = stage1.model.input_size[0]
   return common.stage2_from_stage1(
-      stage1, parsed, "runs/depth_stage1" if parsed.smoke else "depth_stageI_params.npz",
+      stage1, parsed, common.oracle_init(parsed, "runs/depth_stage1", "depth_stageI_params.npz"),
       predict_pp=f'resize({res})|value_range(-1, 1)|keep("image")')

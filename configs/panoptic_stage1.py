@@ -17,9 +17,10 @@ from configs import common
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """The stage I panoptic config."""
-  arg = common.parse_arg(arg, smoke=False, singlehost=False, res=0)
-  res = arg.res or (64 if arg.smoke else 512)
-  patch_size = 8 if arg.smoke else 16
+  arg = common.parse_arg(arg, smoke=False, cpu=False, singlehost=False, res=0)
+  toy = arg.smoke or arg.cpu  # the built-in toy scenes
+  res = arg.res or (64 if toy else 512)
+  patch_size = 8 if toy else 16
 
   config = mlc.ConfigDict()
   config.seed = 0
@@ -61,7 +62,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   # Model section.
   config.model_name = "proj.uvim.vit"
   config.model_init = mlc.config_dict.placeholder(str)  # a *_stageI_params.npz or a workdir
-  config.model = mlc.ConfigDict(common.STAGE_I_MODELS["smoke" if arg.smoke else "base"])
+  config.model = mlc.ConfigDict(common.STAGE_I_MODELS["smoke" if toy else "base"])
   config.model.input_size = (res, res)
   config.model.patch_size = (patch_size, patch_size)
   config.model.code_len = 256
@@ -111,23 +112,24 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   if arg.singlehost:
     config.batch_size = 128
     config.num_epochs = 100
-  if arg.smoke:
-    common.apply_smoke(config)
+  if toy:
+    common.apply_smoke(config, cpu=arg.cpu)
+    config.lr = 2e-3
     # In minutes of training the decoder needs the whole code to learn the things; code
     # dropout (which teaches it to fall back on the image) pays off over longer runs.
-    config.num_epochs = 6
-    config.lr = 2e-3
     config.model.code_dropout = "none"
-    config.model.code_len = 16
+    config.model.code_len = 64  # one word per 8x8 patch
     config.model.dict_size = 256
     config.model.codeword_dim = 32
+    # A code of the labels alone (see common.STAGE_I_MODELS): stage II can learn to predict it.
+    config.model.with_encoder_ctx = False
     config.model.inputs = {
         "semantics": (common.TOY_NUM_CLASSES + 1, patch_size**2),
         "instances": (common.TOY_MAX_SEGMENTS, patch_size**2),
     }
     config.model.outputs = config.model.inputs
     for name in ("panoptic_train", "panoptic_holdout", "panoptic_val"):
-      config[name].log_steps = 200
+      config[name].log_steps = 1000 if arg.cpu else 200
     config.panoptic_train.split = "train[256:512]"
     config.panoptic_holdout.split = "train[:256]"
   return config

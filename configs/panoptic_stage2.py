@@ -18,9 +18,10 @@ from configs import common
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """The stage II panoptic config."""
-  arg = common.parse_arg(arg, smoke=False, singlehost=False, res=0)
-  res = label_res = arg.res or (64 if arg.smoke else 512)
-  patch_size = label_patch_size = 8 if arg.smoke else 16
+  arg = common.parse_arg(arg, smoke=False, cpu=False, singlehost=False, res=0)
+  toy = arg.smoke or arg.cpu  # the built-in toy scenes
+  res = label_res = arg.res or (64 if toy else 512)
+  patch_size = label_patch_size = 8 if toy else 16
 
   config = mlc.ConfigDict()
   config.seed = 0
@@ -88,7 +89,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   config.oracle.task = "panoptic_segmentation"
   config.oracle.model_init = "oracle.npz"
   config.oracle.model_name = "proj.uvim.vit"
-  config.oracle.model = mlc.ConfigDict(common.STAGE_I_MODELS["smoke" if arg.smoke else "base"])
+  config.oracle.model = mlc.ConfigDict(common.STAGE_I_MODELS["smoke" if toy else "base"])
   config.oracle.model.input_size = (label_res, label_res)
   config.oracle.model.patch_size = (label_patch_size, label_patch_size)
   config.oracle.model.code_len = 256
@@ -105,7 +106,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   # Model section.
   config.model_name = "proj.uvim.lm"
   config.model_init = {"encoder": "howto-i21k-L/16"}
-  config.model = mlc.ConfigDict(common.LM_MODELS["smoke" if arg.smoke else "large"])
+  config.model = mlc.ConfigDict(common.LM_MODELS["smoke" if toy else "large"])
   config.model.patches = dict(size=(patch_size, patch_size))
   config.model.vocab_size = config.oracle.model.get_ref("dict_size") + 1
   config.model.posemb_type = "learn"
@@ -136,21 +137,21 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   if arg.singlehost:
     config.batch_size = 32
     config.num_epochs = 50
-  if arg.smoke:
-    common.apply_smoke(config)
-    config.oracle.model_init = "runs/panoptic_stage1"
-    config.oracle.model.code_len = 16
+  if toy:
+    common.apply_toy_stage2(config, cpu=arg.cpu)
+    config.oracle.model_init = common.oracle_init(arg, "runs/panoptic_stage1",
+                                                  config.oracle.model_init)
+    config.oracle.model.code_len = 64
     config.oracle.model.dict_size = 256
     config.oracle.model.codeword_dim = 32
+    config.oracle.model.with_encoder_ctx = False
     config.oracle.model.inputs = {
         "semantics": (common.TOY_NUM_CLASSES + 1, label_patch_size**2),
         "instances": (common.TOY_MAX_SEGMENTS, label_patch_size**2),
     }
     config.oracle.model.outputs = config.oracle.model.inputs
-    # No ViT checkpoint offline: the encoder starts from scratch unless one is given.
-    config.model_init = mlc.ConfigDict({"encoder": mlc.config_dict.placeholder(str)})
     for name in ("panoptic_train", "panoptic_holdout", "panoptic_val"):
-      config[name].log_steps = 200
+      config[name].log_steps = 1000 if arg.cpu else 200
     config.panoptic_train.split = "train[256:512]"
     config.panoptic_holdout.split = "train[:256]"
   return config

@@ -11,10 +11,11 @@ from uvim import decoding
 from uvim.models import lm
 
 
-def random_model(vocab_size=11, seq_len=7, num_layers=2, seed=0):
+def random_model(vocab_size=11, seq_len=7, num_layers=2, seed=0, posemb_type="learn"):
   """A small stage II model with random (non-zero) logits head, and a batch of 3 images."""
   model = lm.Model(patches={"size": (8, 8)}, num_heads=2, num_layers=num_layers, mlp_dim=32,
-                   emb_dim=16, vocab_size=vocab_size, seq_len=seq_len, input_size=(16, 16))
+                   emb_dim=16, vocab_size=vocab_size, seq_len=seq_len, input_size=(16, 16),
+                   posemb_type=posemb_type)
   images = jax.random.normal(jax.random.key(seed), (3, 16, 16, 3))
   params = model.init(jax.random.key(seed + 1), images,
                       jnp.zeros((3, seq_len), jnp.int32))["params"]
@@ -33,9 +34,12 @@ def step_by_step_argmax(model, params, images):
   return tokens
 
 
-@pytest.mark.parametrize("seed,num_layers", [(0, 1), (5, 3)])
-def test_cached_and_uncached_greedy_equal_step_by_step_argmax(seed, num_layers):
-  model, params, images = random_model(num_layers=num_layers, seed=seed)
+@pytest.mark.parametrize("seed,num_layers,seq_len,posemb", [
+    (0, 1, 7, "learn"), (5, 3, 7, "learn"), (2, 2, 9, "sincos2d")])
+def test_cached_and_uncached_greedy_equal_step_by_step_argmax(seed, num_layers, seq_len,
+                                                               posemb):
+  model, params, images = random_model(num_layers=num_layers, seed=seed, seq_len=seq_len,
+                                       posemb_type=posemb)
   keys = jax.random.split(jax.random.key(0), 3)
   expected = step_by_step_argmax(model, params, images)
   for cached in (True, False):

@@ -120,6 +120,7 @@ def test_image_rngs_depend_on_the_image_only():
 @pytest.mark.slow
 def test_encoder_starts_from_a_vit_checkpoint(toy_data_dir, oracle_workdir, tmp_path):
   config = stage2_config(toy_data_dir, oracle_workdir, total_steps=0, evals=[])
+  config.model.posemb_type = "learn"  # a ViT checkpoint brings learned position embeddings
   stage = stages.StageII(config)
   image = jnp.zeros((1, *config.model.input_size, 3))
   vit = stage.init_variables(jax.random.key(42), {"image": image})["params"]
@@ -133,6 +134,15 @@ def test_encoder_starts_from_a_vit_checkpoint(toy_data_dir, oracle_workdir, tmp_
       np.testing.assert_array_equal(a, b)
   fresh = stage.init_variables(jax.random.key(0), {"image": image})["params"]
   assert not np.array_equal(state.params["EmbedPatches"]["kernel"], fresh["EmbedPatches"]["kernel"])
+
+
+def test_a_vit_encoder_needs_learned_position_embeddings(toy_data_dir, oracle_workdir):
+  config = stage2_config(toy_data_dir, oracle_workdir, total_steps=0, evals=[])
+  config.model.posemb_type = "sincos2d"
+  config.model_init.encoder = "vit.npz"
+  stage = stages.StageII(config)
+  with pytest.raises(UserError, match="posemb_type='sincos2d' has none: set it to 'learn'"):
+    stage.load_init(config.model_init, {}, {})
 
 
 @pytest.mark.slow

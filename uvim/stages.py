@@ -291,6 +291,10 @@ class StageII:
     if unknown:
       raise UserError(f"config.model_init: unknown part(s) {sorted(unknown)}; stage II "
                        "takes a checkpoint path or {'encoder': <ViT name or .npz>}")
+    if model_init.get("encoder") and self.model.posemb_type != "learn":
+      raise UserError(f"config.model_init.encoder={model_init['encoder']} is a ViT with learned "
+                       f"position embeddings; config.model.posemb_type="
+                       f"{self.model.posemb_type!r} has none: set it to 'learn'")
     if model_init.get("encoder"):
       grid = vit.patch_grid(self.model.input_size, self.model.patches["size"])
       logging.info("Stage II encoder from %s", model_init["encoder"])

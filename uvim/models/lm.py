@@ -227,7 +227,7 @@ class Model(nn.Module):
   vocab_size: int = 4097
   seq_len: int = 256
   input_size: Sequence[int] = (512, 512)
-  posemb_type: str = "learn"
+  posemb_type: str = "learn"  # or "sincos2d": fixed, image and code in one frame (no params)
   dropout_rate: float = 0.0
   dtype: str = "float32"  # Computation dtype; parameters and the returned logits are float32.
   remat: bool = False  # Rematerialise every transformer block when training.
@@ -235,14 +235,25 @@ class Model(nn.Module):
   attention: str = "einsum"  # The attention kernel, `vit.ATTENTION`.
 
   def setup(self):
-    if self.posemb_type != "learn":
-      raise ValueError(f"posemb_type must be 'learn', got {self.posemb_type!r}")
     patch = tuple(self.patches["size"])
-    self.pos_embedding_encoder = vit.learned_posemb(
-        self, "pos_embedding_encoder", math.prod(vit.patch_grid(self.input_size, patch)),
-        self.emb_dim)
-    self.pos_embedding_decoder = vit.learned_posemb(
-        self, "pos_embedding_decoder", self.seq_len, self.emb_dim)
+    grid = vit.patch_grid(self.input_size, patch)
+    if self.posemb_type == "learn":
+      self.pos_embedding_encoder = vit.learned_posemb(
+          self, "pos_embedding_encoder", math.prod(grid), self.emb_dim)
+      self.pos_embedding_decoder = vit.learned_posemb(
+          self, "pos_embedding_decoder", self.seq_len, self.emb_dim)
+    elif self.posemb_type == "sincos2d":
+      side = math.isqrt(self.seq_len)
+      if side * side != self.seq_len:
+        raise ValueError(f"posemb_type 'sincos2d' needs a square code, got seq_len {self.seq_len}")
+      # Image and code in one frame: code token (i, j) sits at the centre of the image region
+      # it covers, in patch units, so a code token and the patches under it have matching
+      # embeddings and cross-attention finds them from the start of training.
+      self.pos_embedding_encoder = vit.sincos2d_posemb(grid, self.emb_dim)
+      self.pos_embedding_decoder = vit.sincos2d_posemb(
+          (side, side), self.emb_dim, scale=(grid[0] / side, grid[1] / side))
+    else:
+      raise ValueError(f"posemb_type must be 'learn' or 'sincos2d', got {self.posemb_type!r}")
     self.embed_patches = nn.Conv(self.emb_dim, patch, strides=patch, padding="VALID",
                                  dtype=jnp.dtype(self.dtype), name="EmbedPatches")
     self.encoder = vit.Encoder(depth=self.num_layers, mlp_dim=self.mlp_dim,

@@ -47,6 +47,21 @@ def learned_posemb(module: nn.Module, name: str, num_tokens: int, width: int) ->
                       (1, num_tokens, width))
 
 
+def sincos2d_posemb(grid: tuple[int, int], width: int, scale: tuple[float, float] = (1, 1),
+                    temperature: float = 10_000.0) -> jnp.ndarray:
+  """A fixed 2D sine-cosine position embedding (1, h * w, width): a quarter of the channels each
+  for sin(x), cos(x), sin(y), cos(y) at geometrically spaced frequencies. Cell (i, j) sits at
+  the centre of its `scale`-sized cell, in units of cells of size 1."""
+  if width % 4:
+    raise ValueError(f"sincos2d position embeddings need a width divisible by 4, got {width}")
+  y, x = np.mgrid[:grid[0], :grid[1]].astype(np.float64)
+  y, x = (y + 0.5) * scale[0] - 0.5, (x + 0.5) * scale[1] - 0.5
+  omega = 1.0 / temperature ** (np.arange(width // 4) / max(width // 4 - 1, 1))
+  y, x = y.reshape(-1, 1) * omega, x.reshape(-1, 1) * omega
+  return jnp.asarray(np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], 1)[None],
+                     jnp.float32)
+
+
 class MlpBlock(nn.Module):
   """Transformer MLP: Dense -> GELU -> Dense."""
   mlp_dim: int | None = None  # Defaults to 4x the input width.
