@@ -2,9 +2,10 @@ r"""UViM stage I (restricted oracle) for ImageNet colorization.
 
   python train.py --config configs/colorization_stage1.py --workdir runs/colorization_stage1
 
-The oracle sees the colours and the grayscale image; the code carries what grayscale cannot.
-Variants: smoke (tiny model on the built-in `toy_scenes`), singlehost (batch 128, 20 epochs),
-res=N (default 512; 64 with smoke).
+The oracle sees the colours and the grayscale image (the toy variants: the colours alone); the
+code carries what grayscale cannot. Variants: smoke (tiny model on the built-in `toy_scenes`),
+cpu (smoke for 40 epochs), singlehost (batch 128, 20 epochs), res=N (default 512; 64 with
+smoke).
 """
 
 import ml_collections as mlc

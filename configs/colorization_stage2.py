@@ -6,7 +6,8 @@ r"""UViM stage II for ImageNet colorization: a language model over the stage I g
 Data, pp and evaluators are those of `colorization_stage1.py`; the oracle is its model. Colour
 predictions are sampled at T = 1 (T = 0 gives washed-out colours; the paper's colabs do the same).
 Variants: smoke (tiny model on `toy_scenes`, oracle = the stage I `:smoke` run in
-runs/colorization_stage1), singlehost, res=N.
+runs/colorization_stage1), cpu (40 epochs, oracle runs/colorization_stage1_cpu), singlehost,
+res=N.
 """
 
 import ml_collections as mlc

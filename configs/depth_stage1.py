@@ -5,8 +5,8 @@ r"""UViM stage I (restricted oracle) for NYU depth v2.
 Depth is quantised into 256 bins over [1e-3, 10] m (uvim/tasks/depth.py). The evaluation crop
 is a parameter of `nyu_eval_crop`, by default the standard Eigen crop (rows 45:471, cols 41:601;
 the original code started at row 54). Variants: smoke (tiny model on the built-in
-`toy_scenes`, whose depth follows its scene geometry), singlehost (batch 128, 50 epochs),
-res=N (default 512; 64 with smoke).
+`toy_scenes`, whose depth follows its scene geometry), cpu (smoke for 40 epochs), singlehost
+(batch 128, 50 epochs), res=N (default 512; 64 with smoke).
 """
 
 import ml_collections as mlc

@@ -5,7 +5,7 @@ r"""UViM stage II for NYU depth v2: a language model over the stage I guiding co
 
 Data, pp and evaluators are those of `depth_stage1.py`; the oracle is its model. Predictions use
 T = 0 (argmax). Variants: smoke (tiny model on `toy_scenes`, oracle = the stage I `:smoke` run in
-runs/depth_stage1), singlehost, res=N.
+runs/depth_stage1), cpu (40 epochs, oracle runs/depth_stage1_cpu), singlehost, res=N.
 """
 
 import ml_collections as mlc
