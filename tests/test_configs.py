@@ -22,7 +22,7 @@ from uvim import cli, stages
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [panoptic_stage1, panoptic_stage2, colorization_stage1, colorization_stage2,
            depth_stage1, depth_stage2]
-VARIANTS = [None, "smoke", "singlehost", "smoke,res=32", "res=256"]
+VARIANTS = [None, "smoke", "cpu", "singlehost", "smoke,res=32", "res=256"]
 
 # The paper's Listing 1 pp_train at RES = 512, verbatim.
 LISTING1_PP_TRAIN = (
@@ -73,10 +73,10 @@ def test_every_config_variant_builds_its_pp_strings(module, variant):
     (colorization_stage1, colorization_stage2, "runs/colorization_stage1"),
     (depth_stage1, depth_stage2, "runs/depth_stage1"),
 ])
-@pytest.mark.parametrize("variant", [None, "smoke"])
+@pytest.mark.parametrize("variant", [None, "smoke", "cpu"])
 def test_stage2_oracle_is_the_stage1_model(stage1, stage2, workdir, variant):
   """The stage II oracle section describes exactly the model its stage I config trains, and
-  `:smoke` chains to the stage I `:smoke` workdir of the README."""
+  `:smoke` (`:cpu`) chains to the stage I `:smoke` (`:cpu`) workdir of the README."""
   oracle, trained = stage2.get_config(variant).oracle, stage1.get_config(variant).model
   ignore = set(stages.TRAINING_ONLY)  # training-time only
   mine = {k: v for k, v in oracle.model.to_dict().items() if k not in ignore}
@@ -88,6 +88,29 @@ def test_stage2_oracle_is_the_stage1_model(stage1, stage2, workdir, variant):
   assert model.seq_len == trained.code_len and model.vocab_size == trained.dict_size + 1
   if variant == "smoke":
     assert oracle.model_init == workdir
+  if variant == "cpu":
+    assert oracle.model_init == f"{workdir}_cpu"
+
+
+def flat(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+@pytest.mark.parametrize("module", CONFIGS, ids=lambda m: m.__name__.split(".")[-1])
+def test_cpu_is_the_smoke_recipe_trained_longer(module):
+  """`:cpu` differs from `:smoke` only in length, evaluation frequency and the oracle's run."""
+  smoke, cpu = (flat(module.get_config(v).to_dict()) for v in ("smoke", "cpu"))
+  assert smoke.keys() == cpu.keys()
+  differ = {k for k in smoke if smoke[k] != cpu[k]}
+  assert "num_epochs" in differ and cpu["num_epochs"] > smoke["num_epochs"]
+  assert differ - {"num_epochs", "oracle.model_init"} == {
+      k for k in differ if k.endswith(".log_steps") and k != "val.log_steps"}
 
 
 def test_stage1_has_the_papers_values():
