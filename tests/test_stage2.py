@@ -84,6 +84,7 @@ def test_predict_path_decodes_codes_like_the_oracle_reconstructs(toy_data_dir, o
   """Sampling a code equal to the oracle's code of an image and decoding it with the frozen
   oracle gives exactly the stage I reconstruction of that image."""
   config = stage2_config(toy_data_dir, oracle_workdir)
+  config.model.posemb_type = "learn"  # forced_code_params writes the learned embedding
   stage = stages.StageII(config)
   oracle = stages.StageI(ml_collections.ConfigDict(dict(
       model_name=config.oracle.model_name, model=config.oracle.model, task=config.oracle.task,
@@ -143,6 +144,19 @@ def test_a_vit_encoder_needs_learned_position_embeddings(toy_data_dir, oracle_wo
   stage = stages.StageII(config)
   with pytest.raises(UserError, match="posemb_type='sincos2d' has none: set it to 'learn'"):
     stage.load_init(config.model_init, {}, {})
+
+
+def test_a_checkpoint_and_the_config_must_agree_on_position_embeddings(tmp_path):
+  config = panoptic_stage2.get_config("smoke")
+  config.model.update(LM_TINY)
+  stage = stages.StageII(config)
+  image = jnp.zeros((1, *config.model.input_size, 3))
+  params = stage.init_variables(jax.random.key(0), {"image": image})["params"]
+  checkpoint.save_npz(tmp_path / "sincos.npz", {"params": params})
+  config.model.posemb_type = "learn"
+  with pytest.raises(UserError, match=r"no learned position embeddings; set config\.model\."
+                                      "posemb_type to 'sincos2d'"):
+    stages.StageII(config).load_init(str(tmp_path / "sincos.npz"), {}, {})
 
 
 @pytest.mark.slow

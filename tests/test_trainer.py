@@ -15,7 +15,7 @@ from configs import panoptic_stage1
 from uvim import checkpoint, input_pipeline, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(width=32, mlp_dim=64, num_heads=2, oracle_depth=1, base_model_depth=1,
+TINY = dict(width=32, mlp_dim=64, num_heads=2, oracle_depth=1, base_model_depth=1, code_len=16,
             dict_size=16, codeword_dim=8)
 
 

@@ -285,6 +285,12 @@ class StageII:
     """A whole stage II model (npz or workdir), or `{'encoder': ViT name or npz}`."""
     if isinstance(model_init, str):
       tree = load_variables(model_init)
+      learned = "pos_embedding_decoder" in tree["params"]
+      if learned != (self.model.posemb_type == "learn"):
+        raise UserError(f"{model_init} has {'learned' if learned else 'no learned'} position "
+                         f"embeddings; set config.model.posemb_type to "
+                         f"{'learn' if learned else 'sincos2d'!r} (it is "
+                         f"{self.model.posemb_type!r}): big_vision's models use 'learn'")
       loaded = checkpoint.in_layout(tree["params"], self.model.scan_layers)
       return checkpoint.merge_into(params, loaded, model_init), model_state
     unknown = set(model_init) - {"encoder"}
