@@ -17,7 +17,7 @@ from configs import (
     panoptic_stage2,
 )
 from pp.builder import get_preprocess_fn
-from uvim import cli, stages
+from uvim import checkpoint, cli, stages
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [panoptic_stage1, panoptic_stage2, colorization_stage1, colorization_stage2,
@@ -92,20 +92,11 @@ def test_stage2_oracle_is_the_stage1_model(stage1, stage2, workdir, variant):
     assert oracle.model_init == f"{workdir}_cpu"
 
 
-def flat(tree, prefix=""):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 @pytest.mark.parametrize("module", CONFIGS, ids=lambda m: m.__name__.split(".")[-1])
 def test_cpu_is_the_smoke_recipe_trained_longer(module):
   """`:cpu` differs from `:smoke` only in length, evaluation frequency and the oracle's run."""
-  smoke, cpu = (flat(module.get_config(v).to_dict()) for v in ("smoke", "cpu"))
+  smoke, cpu = (checkpoint.flatten_json(module.get_config(v).to_dict())
+                for v in ("smoke", "cpu"))
   assert smoke.keys() == cpu.keys()
   differ = {k for k in smoke if smoke[k] != cpu[k]}
   assert "num_epochs" in differ and cpu["num_epochs"] > smoke["num_epochs"]
