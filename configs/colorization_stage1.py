@@ -85,7 +85,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   if toy:
     common.apply_smoke(config, cpu=arg.cpu)
     config.colorization_val.split = "validation"
-    config.colorization_val.log_steps = 1000 if arg.cpu else 200
+    config.colorization_val.log_steps = common.toy_eval_steps(arg.cpu)
     config.colorization_val_fid.split = "validation[:128]"  # once, at the end: Inception at
     config.colorization_val_fid.ref_split = "train[:128]"   # 299 px is slow on a CPU
     # No Inception weights offline: a random network (not comparable with published FIDs).

@@ -85,6 +85,11 @@ def set_memory_options(config: mlc.ConfigDict) -> None:
 TOY_EPOCHS = {"smoke": 6, "cpu": 40}
 
 
+def toy_eval_steps(cpu: bool) -> int:
+  """How often the toy variants run their task evaluators (PQ, depth, colour metrics)."""
+  return 1000 if cpu else 200
+
+
 def apply_smoke(config: mlc.ConfigDict, cpu: bool = False) -> None:
   """`:smoke` / `:cpu` settings shared by every config: toy data, small batches, frequent logs."""
   config.dataset = "toy_scenes/medium"  # 8192 scenes, generated once in ~1 minute

@@ -81,5 +81,5 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     config.num_epochs = 50
   if toy:
     common.apply_smoke(config, cpu=arg.cpu)
-    config.nyu_depth_val.log_steps = 1000 if arg.cpu else 200
+    config.nyu_depth_val.log_steps = common.toy_eval_steps(arg.cpu)
   return config

@@ -153,7 +153,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     }
     config.oracle.model.outputs = config.oracle.model.inputs
     for name in ("panoptic_train", "panoptic_holdout", "panoptic_val"):
-      config[name].log_steps = 1000 if arg.cpu else 200
+      config[name].log_steps = common.toy_eval_steps(arg.cpu)
     config.panoptic_train.split = "train[256:512]"
     config.panoptic_holdout.split = "train[:256]"
   return config
