@@ -91,3 +91,14 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     # No Inception weights offline: a random network (not comparable with published FIDs).
     config.colorization_val_fid.inception_weights = "random:0"
   return config
+
+
+def get_sweep(add, arg: str | None = None) -> None:
+  """The paper's Figure 11: code length x dictionary size (`python -m uvim.sweep`). On the toy
+  scenes (64 px, 8 px patches: an 8x8 grid) 16 words are 2x2 patches each, 256 four a patch."""
+  parsed = common.parse_arg(arg, smoke=False, cpu=False, singlehost=False, res=0)
+  toy = parsed.smoke or parsed.cpu
+  code_lens, dict_sizes = ((16, 64, 256), (32, 256)) if toy else ((64, 256, 1024), (1024, 4096))
+  for code_len in code_lens:
+    for dict_size in dict_sizes:
+      add(**{"model.code_len": code_len, "model.dict_size": dict_size})

@@ -156,10 +156,11 @@ def stage2_from_stage1(stage1: mlc.ConfigDict, arg: mlc.ConfigDict, oracle_init:
   config.model_init = {"encoder": "howto-i21k-L/16"}
   config.model = mlc.ConfigDict(LM_MODELS["smoke" if toy else "large"])
   config.model.patches = dict(size=tuple(oracle_model.patch_size))
-  config.model.vocab_size = oracle_model.dict_size + 1
+  # References: `--config.oracle.model.code_len=16` resizes the code stage II writes too.
+  config.model.vocab_size = config.oracle.model.get_ref("dict_size") + 1
   config.model.posemb_type = "learn"
   config.model.input_size = tuple(oracle_model.input_size)
-  config.model.seq_len = oracle_model.code_len
+  config.model.seq_len = config.oracle.model.get_ref("code_len")
   if arg.singlehost:
     config.batch_size = 32  # as Listing 2's singlehost
   if toy:

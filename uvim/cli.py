@@ -9,6 +9,8 @@ import ast
 import importlib.util
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
 
 import ml_collections as mlc
 from absl import flags
@@ -88,22 +90,34 @@ def split_late_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str
 
 def apply_override(config: mlc.ConfigDict, path: str, text: str, arg: str) -> None:
   """Sets the list or path override `arg` (`--config.<path>=<text>`) on `config`."""
+  if isinstance(_lookup(config, path), list):
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      raise ValueError(f"{arg}: config.{path} is a list; give a Python list, e.g. "
+                       f"--config.{path}=\"{_lookup(config, path)!r}\"") from None
+    set_value(config, path, value)
+  else:
+    set_value(config, path, text)
+
+
+def set_value(config: mlc.ConfigDict, path: str, value) -> None:
+  """Sets the dotted `path` of `config` to `value` as an override does: a list key takes a list
+  or tuple, a path-or-dict key (`model_init`) a string; other keys keep their type."""
   *parents, key = path.split(".")
   node = config
   for part in parents:
     node = node[part]
   if isinstance(node[key], list):
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      raise ValueError(f"{arg}: config.{path} is a list; give a Python list, e.g. "
-                       f"--config.{path}=\"{node[key]!r}\"") from None
     if not isinstance(value, list | tuple):
-      raise ValueError(f"{arg}: config.{path} is a list, got {type(value).__name__}")
+      raise ValueError(f"config.{path} is a list, got {type(value).__name__}")
     node[key] = list(value)
-  else:
+  elif isinstance(node[key], mlc.ConfigDict) and key in PATH_OR_DICT_KEYS and isinstance(
+      value, str):
     with node.ignore_type():
-      node[key] = text
+      node[key] = value
+  else:
+    node[key] = value
 
 
 def _lookup(config: mlc.ConfigDict, path: str):
@@ -120,29 +134,35 @@ def explain_config_error(argv: Sequence[str], error: Exception) -> str:
   """A one-line reason for a flag error, naming the bad key or arg and the closest valid one."""
   spec = _flag_value(argv, CONFIG_FLAG)
   if spec is None:
-    return _last_line(error)
+    return last_line(error)
   try:
     config = load_config(spec)
   except Exception as e:  # The config file itself (or its `:arg`) is bad.
-    return f"--{CONFIG_FLAG}={spec}: {_last_line(e)}"
+    return f"--{CONFIG_FLAG}={spec}: {last_line(e)}"
   for arg in argv:
     if arg.startswith(f"--{CONFIG_FLAG}."):
       path = arg[len(CONFIG_FLAG) + 3:].partition("=")[0]
       problem = find_unknown_key(config, path)
       if problem:
         return f"{arg}: {problem}"
-  return _last_line(error)
+  return last_line(error)
 
 
 def load_config(spec: str) -> mlc.ConfigDict:
   """Loads `path.py[:arg]` the way config_flags does: `get_config(arg)` or `get_config()`."""
   path, _, arg = spec.partition(":")
+  module = load_config_module(path)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def load_config_module(path: str) -> ModuleType:
+  """The config file at `path`, imported."""
   module_spec = importlib.util.spec_from_file_location("_uvim_config", path)
-  if module_spec is None or module_spec.loader is None:
+  if module_spec is None or module_spec.loader is None or not Path(path).is_file():
     raise FileNotFoundError(f"cannot load config file {path!r}")
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  return module
 
 
 def find_unknown_key(config: mlc.ConfigDict, path: str) -> str | None:
@@ -174,7 +194,7 @@ def _flag_value(argv: Sequence[str], name: str) -> str | None:
   return None
 
 
-def _last_line(error: BaseException) -> str:
+def last_line(error: BaseException) -> str:
   """The informative line of an error whose message may embed a whole traceback."""
   lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
   return lines[-1] if lines else type(error).__name__

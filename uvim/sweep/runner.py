@@ -1,0 +1,228 @@
+"""Runs a sweep's train.py commands on this machine, `parallel` at a time.
+
+A finished run (its workdir holds the `params.npz` train.py writes last) is skipped; any other
+run is started, and train.py resumes it from its last checkpoint. A run that fails is reported
+with the last line of its log and the others go on; runs chained to it are not started. Ctrl-C
+or SIGTERM is passed to every run once (each saves a checkpoint and stops) and the sweep ends
+after they have; the same command then carries on. Each run's output goes to
+`<workdir>/train.log`; its attempts (start, seconds, exit status) to `<workdir>/sweep_run.json`.
+"""
+
+import contextlib
+import dataclasses
+import json
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from uvim import workdir as workdir_lib
+from uvim.sweep.plan import Run
+
+LOG_FILE = "train.log"
+ATTEMPTS_FILE = "sweep_run.json"
+DONE = ("finished", "skipped")  # a run in one of these states has its params.npz
+EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception|Interrupt|Exit)(: |$)")
+
+
+def is_finished(workdir: Path) -> bool:
+  """Whether train.py completed in `workdir` (it writes params.npz after the final evals)."""
+  return (workdir / "params.npz").exists()
+
+
+@dataclasses.dataclass
+class Job:
+  run: Run
+  process: subprocess.Popen
+  started: float
+
+
+class Sweep:
+  """The state of every run and the jobs in flight; `step()` advances it once."""
+
+  def __init__(self, runs: list[Run], parallel: int, python: str = sys.executable,
+               echo: Callable[[str], None] = print):
+    self.runs, self.parallel, self.python, self.echo = runs, max(parallel, 1), python, echo
+    self.status = {r.workdir: "skipped" if is_finished(r.workdir) else "waiting" for r in runs}
+    self.jobs: dict[Path, Job] = {}
+    self.seconds: dict[Path, float] = {}  # finished in this sweep: how long they took
+    self.stopping: int | None = None
+
+  def step(self) -> bool:
+    """Collects ended jobs and starts what may start; whether anything changed."""
+    changed = False
+    for workdir, job in list(self.jobs.items()):
+      code = job.process.poll()
+      if code is not None:
+        del self.jobs[workdir]
+        self._ended(job, code)
+        changed = True
+    if self.stopping is None:
+      for run in self.runs:
+        if self.status[run.workdir] != "waiting":
+          continue
+        needed = "finished" if run.after is None else self.status.get(
+            run.after, "skipped" if is_finished(run.after) else "failed")
+        if needed in ("failed", "not started"):
+          self.status[run.workdir] = "not started"
+          self.echo(f"not starting {self.label(run)}: {self.label_of(run.after)} {needed}")
+          changed = True
+        elif needed in DONE and len(self.jobs) < self.parallel:
+          self._start(run)
+          changed = True
+    return changed
+
+  def active(self) -> bool:
+    return bool(self.jobs) or (self.stopping is None and "waiting" in self.status.values())
+
+  def stop(self, signum: int) -> None:
+    """Passes the signal to every running job (they save and stop) and starts no more."""
+    self.stopping = signum
+    for job in self.jobs.values():
+      job.process.send_signal(signum)
+
+  def label(self, run: Run) -> str:
+    return f"{run.stage}/{run.name}"
+
+  def label_of(self, workdir: Path) -> str:
+    return next(self.label(r) for r in self.runs if r.workdir == workdir)
+
+  def _start(self, run: Run) -> None:
+    run.workdir.mkdir(parents=True, exist_ok=True)
+    log_path = run.workdir / LOG_FILE
+    with open(log_path, "a") as log:
+      log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {run.command(self.python)}\n")
+      log.flush()
+      # A session of its own: a terminal's Ctrl-C reaches the sweep, which passes it on once.
+      process = subprocess.Popen(run.argv(self.python), stdout=log, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, start_new_session=True)
+    self.jobs[run.workdir] = Job(run, process, time.monotonic())
+    self.status[run.workdir] = "running"
+    self.echo(f"started {self.label(run)} (log: {log_path})")
+
+  def _ended(self, job: Job, code: int) -> None:
+    run, seconds = job.run, time.monotonic() - job.started
+    record_attempt(run.workdir, seconds, code)
+    took = format_duration(seconds)
+    if code == 0 and is_finished(run.workdir):
+      self.status[run.workdir] = "finished"
+      self.seconds[run.workdir] = seconds
+      self.echo(f"finished {self.label(run)} in {took}{summary(run.workdir)}")
+    elif self.stopping is not None:
+      self.status[run.workdir] = "waiting"
+      self.echo(f"stopped {self.label(run)} after {took} (exit {code}); it resumes on rerun")
+    else:
+      self.status[run.workdir] = "failed"
+      self.echo(f"FAILED {self.label(run)} after {took} (exit {code}): "
+                f"{last_message(run.workdir / LOG_FILE)}; log: {run.workdir / LOG_FILE}")
+
+  def counts(self) -> dict[str, int]:
+    return {s: list(self.status.values()).count(s) for s in
+            ("finished", "skipped", "running", "waiting", "failed", "not started")}
+
+  def progress(self) -> str:
+    c = self.counts()
+    eta = self.eta()
+    return (f"[sweep] {c['finished'] + c['skipped']}/{len(self.runs)} done "
+            f"({c['skipped']} earlier), {c['running']} running, {c['waiting']} waiting, "
+            f"{c['failed']} failed, {c['not started']} not started; "
+            f"ETA {format_duration(eta) if eta is not None else 'unknown'}")
+
+  def eta(self) -> float | None:
+    """Seconds until the sweep ends, or None while nothing tells: each running job's own ETA
+    (from its metrics), each waiting run the mean length of its stage's runs (those finished,
+    else those running, by elapsed time plus ETA), over the parallel slots."""
+    now = time.monotonic()
+    left = {w: training_eta(w) for w in self.jobs}
+    lengths: dict[str, list[float]] = {}
+    for w, seconds in self.seconds.items():
+      lengths.setdefault(self.stage_of(w), []).append(seconds)
+    finished_stages = set(lengths)
+    for w, job in self.jobs.items():
+      if job.run.stage not in finished_stages and left[w] is not None:
+        lengths.setdefault(job.run.stage, []).append(now - job.started + left[w])
+    mean = {stage: statistics.mean(v) for stage, v in lengths.items()}
+    for w, job in self.jobs.items():
+      if left[w] is None and job.run.stage in mean:
+        left[w] = max(mean[job.run.stage] - (now - job.started), 0.0)
+    waiting = [mean.get(r.stage) for r in self.runs if self.status[r.workdir] == "waiting"]
+    parts = [*left.values(), *waiting]
+    return None if None in parts else sum(parts) / self.parallel
+
+  def stage_of(self, workdir: Path) -> str:
+    return next(r.stage for r in self.runs if r.workdir == workdir)
+
+
+def training_eta(workdir: Path) -> float | None:
+  """The ETA (seconds) of the last training record in `<workdir>/metrics.jsonl`."""
+  path = workdir / workdir_lib.METRICS_FILE
+  if not path.exists():
+    return None
+  for line in reversed(path.read_text(errors="replace").splitlines()):
+    with contextlib.suppress(ValueError):
+      record = json.loads(line)
+      if isinstance(record, dict) and "eta_hours" in record:
+        return float(record["eta_hours"]) * 3600
+  return None
+
+
+def summary(workdir: Path) -> str:
+  """': name value, ...' of the final evaluation metrics of a finished run."""
+  final: dict[str, float] = {}
+  for record in workdir_lib.read_metrics(workdir / workdir_lib.METRICS_FILE):
+    final.update({k: v for k, v in record.items() if "/" in k})
+  return ": " + ", ".join(f"{k} {v:.4g}" for k, v in final.items()) if final else ""
+
+
+def record_attempt(workdir: Path, seconds: float, code: int) -> None:
+  """Appends an attempt (start time, seconds, exit status) to `<workdir>/sweep_run.json`."""
+  path = workdir / ATTEMPTS_FILE
+  attempts = json.loads(path.read_text())["attempts"] if path.exists() else []
+  attempts.append(dict(started=time.strftime("%Y-%m-%d %H:%M:%S",
+                                             time.localtime(time.time() - seconds)),
+                       seconds=round(seconds, 1), exit=code))
+  path.write_text(json.dumps(dict(attempts=attempts), indent=1))
+
+
+def last_message(log_path: Path) -> str:
+  """The line of a run's log that says why it ended: its last FATAL line, else the last
+  exception line of a traceback, else its last line."""
+  lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines()
+           if line.strip()]
+  fatal = [line for line in lines if line.startswith("FATAL")]
+  raised = [line for line in lines if EXCEPTION_LINE.match(line)]
+  return (fatal or raised or lines or ["(empty log)"])[-1][:400]
+
+
+def format_duration(seconds: float) -> str:
+  seconds = round(seconds)
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+def run(runs: list[Run], parallel: int, python: str = sys.executable,
+        echo: Callable[[str], None] = print, poll_s: float = 0.5,
+        progress_s: float = 60.0) -> dict[str, int]:
+  """Runs the sweep to its end (or to a stop signal, passed on to the runs); the run counts by
+  state, and `interrupted` (the signal number, or 0)."""
+  sweep = Sweep(runs, parallel, python, echo)
+  if sweep.counts()["skipped"]:
+    echo(f"[sweep] {sweep.counts()['skipped']} of {len(runs)} runs finished earlier; skipped")
+  previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  for s in previous:
+    signal.signal(s, lambda signum, frame: sweep.stop(signum))
+  try:
+    last_progress = 0.0
+    while sweep.active():
+      changed = sweep.step()
+      if changed or time.monotonic() - last_progress > progress_s:
+        echo(sweep.progress())
+        last_progress = time.monotonic()
+      time.sleep(poll_s)
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+  return {**sweep.counts(), "interrupted": sweep.stopping or 0}
