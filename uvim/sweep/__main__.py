@@ -5,9 +5,10 @@ r"""Runs a hyper-parameter sweep of train.py, or reports on one.
       --then configs/colorization_stage2.py:smoke [--parallel 2]
   python -m uvim.sweep report runs/sweep_code [--metric colorization/fid]
 
-The runs are the config file's `get_sweep(add)` points (one run without it) crossed with each
-`--grid`; each trains in `<workdir>/<config name>/<overrides>`. Rerunning the command resumes
-unfinished runs and skips finished ones. `--then` trains the second config on each finished run
+The runs are the config file's `get_sweep(add)` points (one run without it, or with
+--ignore_get_sweep) crossed with each `--grid`; each trains in
+`<workdir>/<config name>/<overrides>`. Rerunning the command resumes unfinished runs and skips
+finished ones. `--then` trains the second config on each finished run
 (its `oracle.model_init`, and `oracle.model.*` = the run's `model.*` overrides). `--emit
 commands|slurm` writes the runs for a cluster instead of running them. Details: docs/sweeps.md.
 """
@@ -27,6 +28,8 @@ def run_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True, type=Path, help="the sweep's directory")
   p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                  help="a config key and its values (repeat for a product)")
+  p.add_argument("--ignore_get_sweep", action="store_true",
+                 help="run the --grid alone, not crossed with the config's get_sweep")
   p.add_argument("--then", help="a config trained on each run (a stage II on each stage I)")
   p.add_argument("--parallel", type=int, default=1, help="runs at a time on this machine")
   p.add_argument("--emit", choices=["commands", "slurm"],
@@ -53,7 +56,7 @@ def main(argv: list[str]) -> int:
     print("wrote", *map(str, paths), sep="\n  ")
     return 0
   args = run_parser().parse_args(argv)
-  runs = plan.plan(args.workdir, args.config, args.grid, args.then)
+  runs = plan.plan(args.workdir, args.config, args.grid, args.then, not args.ignore_get_sweep)
   print(f"[sweep] {len(runs)} runs in {args.workdir}:",
         *(f"{r.stage}/{r.name}" for r in runs), sep="\n  ")
   if args.emit:

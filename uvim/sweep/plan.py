@@ -132,13 +132,15 @@ def config_sweep(spec: str) -> list[dict[str, Any]]:
   return points
 
 
-def expand(spec: str, grid: list[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
-  """The sweep's points: `get_sweep`'s points crossed with every grid key's values."""
-  points = config_sweep(spec)
+def expand(spec: str, grid: list[tuple[str, list[Any]]],
+           use_get_sweep: bool = True) -> list[dict[str, Any]]:
+  """The sweep's points: `get_sweep`'s points (unless not `use_get_sweep`) crossed with every
+  grid key's values."""
+  points = config_sweep(spec) if use_get_sweep else [{}]
   for key, _ in grid:
     if any(key in p for p in points):
       raise UserError(f"--grid {key}: the key is also set by get_sweep in {spec}; set it in one "
-                      "place")
+                      "place (--ignore_get_sweep runs the grid alone)")
   keys = [k for k, _ in grid]
   combos = list(itertools.product(*(values for _, values in grid)))
   return [{**p, **dict(zip(keys, combo, strict=True))} for p in points for combo in combos]
@@ -206,12 +208,13 @@ def make_runs(sweep_dir: Path, spec: str, points: list[dict[str, Any]],
   return firsts + seconds
 
 
-def plan(sweep_dir: Path, spec: str, grid_specs: list[str], then: str | None) -> list[Run]:
+def plan(sweep_dir: Path, spec: str, grid_specs: list[str], then: str | None,
+         use_get_sweep: bool = True) -> list[Run]:
   """Expands and checks the sweep, and records it in `<sweep_dir>/sweep.json` (merged with the
   runs an earlier, compatible command planned there)."""
   grid = parse_grid(grid_specs)
   with _naming("--config", spec):
-    points = expand(spec, grid)
+    points = expand(spec, grid, use_get_sweep)
     check_overrides(spec, points, "--grid/get_sweep")
   runs = make_runs(sweep_dir, spec, points, then)
   if then:

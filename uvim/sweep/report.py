@@ -253,11 +253,14 @@ def plot_curves(results: list[Result], metrics: list[str], path: Path) -> None:
   for i, stage in enumerate(rows):
     for j, metric in enumerate(columns):
       ax = axes[i][j]
-      for r in results:
-        if r.run.stage == stage and r.curves.get(metric):
-          steps, values = zip(*r.curves[metric], strict=True)
-          ax.plot(steps, values, "o-" if len(steps) < 12 else "-", markersize=3,
-                  label=r.run.name, linewidth=1)
+      logged = [r for r in results if r.run.stage == stage and r.curves.get(metric)]
+      if not logged:
+        ax.set_axis_off()
+        continue
+      for r in logged:
+        steps, values = zip(*r.curves[metric], strict=True)
+        ax.plot(steps, values, "o-" if len(steps) < 12 else "-", markersize=3,
+                label=r.run.name, linewidth=1)
       ax.set_title(f"{stage}: {metric}", fontsize=9)
       ax.set_xlabel("step")
       ax.grid(alpha=0.3)

@@ -135,7 +135,8 @@ class Sweep:
   def eta(self) -> float | None:
     """Seconds until the sweep ends, or None while nothing tells: each running job's own ETA
     (from its metrics), each waiting run the mean length of its stage's runs (those finished,
-    else those running, by elapsed time plus ETA), over the parallel slots."""
+    else those running, by elapsed time plus ETA; else of all stages), over the parallel
+    slots."""
     now = time.monotonic()
     left = {w: training_eta(w) for w in self.jobs}
     lengths: dict[str, list[float]] = {}
@@ -146,6 +147,10 @@ class Sweep:
       if job.run.stage not in finished_stages and left[w] is not None:
         lengths.setdefault(job.run.stage, []).append(now - job.started + left[w])
     mean = {stage: statistics.mean(v) for stage, v in lengths.items()}
+    if not mean:
+      return None
+    overall = statistics.mean(mean.values())  # a stage nothing is known of: like the others
+    mean = {r.stage: mean.get(r.stage, overall) for r in self.runs}
     for w, job in self.jobs.items():
       if left[w] is None and job.run.stage in mean:
         left[w] = max(mean[job.run.stage] - (now - job.started), 0.0)
