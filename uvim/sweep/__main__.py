@@ -32,6 +32,8 @@ def run_parser() -> argparse.ArgumentParser:
                  help="run the --grid alone, not crossed with the config's get_sweep")
   p.add_argument("--then", help="a config trained on each run (a stage II on each stage I)")
   p.add_argument("--parallel", type=int, default=1, help="runs at a time on this machine")
+  p.add_argument("--gpus_per_run", type=int, default=0,
+                 help="give each parallel slot its own GPUs (CUDA_VISIBLE_DEVICES)")
   p.add_argument("--emit", choices=["commands", "slurm"],
                  help="write the runs for a cluster instead of running them")
   p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
@@ -64,7 +66,7 @@ def main(argv: list[str]) -> int:
                else emit.slurm(runs, args.workdir, args.sbatch))
     print("wrote", *map(str, written), sep="\n  ")
     return 0
-  counts = runner.run(runs, args.parallel)
+  counts = runner.run(runs, args.parallel, args.gpus_per_run)
   finished = counts["finished"] + counts["skipped"]
   print(f"[sweep] {finished}/{len(runs)} runs finished; results: "
         f"python -m uvim.sweep report {args.workdir}")

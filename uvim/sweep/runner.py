@@ -11,6 +11,7 @@ after they have; the same command then carries on. Each run's output goes to
 import contextlib
 import dataclasses
 import json
+import os
 import re
 import signal
 import statistics
@@ -39,14 +40,16 @@ class Job:
   run: Run
   process: subprocess.Popen
   started: float
+  slot: int
 
 
 class Sweep:
   """The state of every run and the jobs in flight; `step()` advances it once."""
 
   def __init__(self, runs: list[Run], parallel: int, python: str = sys.executable,
-               echo: Callable[[str], None] = print):
+               echo: Callable[[str], None] = print, gpus_per_run: int = 0):
     self.runs, self.parallel, self.python, self.echo = runs, max(parallel, 1), python, echo
+    self.gpus_per_run = gpus_per_run
     self.status = {r.workdir: "skipped" if is_finished(r.workdir) else "waiting" for r in runs}
     self.jobs: dict[Path, Job] = {}
     self.seconds: dict[Path, float] = {}  # finished in this sweep: how long they took
@@ -94,13 +97,19 @@ class Sweep:
   def _start(self, run: Run) -> None:
     run.workdir.mkdir(parents=True, exist_ok=True)
     log_path = run.workdir / LOG_FILE
+    slot = min(set(range(self.parallel)) - {j.slot for j in self.jobs.values()})
+    env, prefix = dict(os.environ), ""
+    if self.gpus_per_run:  # slot i: GPUs i*k ... i*k + k-1
+      gpus = range(slot * self.gpus_per_run, (slot + 1) * self.gpus_per_run)
+      env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+      prefix = f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']} "
     with open(log_path, "a") as log:
-      log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {run.command(self.python)}\n")
+      log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {prefix}{run.command(self.python)}\n")
       log.flush()
       # A session of its own: a terminal's Ctrl-C reaches the sweep, which passes it on once.
       process = subprocess.Popen(run.argv(self.python), stdout=log, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, start_new_session=True)
-    self.jobs[run.workdir] = Job(run, process, time.monotonic())
+                                 stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+    self.jobs[run.workdir] = Job(run, process, time.monotonic(), slot)
     self.status[run.workdir] = "running"
     self.echo(f"started {self.label(run)} (log: {log_path})")
 
@@ -208,12 +217,13 @@ def format_duration(seconds: float) -> str:
   return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
 
 
-def run(runs: list[Run], parallel: int, python: str = sys.executable,
+def run(runs: list[Run], parallel: int, gpus_per_run: int = 0, python: str = sys.executable,
         echo: Callable[[str], None] = print, poll_s: float = 0.5,
         progress_s: float = 60.0) -> dict[str, int]:
   """Runs the sweep to its end (or to a stop signal, passed on to the runs); the run counts by
-  state, and `interrupted` (the signal number, or 0)."""
-  sweep = Sweep(runs, parallel, python, echo)
+  state, and `interrupted` (the signal number, or 0). With `gpus_per_run`, each of the
+  `parallel` slots sees its own GPUs."""
+  sweep = Sweep(runs, parallel, python, echo, gpus_per_run)
   if sweep.counts()["skipped"]:
     echo(f"[sweep] {sweep.counts()['skipped']} of {len(runs)} runs finished earlier; skipped")
   previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
