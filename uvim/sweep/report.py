@@ -19,8 +19,7 @@ from typing import Any
 
 from uvim import workdir as workdir_lib
 from uvim.errors import UserError, did_you_mean
-from uvim.sweep import plan
-from uvim.sweep.runner import ATTEMPTS_FILE, is_finished
+from uvim.sweep import plan, runner
 
 # Metrics where higher is better (matched on the name's last part); all others: lower.
 HIGHER_IS_BETTER = re.compile(r"^(pq|sq|rq|psnr|delta|acc|accuracy|codebook_usage|"
@@ -75,26 +74,21 @@ def result_of(run: plan.Run, point: dict[str, Any]) -> Result:
         curves.setdefault(key, []).append((record["step"], value))
   return Result(run=run, point=point, state=state_of(run.workdir, records),
                 steps=max((r["step"] for r in records), default=None), curves=curves,
-                wall_seconds=wall_seconds(run.workdir),
+                wall_seconds=runner.wall_seconds(run.workdir) or None,
                 train_seconds=train_seconds(run.workdir, records))
 
 
 def state_of(workdir: Path, records: list[dict]) -> str:
   """finished, running, failed (its last attempt under the sweep did), stopped (a signal, or
   no record of why), or not started."""
-  if is_finished(workdir):
+  if runner.is_finished(workdir):
     return "finished"
   if is_locked(workdir / workdir_lib.LOCK_FILE):
     return "running"
-  attempts = _attempts(workdir)
-  if attempts and attempts[-1]["exit"] not in STOPPED_EXITS:
+  tried = runner.attempts(workdir)
+  if tried and tried[-1]["exit"] not in STOPPED_EXITS:
     return "failed"
-  return "stopped" if records or attempts else "not started"
-
-
-def _attempts(workdir: Path) -> list[dict]:
-  path = workdir / ATTEMPTS_FILE
-  return json.loads(path.read_text())["attempts"] if path.exists() else []
+  return "stopped" if records or tried else "not started"
 
 
 def is_locked(path: Path) -> bool:
@@ -108,11 +102,6 @@ def is_locked(path: Path) -> bool:
       return True
     fcntl.flock(f, fcntl.LOCK_UN)
   return False
-
-
-def wall_seconds(workdir: Path) -> float | None:
-  attempts = _attempts(workdir)
-  return sum(a["seconds"] for a in attempts) if attempts else None
 
 
 def train_seconds(workdir: Path, records: list[dict]) -> float | None:

@@ -142,46 +142,60 @@ class Sweep:
             f"ETA {format_duration(eta) if eta is not None else 'unknown'}")
 
   def eta(self) -> float | None:
-    """Seconds until the sweep ends, or None while nothing tells: each running job's own ETA
-    (from its metrics), each waiting run the mean length of its stage's runs (those finished,
-    else those running, by elapsed time plus ETA; else of all stages), over the parallel
-    slots."""
+    """Seconds until the sweep ends (None while nothing tells), over the parallel slots: a run
+    is expected to last as long as its stage's finished runs did (as the sweep timed them),
+    else as its stage's running runs will by their metrics, else as the other stages' runs."""
     now = time.monotonic()
-    left = {w: training_eta(w) for w in self.jobs}
     lengths: dict[str, list[float]] = {}
-    for w, seconds in self.seconds.items():
-      lengths.setdefault(self.stage_of(w), []).append(seconds)
-    finished_stages = set(lengths)
+    for r in self.runs:
+      if self.status[r.workdir] in DONE and wall_seconds(r.workdir):
+        lengths.setdefault(r.stage, []).append(wall_seconds(r.workdir))
+    timed = set(lengths)
+    progress = {w: training_progress(w) for w in self.jobs}
     for w, job in self.jobs.items():
-      if job.run.stage not in finished_stages and left[w] is not None:
-        lengths.setdefault(job.run.stage, []).append(now - job.started + left[w])
-    mean = {stage: statistics.mean(v) for stage, v in lengths.items()}
-    if not mean:
+      if job.run.stage not in timed and progress[w]:
+        lengths.setdefault(job.run.stage, []).append(sum(progress[w]))
+    if not lengths:
       return None
-    overall = statistics.mean(mean.values())  # a stage nothing is known of: like the others
-    mean = {r.stage: mean.get(r.stage, overall) for r in self.runs}
+    mean = {stage: statistics.mean(v) for stage, v in lengths.items()}
+    overall = statistics.mean(mean.values())
+    expected = {r.stage: mean.get(r.stage, overall) for r in self.runs}
+    total = 0.0
     for w, job in self.jobs.items():
-      if left[w] is None and job.run.stage in mean:
-        left[w] = max(mean[job.run.stage] - (now - job.started), 0.0)
-    waiting = [mean.get(r.stage) for r in self.runs if self.status[r.workdir] == "waiting"]
-    parts = [*left.values(), *waiting]
-    return None if None in parts else sum(parts) / self.parallel
+      spent = wall_seconds(w) + now - job.started
+      left = progress[w][1] if progress[w] else 0.0
+      total += max(left, expected[job.run.stage] - spent) if job.run.stage in timed else left
+    total += sum(expected[r.stage] for r in self.runs if self.status[r.workdir] == "waiting")
+    return total / self.parallel
 
   def stage_of(self, workdir: Path) -> str:
     return next(r.stage for r in self.runs if r.workdir == workdir)
 
 
-def training_eta(workdir: Path) -> float | None:
-  """The ETA (seconds) of the last training record in `<workdir>/metrics.jsonl`."""
-  path = workdir / workdir_lib.METRICS_FILE
-  if not path.exists():
+def training_progress(workdir: Path) -> tuple[float, float] | None:
+  """(seconds trained, seconds left) by the last training record of `<workdir>/metrics.jsonl`
+  (its step, images/s and ETA; evaluations not counted)."""
+  path, config = workdir / workdir_lib.METRICS_FILE, workdir / "config.json"
+  if not path.exists() or not config.exists():
     return None
   for line in reversed(path.read_text(errors="replace").splitlines()):
     with contextlib.suppress(ValueError):
       record = json.loads(line)
-      if isinstance(record, dict) and "eta_hours" in record:
-        return float(record["eta_hours"]) * 3600
+      if isinstance(record, dict) and "eta_hours" in record and record.get("img_per_sec"):
+        batch = json.loads(config.read_text())["batch_size"]
+        return record["step"] * batch / record["img_per_sec"], record["eta_hours"] * 3600
   return None
+
+
+def wall_seconds(workdir: Path) -> float:
+  """Seconds the sweep's earlier attempts at the run in `workdir` took."""
+  return sum(a["seconds"] for a in attempts(workdir))
+
+
+def attempts(workdir: Path) -> list[dict]:
+  """The sweep's attempts at the run in `workdir`: start time, seconds, exit status."""
+  path = workdir / ATTEMPTS_FILE
+  return json.loads(path.read_text())["attempts"] if path.exists() else []
 
 
 def summary(workdir: Path) -> str:
@@ -194,12 +208,10 @@ def summary(workdir: Path) -> str:
 
 def record_attempt(workdir: Path, seconds: float, code: int) -> None:
   """Appends an attempt (start time, seconds, exit status) to `<workdir>/sweep_run.json`."""
-  path = workdir / ATTEMPTS_FILE
-  attempts = json.loads(path.read_text())["attempts"] if path.exists() else []
-  attempts.append(dict(started=time.strftime("%Y-%m-%d %H:%M:%S",
-                                             time.localtime(time.time() - seconds)),
-                       seconds=round(seconds, 1), exit=code))
-  path.write_text(json.dumps(dict(attempts=attempts), indent=1))
+  done = [*attempts(workdir), dict(started=time.strftime(
+      "%Y-%m-%d %H:%M:%S", time.localtime(time.time() - seconds)), seconds=round(seconds, 1),
+      exit=code)]
+  (workdir / ATTEMPTS_FILE).write_text(json.dumps(dict(attempts=done), indent=1))
 
 
 def last_message(log_path: Path) -> str:
