@@ -16,7 +16,7 @@ from test_trainer import TINY
 
 from uvim.errors import UserError
 from uvim.sweep import __main__ as sweep_main
-from uvim.sweep import emit, plan, report
+from uvim.sweep import emit, plan, report, runner
 
 ROOT = Path(__file__).resolve().parents[1]
 LM_TINY = dict(num_layers=1, num_heads=2, mlp_dim=64, emb_dim=32)
@@ -263,3 +263,20 @@ def test_ctrl_c_stops_the_runs_with_a_checkpoint_and_a_rerun_finishes_them(toy_d
     steps = [r["step"] for r in metrics_of(w) if "training_loss" in r]
     assert steps == list(range(2, 61, 2))  # resumed exactly: every step logged once
     assert "Resumed from" in (w / "train.log").read_text()
+
+
+def test_eta_counts_waiting_runs_at_their_stages_mean_length(tmp_path):
+  first = [plan.Run("s1", "c.py", f"r{i}", {}, tmp_path / f"s1/r{i}") for i in range(3)]
+  second = [plan.Run("s2", "d.py", r.name, {}, tmp_path / f"s2/{r.name}", after=r.workdir)
+            for r in first]
+  for r, seconds in zip(first[:2], (100.0, 200.0), strict=True):
+    r.workdir.mkdir(parents=True)
+    runner.record_attempt(r.workdir, seconds / 2, 130)  # stopped once, then resumed
+    runner.record_attempt(r.workdir, seconds / 2, 0)
+    (r.workdir / "params.npz").touch()
+  sweep = runner.Sweep(first + second, parallel=2, echo=lambda _: None)
+  assert sweep.counts()["skipped"] == 2
+  # One stage I run left (150 s, the mean of its stage) and three stage II runs, of which
+  # nothing is known yet (150 s: the mean of the stages that are), over two slots.
+  assert sweep.eta() == pytest.approx((150 + 3 * 150) / 2)
+  assert runner.Sweep(second, parallel=1, echo=lambda _: None).eta() is None
