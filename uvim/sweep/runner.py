@@ -30,6 +30,11 @@ DONE = ("finished", "skipped")  # a run in one of these states has its params.np
 EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception|Interrupt|Exit)(: |$)")
 
 
+def say(line: str) -> None:
+  """Prints a progress line at once, also when the output goes to a file (nohup, a cluster)."""
+  print(line, flush=True)
+
+
 def is_finished(workdir: Path) -> bool:
   """Whether train.py completed in `workdir` (it writes params.npz after the final evals)."""
   return (workdir / "params.npz").exists()
@@ -47,7 +52,7 @@ class Sweep:
   """The state of every run and the jobs in flight; `step()` advances it once."""
 
   def __init__(self, runs: list[Run], parallel: int, python: str = sys.executable,
-               echo: Callable[[str], None] = print, gpus_per_run: int = 0):
+               echo: Callable[[str], None] = say, gpus_per_run: int = 0):
     self.runs, self.parallel, self.python, self.echo = runs, max(parallel, 1), python, echo
     self.gpus_per_run = gpus_per_run
     self.status = {r.workdir: "skipped" if is_finished(r.workdir) else "waiting" for r in runs}
@@ -230,7 +235,7 @@ def format_duration(seconds: float) -> str:
 
 
 def run(runs: list[Run], parallel: int, gpus_per_run: int = 0, python: str = sys.executable,
-        echo: Callable[[str], None] = print, poll_s: float = 0.5,
+        echo: Callable[[str], None] = say, poll_s: float = 0.5,
         progress_s: float = 60.0) -> dict[str, int]:
   """Runs the sweep to its end (or to a stop signal, passed on to the runs); the run counts by
   state, and `interrupted` (the signal number, or 0). With `gpus_per_run`, each of the
