@@ -23,9 +23,9 @@ def register(name: str) -> Callable[[type], type]:
   return decorator
 
 
-def from_config(config, **kwargs) -> list:
-  """The evaluators of `config.evals`; `kwargs` (mesh, model functions) go to each."""
-  from evaluators import (  # noqa: F401  (registers the evaluator types)
+def register_all() -> None:
+  """Imports the evaluator modules, which register their types in EVALUATORS."""
+  from evaluators import (  # noqa: F401
       colorization,
       depth,
       panoptic,
@@ -33,6 +33,10 @@ def from_config(config, **kwargs) -> list:
       validation,
   )
 
+
+def from_config(config, **kwargs) -> list:
+  """The evaluators of `config.evals`; `kwargs` (mesh, model functions) go to each."""
+  register_all()
   evaluators = []
   for entry in config.evals:
     if not (isinstance(entry, list | tuple) and len(entry) == 2

@@ -10,6 +10,13 @@
 `predict` runs the one predict path of the trainer and predict.py (image -> sampled code ->
 stage I decoder -> task output) at the model's resolution; `model.task.render(output, image)`
 draws one output over its image at the image's size.
+
+The stage I oracle alone is a tokenizer of task outputs:
+
+  tok = api.load_tokenizer("runs/panoptic_stage1")  # or a stage II workdir (its oracle), or a
+  code = tok.encode(labels, image)                  # config + a *_stageI_params.npz
+  outputs = tok.decode(code, image)                 # the task output the code describes
+  outputs = tok.decode_embeddings(tok.embed(code) * 0, image)  # continuous edits
 """
 
 import json
@@ -18,11 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 from PIL import Image
 
-from uvim import cli, stages
+from uvim import checkpoint as checkpoint_lib
+from uvim import cli, models, stages, tasks
 from uvim.errors import UserError
 
 
@@ -91,6 +100,93 @@ def load(source: str, *, checkpoint: str | None = None, oracle: str | None = Non
   if oracle is not None:
     config.oracle.model_init = oracle
   return Model(config, checkpoint)
+
+
+class Tokenizer:
+  """A stage I model (`proj.uvim.vit`) as a tokenizer: task labels (+ image) -> code (ints),
+  code (or its vectors) + image -> task output. Arrays are batched at the model's resolution:
+  `labels` as the task's batches hold them (panoptic (B, H, W, 2) ints, depth (B, H, W, 1)
+  metres, colour (B, H, W, 3) in [-1, 1]) and `image` RGB in [-1, 1] (B, H, W, 3) (the
+  context: colorization's grayscale image). Everything runs in eval mode: no code dropout, no
+  dictionary update; `decode(encode(labels, image), image)` is the oracle's prediction in the
+  trainer's evaluations."""
+
+  def __init__(self, oracle: mlc.ConfigDict, checkpoint: str):
+    """`oracle` holds `task`, `model_name` and `model` (a stage I config, or a stage II config's
+    `oracle` section); `checkpoint` is a workdir or a big_vision npz."""
+    if oracle.model_name != "proj.uvim.vit":
+      raise UserError(f"{checkpoint}: a tokenizer is a stage I model ('proj.uvim.vit'), not "
+                      f"{oracle.model_name!r}")
+    self.config, self.task = oracle.model, tasks.get_task(oracle.task)
+    self.model = models.get_model(oracle.model_name, oracle.model)
+    self.code_side = round(self.model.code_len**0.5)
+    size = tuple(oracle.model.input_size)
+    label_shape = (1, *size, self.task.LABELS[0])
+    batch = {"labels": jax.ShapeDtypeStruct(label_shape, np.dtype(self.task.LABELS[1])),
+             "image": jax.ShapeDtypeStruct((1, *size, 3), np.float32)}
+    shapes = jax.eval_shape(lambda b: self._init(b), batch)
+    tree = stages.load_variables(checkpoint)
+    loaded = checkpoint_lib.in_layout(tree["params"], self.model.scan_layers)
+    self.variables = jax.device_put({
+        "params": checkpoint_lib.merge_into(shapes["params"], loaded, checkpoint),
+        "state": checkpoint_lib.merge_into(shapes["state"], tree.get("state", {}), checkpoint)})
+    self._encode = jax.jit(self._encode_fn)
+    self._decode = jax.jit(self._decode_fn)
+
+  def _init(self, batch: dict) -> dict:
+    inputs, _ = self.task.input_pp(batch, self.config)
+    rngs = {"params": jax.random.key(0), "state": jax.random.key(1)}
+    return self.model.init(rngs, inputs, ctx=batch["image"])
+
+  def _encode_fn(self, variables: dict, labels: jax.Array, image: jax.Array) -> jax.Array:
+    inputs, _ = self.task.input_pp({"labels": labels, "image": image}, self.config)
+    _, aux = self.model.apply(variables, inputs, ctx=image, method=self.model.encode)
+    return aux["code"]
+
+  def _decode_fn(self, variables: dict, vectors: jax.Array, image: jax.Array) -> dict:
+    logits, _ = self.model.apply(variables, vectors, ctx=image, method=self.model.decode)
+    return self.task.predict_outputs(logits, self.config)
+
+  @property
+  def codewords(self) -> np.ndarray:
+    """The dictionary's words (dict_size, dim), as the decoder sees them."""
+    return np.asarray(self.model.apply(self.variables, method=self.model.codewords))
+
+  def encode(self, labels: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """The code (B, code_len) ints in [0, dict_size) of `labels` (and `image`, if the oracle
+    sees it), in raster order over a (sqrt(code_len))^2 grid."""
+    return np.asarray(self._encode(self.variables, labels, image))
+
+  def embed(self, code: np.ndarray) -> np.ndarray:
+    """The vectors (B, code_len, dim) the decoder sees for `code`."""
+    return self.codewords[np.asarray(code)]
+
+  def decode(self, code: np.ndarray, image: np.ndarray) -> dict[str, np.ndarray]:
+    """The task output (e.g. {'semantics', 'instances'}) that `code` describes on `image`."""
+    return self.decode_embeddings(self.embed(code), image)
+
+  def decode_embeddings(self, vectors: np.ndarray, image: np.ndarray) -> dict[str, np.ndarray]:
+    """The task output of arbitrary code vectors (B, code_len, dim): zeros, mixtures, ..."""
+    return jax.device_get(self._decode(self.variables, jnp.asarray(vectors, jnp.float32),
+                                       image))
+
+
+def load_tokenizer(source: str, checkpoint: str | None = None) -> Tokenizer:
+  """The stage I model of a stage I workdir, of a stage II workdir (its oracle), or of a config
+  file (`path.py[:arg]`, stage I or II) with `checkpoint` (workdir or npz; a stage II config
+  defaults to its `oracle.model_init`)."""
+  config = load_config(source)
+  if config.model_name == "proj.uvim.lm":
+    oracle = config.oracle
+    checkpoint = checkpoint or oracle.model_init
+  else:
+    oracle = mlc.ConfigDict(dict(task=config.task, model_name=config.model_name,
+                                 model=config.model))
+    if checkpoint is None and Path(source, "config.json").exists():
+      checkpoint = source
+  if not checkpoint:
+    raise UserError(f"{source} is a config file: give checkpoint=<stage I npz or workdir>")
+  return Tokenizer(oracle, str(checkpoint))
 
 
 def load_config(source: str) -> mlc.ConfigDict:
