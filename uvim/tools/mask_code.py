@@ -225,8 +225,7 @@ def run(config, checkpoint: str, source: str, output: Path, *, codes: str, steps
   temperature = stage.task.DEFAULT_TEMPERATURE if temperature is None else temperature
   code_side = round(stage.oracle.code_len ** 0.5)
   sides = region_sides(code_side, steps)
-  name, kind = task_evaluator(config)
-  metric = f"{TASK_METRICS[kind]}"
+  metric = TASK_METRICS[task_evaluator(config)[1]]
   predicts = {mode: {s: masked_predict(stage, mode, masked_region(code_side, s), codes,
                                        temperature, seed) for s in sides} for mode in MODES}
   output.mkdir(parents=True, exist_ok=True)
