@@ -44,6 +44,12 @@ def render_labels(labels: np.ndarray, image: np.ndarray) -> np.ndarray:
   return render({"color": labels}, image)
 
 
+def error_map(outputs: dict, labels: np.ndarray) -> np.ndarray:
+  """(H, W) in [0, 1]: the RGB error's root mean square over channels, over its range (2)."""
+  error = np.asarray(outputs["color"]) - labels
+  return (np.sqrt(np.mean(error**2, axis=-1)) / 2).astype(np.float32)
+
+
 def save(outputs: dict, image: np.ndarray, stem: Path, categories=None) -> None:
   """`<stem>.jpg`: the colorized image at the input's size."""
   visualize.save_jpeg(stem.with_suffix(".jpg"), render(outputs, image))

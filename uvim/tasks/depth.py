@@ -65,6 +65,16 @@ def render_labels(labels: np.ndarray, image: np.ndarray) -> np.ndarray:
   return render({"depth": labels[..., 0]}, image)
 
 
+ERROR_SCALE = 1.0  # metres of absolute error drawn at full intensity
+
+
+def error_map(outputs: dict, labels: np.ndarray) -> np.ndarray:
+  """(H, W) in [0, 1]: |predicted - true depth| / ERROR_SCALE, 0 where depth is missing."""
+  truth = labels[..., 0]
+  error = np.abs(_depth_at(outputs, truth.shape) - truth) / ERROR_SCALE
+  return np.where(truth > MIN_DEPTH, np.minimum(error, 1.0), 0.0).astype(np.float32)
+
+
 def save(outputs: dict, image: np.ndarray, stem: Path, categories=None) -> None:
   """`<stem>.png`: 16-bit depth in millimetres at the image's size; `<stem>_preview.png`."""
   visualize.save_png(stem.with_suffix(".png"),

@@ -69,6 +69,22 @@ def render_labels(labels: np.ndarray, image: np.ndarray) -> np.ndarray:
   return render({"semantics": labels[..., 0], "instances": labels[..., 1]}, image)
 
 
+def error_map(outputs: dict, labels: np.ndarray) -> np.ndarray:
+  """(H, W) in {0, 1}: 1 where a pixel's class is wrong, or where its predicted segment is not
+  the ground-truth segment that segment overlaps most (merged, split or misplaced segments)."""
+  pred = np.asarray(outputs["semantics"]) * 1000 + np.asarray(outputs["instances"])
+  truth = labels[..., 0].astype(np.int64) * 1000 + labels[..., 1]
+  pairs, counts = np.unique(np.stack([pred.ravel(), truth.ravel()]), axis=1, return_counts=True)
+  best: dict[int, tuple[int, int]] = {}
+  for (p, t), n in zip(pairs.T, counts, strict=True):
+    if n > best.get(p, (0, -1))[1]:
+      best[p] = (t, n)
+  ids, inverse = np.unique(pred, return_inverse=True)
+  matched = np.array([best[i][0] for i in ids])[inverse].reshape(pred.shape)
+  wrong_class = np.asarray(outputs["semantics"]) != labels[..., 0]
+  return ((matched != truth) | wrong_class).astype(np.float32)
+
+
 def save(outputs: dict, image: np.ndarray, stem: Path, categories: list[dict]) -> None:
   """COCO panoptic format at the image's size: `<stem>.png` (ids as RGB), `<stem>.json`
   (segments with COCO category ids), and `<stem>_overlay.png`."""

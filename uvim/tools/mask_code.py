@@ -28,31 +28,30 @@ import numpy as np
 from absl import app, flags
 from PIL import Image, ImageDraw
 
-from evaluators import common as evaluators_common
 from uvim import api, cli, input_pipeline, visualize
 from uvim.errors import UserError
 from uvim.stages import image_rngs
+from uvim.tools import common
 
 MODES = ("zeros", "random", "same")
-# The evaluator type of each task's metric, and the metric plotted.
-TASK_METRICS = {"coco_panoptic": "PQ", "nyu_depth": "rmse", "psnr": "psnr"}
 
-_CONFIG = cli.define_config_flag()
-_WORKDIR = flags.DEFINE_string("workdir", None, "Stage II workdir (or --checkpoint).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Stage II parameters (.npz or workdir).")
-_INPUT = flags.DEFINE_string("input", None, "A split of the config's dataset, or "
-                             "`dataset:split` (e.g. toy_scenes/medium:validation[:256]).",
-                             required=True)
-_OUTPUT = flags.DEFINE_string("output", None, "Directory for the sheets, table and plot.",
-                              required=True)
-_CODES = flags.DEFINE_enum("codes", "stage2", ["stage2", "oracle"],
-                           "Mask stage II's predicted codes or the oracle's codes of the labels.")
-_STEPS = flags.DEFINE_integer("steps", 6, "Masked region sizes, from none to the whole grid.")
-_SHEETS = flags.DEFINE_integer("sheets", 4, "Images drawn as Figure 10 sheets.")
-_TEMPERATURE = flags.DEFINE_float("temperature", None, "Stage II sampling temperature; "
-                                   "default the task's (colour 1, others 0).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random words (each image also hashes its "
-                             "pixels).")
+
+def define_flags() -> None:
+  cli.define_config_flag()
+  flags.DEFINE_string("workdir", None, "Stage II workdir (or --checkpoint).")
+  flags.DEFINE_string("checkpoint", None, "Stage II parameters (.npz or workdir).")
+  flags.DEFINE_string("input", None, "A split of the config's dataset, or `dataset:split` "
+                      "(e.g. toy_scenes/medium:validation[:256]).", required=True)
+  flags.DEFINE_string("output", None, "Directory for the sheets, table and plot.",
+                      required=True)
+  flags.DEFINE_enum("codes", "stage2", ["stage2", "oracle"],
+                    "Mask stage II's predicted codes or the oracle's codes of the labels.")
+  flags.DEFINE_integer("steps", 6, "Masked region sizes, from none to the whole grid.")
+  flags.DEFINE_integer("sheets", 4, "Images drawn as Figure 10 sheets.")
+  flags.DEFINE_float("temperature", None, "Stage II sampling temperature; default the "
+                     "task's (colour 1, others 0).")
+  flags.DEFINE_integer("seed", 0, "Seed of the random words (each image also hashes its "
+                       "pixels).")
 
 
 def region_sides(code_side: int, steps: int) -> list[int]:
@@ -110,26 +109,8 @@ def masked_predict(stage, mode: str, mask_L: np.ndarray, codes: str, temperature
   return predict
 
 
-def task_evaluator(config) -> tuple[str, str]:
-  """(name, type) of the config's end-task evaluator (PQ, depth metrics or PSNR)."""
-  for name, kind in config.evals:
-    if kind in TASK_METRICS:
-      return name, kind
-  raise UserError(f"config.evals has no end-task evaluator (one of {sorted(TASK_METRICS)}): "
-                  f"{list(config.evals)}")
 
 
-def make_evaluator(config, predict: Callable, split: str, mesh, needs_labels: bool):
-  """The config's end-task evaluator, on `split`, scoring `predict`."""
-  evaluators_common.register_all()
-  name, kind = task_evaluator(config)
-  options = {k: v for k, v in dict(config[name]).items()
-             if k not in ("write_predictions", "predict_kwargs")}
-  options["split"] = split
-  if needs_labels and kind == "coco_panoptic":  # it reads its own ground truth: image-only pp
-    options["pp"] = config.pp_eval
-  return evaluators_common.EVALUATORS[kind](name, config, options, mesh=mesh,
-                                            fns={"predict": predict})
 
 
 def code_image(code_L: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -153,8 +134,6 @@ def outline(image: np.ndarray, code_side: int, side: int) -> np.ndarray:
   return np.asarray(pil)
 
 
-def to_uint8(image: np.ndarray) -> np.ndarray:
-  return np.round((np.asarray(image) + 1) * 127.5).clip(0, 255).astype(np.uint8)
 
 
 def sheets(outputs: dict, batch: dict, task, code_side: int, sides: list[int],
@@ -163,7 +142,7 @@ def sheets(outputs: dict, batch: dict, task, code_side: int, sides: list[int],
   columns = ["image | truth | code", *(f"{s * s / code_side**2:.0%} masked" for s in sides)]
   result = []
   for i in range(min(count, len(batch["image"]))):
-    image = to_uint8(batch["image"][i])
+    image = common.to_uint8(batch["image"][i])
     first = [image, task.render_labels(np.asarray(batch["labels"][i]), image),
              code_image(outputs[MODES[0]][sides[0]]["code"][i], image.shape[:2])]
     rows = [[first[r]] + [outline(task.render({k: np.asarray(v[i]) for k, v in
@@ -205,13 +184,6 @@ def write_results(rows: list[dict], metric: str, output: Path, title: str) -> li
   return [output / "masking.md", output / "masking.csv", output / "masking.png"]
 
 
-def split_of(config, source: str) -> str:
-  """`--input` as a split of the config's dataset (a `dataset:` prefix replaces it)."""
-  head = source.split("[", 1)[0]
-  if ":" in head:
-    colon = head.rindex(":")
-    config.dataset, source = source[:colon], source[colon + 1:]
-  return source
 
 
 def run(config, checkpoint: str, source: str, output: Path, *, codes: str, steps: int,
@@ -220,12 +192,14 @@ def run(config, checkpoint: str, source: str, output: Path, *, codes: str, steps
   from uvim import trainer
 
   model = api.Model(config, checkpoint)
-  stage, split = model.stage, split_of(config, source)
+  stage, split = model.stage, common.split_of(config, source)
   mesh = trainer.make_mesh(config)
   temperature = stage.task.DEFAULT_TEMPERATURE if temperature is None else temperature
   code_side = round(stage.oracle.code_len ** 0.5)
+  # Oracle codes need labels, which panoptic's evaluator pp leaves out (it reads its own).
+  labelled_pp = config.pp_eval if codes == "oracle" else None
   sides = region_sides(code_side, steps)
-  metric = TASK_METRICS[task_evaluator(config)[1]]
+  metric = common.TASK_METRICS[common.task_evaluator(config)[1]]
   predicts = {mode: {s: masked_predict(stage, mode, masked_region(code_side, s), codes,
                                        temperature, seed) for s in sides} for mode in MODES}
   output.mkdir(parents=True, exist_ok=True)
@@ -246,7 +220,8 @@ def run(config, checkpoint: str, source: str, output: Path, *, codes: str, steps
       if s == 0 and rows:  # nothing masked: every mode decodes the same code
         rows.append({**rows[0], "mode": mode})
         continue
-      evaluator = make_evaluator(config, predicts[mode][s], split, mesh, codes == "oracle")
+      evaluator = common.make_evaluator(config, {"predict": predicts[mode][s]}, split, mesh,
+                                        pp=labelled_pp)
       metrics = evaluator.run(model.variables)
       rows.append({"mode": mode, "fraction": s * s / code_side**2, **metrics})
       done += 1
@@ -263,21 +238,22 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   cli.quiet_library_logs()
-  config = _CONFIG.value
+  f = flags.FLAGS
+  config = f.config
   if config.model_name != "proj.uvim.lm":
     raise app.UsageError("--config: a stage II config (it masks the codes stage II predicts; "
                          "--codes=oracle masks its oracle's codes)")
-  source = _CHECKPOINT.value or _WORKDIR.value
+  source = f.checkpoint or f.workdir
   if not source:
     raise app.UsageError("Give --workdir or --checkpoint (the trained stage II model).")
   try:
-    written = run(config, source, _INPUT.value, Path(_OUTPUT.value), codes=_CODES.value,
-                  steps=_STEPS.value, sheet_count=_SHEETS.value,
-                  temperature=_TEMPERATURE.value, seed=_SEED.value)
+    written = run(config, source, f.input, Path(f.output), codes=f.codes, steps=f.steps,
+                  sheet_count=f.sheets, temperature=f.temperature, seed=f.seed)
   except UserError as e:
     sys.exit(f"FATAL {e}")
   print("wrote", *map(str, written), sep="\n  ")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=cli.parse_flags)

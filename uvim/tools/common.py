@@ -1,0 +1,47 @@
+"""What the study tools (mask_code, reconstruct) share: the input split, the task's evaluator."""
+
+from collections.abc import Callable
+
+import numpy as np
+
+from uvim.errors import UserError
+
+# The evaluator type of each task's end-task metric, and the metric it reports first.
+TASK_METRICS = {"coco_panoptic": "PQ", "nyu_depth": "rmse", "psnr": "psnr"}
+
+
+def split_of(config, source: str) -> str:
+  """`--input` as a split of the config's dataset (a `dataset:` prefix replaces the dataset)."""
+  head = source.split("[", 1)[0]
+  if ":" in head:
+    colon = head.rindex(":")
+    config.dataset, source = source[:colon], source[colon + 1:]
+  return source
+
+
+def task_evaluator(config) -> tuple[str, str]:
+  """(name, type) of the config's end-task evaluator (PQ, depth metrics or PSNR)."""
+  for name, kind in config.evals:
+    if kind in TASK_METRICS:
+      return name, kind
+  raise UserError(f"config.evals has no end-task evaluator (one of {sorted(TASK_METRICS)}): "
+                  f"{list(config.evals)}")
+
+
+def make_evaluator(config, fns: dict[str, Callable], split: str, mesh, pp: str | None = None):
+  """The config's end-task evaluator on `split` (with pp `pp`, if given), scoring `fns`."""
+  from evaluators import common as evaluators_common
+
+  evaluators_common.register_all()
+  name, kind = task_evaluator(config)
+  options = {k: v for k, v in dict(config[name]).items()
+             if k not in ("write_predictions", "predict_kwargs")}
+  options["split"] = split
+  if pp:
+    options["pp"] = pp
+  return evaluators_common.EVALUATORS[kind](name, config, options, mesh=mesh, fns=fns)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+  """An image in [-1, 1] as uint8."""
+  return np.round((np.asarray(image) + 1) * 127.5).clip(0, 255).astype(np.uint8)
