@@ -9,7 +9,6 @@ import ast
 import importlib.util
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from types import ModuleType
 
 import ml_collections as mlc
@@ -158,7 +157,7 @@ def load_config(spec: str) -> mlc.ConfigDict:
 def load_config_module(path: str) -> ModuleType:
   """The config file at `path`, imported."""
   module_spec = importlib.util.spec_from_file_location("_uvim_config", path)
-  if module_spec is None or module_spec.loader is None or not Path(path).is_file():
+  if module_spec is None or module_spec.loader is None:
     raise FileNotFoundError(f"cannot load config file {path!r}")
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
