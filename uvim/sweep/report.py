@@ -237,8 +237,9 @@ def plot_curves(results: list[Result], metrics: list[str], path: Path) -> None:
 
   columns = [TRAINING_METRIC, *(m for m in metrics if m != TRAINING_METRIC)]
   rows = stages(results)
-  fig, axes = plt.subplots(len(rows), len(columns),
-                           figsize=(3.8 * len(columns), 3.2 * len(rows)), squeeze=False)
+  width = max(3.8 * len(columns), 7.6)
+  fig, axes = plt.subplots(len(rows), len(columns), figsize=(width, 3.2 * len(rows)),
+                           squeeze=False, layout="constrained")
   for i, stage in enumerate(rows):
     for j, metric in enumerate(columns):
       ax = axes[i][j]
@@ -256,9 +257,10 @@ def plot_curves(results: list[Result], metrics: list[str], path: Path) -> None:
       if metric == TRAINING_METRIC:
         ax.set_yscale("log")
   handles, labels = axes[0][0].get_legend_handles_labels()
-  if handles:
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
-  fig.tight_layout(rect=(0, 0.04 * math.ceil(len(labels) / 4), 1, 1))
+  if handles:  # below the panels, as many runs a line as fit
+    longest = max(len(label) for label in labels)
+    fig.legend(handles, labels, loc="outside lower center", fontsize=8,
+               ncol=max(1, min(len(labels), int(width * 12 / (longest + 6)))))
   fig.savefig(path, dpi=100)
   plt.close(fig)
 
