@@ -50,6 +50,15 @@ def report_parser() -> argparse.ArgumentParser:
   return p
 
 
+def prepare_data(runs: list[plan.Run]) -> None:
+  """Generates the built-in toy data the runs read, once, before they start (parallel runs
+  would race to), and stops on a dataset that is not prepared, before any run."""
+  from uvim import input_pipeline
+
+  for dataset, data_dir in plan.datasets(runs):
+    input_pipeline.get_builder(dataset, data_dir)
+
+
 def main(argv: list[str]) -> int:
   if argv[:1] == ["report"]:
     args = report_parser().parse_args(argv[1:])
@@ -66,6 +75,7 @@ def main(argv: list[str]) -> int:
                else emit.slurm(runs, args.workdir, args.sbatch))
     print("wrote", *map(str, written), sep="\n  ")
     return 0
+  prepare_data(runs)
   counts = runner.run(runs, args.parallel, args.gpus_per_run)
   finished = counts["finished"] + counts["skipped"]
   print(f"[sweep] {finished}/{len(runs)} runs finished; results: "

@@ -256,6 +256,17 @@ def record(sweep_dir: Path, spec: str, then: str | None, runs: list[Run]) -> lis
   return runs
 
 
+def datasets(runs: list[Run]) -> list[tuple[str, str | None]]:
+  """The (dataset, data_dir) pairs the runs read, each once."""
+  pairs = {}
+  for run in runs:
+    config = cli.load_config(run.config)
+    for key, value in run.overrides.items():
+      cli.set_value(config, key, value)
+    pairs[(config.dataset, config.get("data_dir"))] = None
+  return list(pairs)
+
+
 def load(sweep_dir: Path) -> list[Run]:
   """The runs recorded in `<sweep_dir>/sweep.json`."""
   path = Path(sweep_dir) / PLAN_FILE
