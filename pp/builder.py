@@ -46,8 +46,8 @@ def get_preprocess_fn(spec: str, modules: Sequence[str] = registry.DEFAULT_MODUL
   return preprocess
 
 
-def split_spec(spec: str) -> list[tuple[int, str]]:
-  """Splits `spec` on the `|`s outside brackets and quotes; returns (offset, piece) pairs."""
+def split_spec(spec: str, sep: str = "|") -> list[tuple[int, str]]:
+  """Splits `spec` on the `sep`s outside brackets and quotes; returns (offset, piece) pairs."""
   if not spec.strip():
     return []
   pieces, depth, quote, start = [], 0, None, 0
@@ -60,7 +60,7 @@ def split_spec(spec: str) -> list[tuple[int, str]]:
       depth += 1
     elif c in ")]}":
       depth -= 1
-    elif c == "|" and depth == 0:
+    elif c == sep and depth == 0:
       pieces.append((start, spec[start:i]))
       start = i + 1
   pieces.append((start, spec[start:]))

@@ -80,23 +80,9 @@ def parse_value(text: str) -> Any:
 
 def split_values(text: str) -> list[str]:
   """'16,64,(8, 8)' -> ['16', '64', '(8, 8)']: commas inside brackets or quotes do not split."""
-  values, depth, quote, current = [], 0, None, ""
-  for ch in text:
-    if quote:
-      quote = None if ch == quote else quote
-    elif ch in "'\"":
-      quote = ch
-    elif ch in "([{":
-      depth += 1
-    elif ch in ")]}":
-      depth -= 1
-    elif ch == "," and depth == 0:
-      values.append(current.strip())
-      current = ""
-      continue
-    current += ch
-  values.append(current.strip())
-  return values
+  from pp.builder import split_spec
+
+  return [piece.strip() for _, piece in split_spec(text, sep=",")] or [""]
 
 
 def parse_grid(specs: list[str]) -> list[tuple[str, list[Any]]]:

@@ -1,6 +1,8 @@
 """What the study tools (mask_code, reconstruct) share: the input split, the task's evaluator."""
 
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -45,3 +47,22 @@ def make_evaluator(config, fns: dict[str, Callable], split: str, mesh, pp: str |
 def to_uint8(image: np.ndarray) -> np.ndarray:
   """An image in [-1, 1] as uint8."""
   return np.round((np.asarray(image) + 1) * 127.5).clip(0, 255).astype(np.uint8)
+
+
+def checkpoint_from_flags(flag_values, what: str) -> str:
+  """`--checkpoint`, else `--workdir`; a usage error naming `what` when neither is given."""
+  from absl import app
+
+  source = flag_values.checkpoint or flag_values.workdir
+  if not source:
+    raise app.UsageError(f"Give --workdir or --checkpoint (the trained {what}).")
+  return source
+
+
+def report_written(run: Callable[[], list[Path]]) -> None:
+  """Runs a tool and lists the files it wrote; a UserError ends it with one line."""
+  try:
+    written = run()
+  except UserError as e:
+    sys.exit(f"FATAL {e}")
+  print("wrote", *map(str, written), sep="\n  ")

@@ -29,7 +29,6 @@ from absl import app, flags
 from PIL import Image, ImageDraw
 
 from uvim import api, cli, input_pipeline, visualize
-from uvim.errors import UserError
 from uvim.stages import image_rngs
 from uvim.tools import common
 
@@ -243,15 +242,10 @@ def main(argv: list[str]) -> None:
   if config.model_name != "proj.uvim.lm":
     raise app.UsageError("--config: a stage II config (it masks the codes stage II predicts; "
                          "--codes=oracle masks its oracle's codes)")
-  source = f.checkpoint or f.workdir
-  if not source:
-    raise app.UsageError("Give --workdir or --checkpoint (the trained stage II model).")
-  try:
-    written = run(config, source, f.input, Path(f.output), codes=f.codes, steps=f.steps,
-                  sheet_count=f.sheets, temperature=f.temperature, seed=f.seed)
-  except UserError as e:
-    sys.exit(f"FATAL {e}")
-  print("wrote", *map(str, written), sep="\n  ")
+  source = common.checkpoint_from_flags(f, "stage II model")
+  common.report_written(lambda: run(
+      config, source, f.input, Path(f.output), codes=f.codes, steps=f.steps,
+      sheet_count=f.sheets, temperature=f.temperature, seed=f.seed))
 
 
 if __name__ == "__main__":

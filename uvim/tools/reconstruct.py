@@ -12,7 +12,6 @@ takes a big_vision `*_stageI_params.npz`.
 """
 
 import json
-import sys
 from pathlib import Path
 
 import jax
@@ -21,7 +20,6 @@ import numpy as np
 from absl import app, flags
 
 from uvim import api, cli, input_pipeline, stages, visualize
-from uvim.errors import UserError
 from uvim.tools import common
 
 
@@ -132,14 +130,8 @@ def main(argv: list[str]) -> None:
   config = f.config
   if config.model_name != "proj.uvim.vit":
     raise app.UsageError("--config: a stage I config (the oracle's; it needs the labels)")
-  source = f.checkpoint or f.workdir
-  if not source:
-    raise app.UsageError("Give --workdir or --checkpoint (the trained stage I model).")
-  try:
-    written = run(config, source, f.input, Path(f.output), f.sheet_rows)
-  except UserError as e:
-    sys.exit(f"FATAL {e}")
-  print("wrote", *map(str, written), sep="\n  ")
+  source = common.checkpoint_from_flags(f, "stage I model")
+  common.report_written(lambda: run(config, source, f.input, Path(f.output), f.sheet_rows))
 
 
 if __name__ == "__main__":
