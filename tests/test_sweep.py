@@ -280,3 +280,20 @@ def test_eta_counts_waiting_runs_at_their_stages_mean_length(tmp_path):
   # nothing is known yet (150 s: the mean of the stages that are), over two slots.
   assert sweep.eta() == pytest.approx((150 + 3 * 150) / 2)
   assert runner.Sweep(second, parallel=1, echo=lambda _: None).eta() is None
+
+
+def test_report_states_follow_the_workdir(tmp_path):
+  from uvim import workdir as workdir_lib
+
+  w = tmp_path / "run"
+  assert report.state_of(w, []) == "not started"
+  w.mkdir()
+  with workdir_lib.WorkdirLock(w):  # a live train.py holds the lock
+    assert report.state_of(w, []) == "running"
+  runner.record_attempt(w, 5.0, 128 + signal.SIGINT)
+  assert report.state_of(w, [{"step": 10}]) == "stopped"
+  runner.record_attempt(w, 5.0, 1)
+  assert report.state_of(w, [{"step": 10}]) == "failed"
+  (w / "params.npz").touch()
+  assert report.state_of(w, [{"step": 20}]) == "finished"
+  assert runner.wall_seconds(w) == 10.0
