@@ -40,6 +40,11 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1.0: all).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Predictions per image; sample k > 0 is "
                                     "written as `<name>_s<k>.*`.")
+_GUIDANCE = flags.DEFINE_float("guidance", 1.0, "Classifier-free guidance scale (4M's "
+                               "convention: 1 = none; needs a model trained with cond_dropout).")
+_GUIDANCE_SCHEDULE = flags.DEFINE_enum("guidance_schedule", "constant",
+                                       ["constant", "linear", "cosine"],
+                                       "How the guidance scale rises from 1 over the code.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (each image also hashes its pixels).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
 _SHEET_ROWS = flags.DEFINE_integer("sheet_rows", 8, "Images on the contact sheet (0: none).")
@@ -67,7 +72,9 @@ def main(argv: list[str]) -> None:
     failures = run(model, _INPUT.value, Path(_OUTPUT.value), temperature=_TEMPERATURE.value,
                    num_samples=_NUM_SAMPLES.value, batch_size=_BATCH_SIZE.value,
                    sheet_rows=_SHEET_ROWS.value,
-                   sampling=dict(top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value))
+                   sampling=dict(top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
+                                 guidance=_GUIDANCE.value,
+                                 guidance_schedule=_GUIDANCE_SCHEDULE.value))
   except UserError as e:
     sys.exit(f"FATAL {e}")
   if failures:
@@ -79,7 +86,7 @@ def run(model: api.Model, source: str, output: Path, *, temperature: float | Non
         num_samples: int, batch_size: int, sheet_rows: int, sampling: dict) -> list[str]:
   """Predicts every input of `source`, writes the task's files and a contact sheet of
   `sheet_rows` images into `output`; returns the inputs that failed. `temperature` None is the
-  task's default; `sampling` holds top_k, top_p and seed."""
+  task's default; `sampling` holds top_k, top_p, seed and the guidance settings."""
   output.mkdir(parents=True, exist_ok=True)
   config, stage = model.config, model.stage
   predict = lambda batch, **kwargs: model.predict_batch(batch, **sampling, **kwargs)

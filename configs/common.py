@@ -159,6 +159,9 @@ def stage2_from_stage1(stage1: mlc.ConfigDict, arg: mlc.ConfigDict, oracle_init:
   # References: `--config.oracle.model.code_len=16` resizes the code stage II writes too.
   config.model.vocab_size = config.oracle.model.get_ref("dict_size") + 1
   config.model.posemb_type = "learn"
+  # > 0 trains for classifier-free guidance (predict.py --guidance); 0 keeps big_vision's
+  # parameters (its released models have no "no image" input).
+  config.model.cond_dropout = 0.0
   config.model.input_size = tuple(oracle_model.input_size)
   config.model.seq_len = config.oracle.model.get_ref("code_len")
   if arg.singlehost:

@@ -112,3 +112,85 @@ def test_each_image_has_its_own_random_stream():
   assert len({tuple(s) for s in np.asarray(together[1])}) > 1  # samples of one image differ
   other, _ = fn(params, images[1:2], keys[2:3])
   assert not np.array_equal(other[0], alone[0])
+
+
+def guided_model(seed=0, seq_len=6, cond_dropout=0.1):
+  """A random model with a `null_image` (trained with condition dropout) and 3 images."""
+  model = lm.Model(patches={"size": (8, 8)}, num_heads=2, num_layers=2, mlp_dim=32, emb_dim=16,
+                   vocab_size=9, seq_len=seq_len, input_size=(16, 16),
+                   cond_dropout=cond_dropout)
+  images = jax.random.normal(jax.random.key(seed), (3, 16, 16, 3))
+  params = model.init(jax.random.key(seed + 1), images,
+                      jnp.zeros((3, seq_len), jnp.int32))["params"]
+  params["decoder"]["LogitsDense"]["kernel"] = 2 * jax.random.normal(
+      jax.random.key(seed + 2), (16, 9))
+  if cond_dropout:  # a trained-looking "no image" input, not the initial one near zero
+    params["null_image"] = jax.random.normal(jax.random.key(seed + 3), (1, 1, 16))
+  return model, params, images
+
+
+def teacher_logits(model, params, images, tokens, conditional: bool):
+  """Teacher-forced logits, with the image or with the "no image" input."""
+  encoded = model.apply({"params": params}, images, method=model.encode)
+  if not conditional:
+    encoded = model.apply({"params": params}, encoded, method=model.encode_unconditional)
+  return np.asarray(model.apply({"params": params}, encoded, jnp.asarray(tokens),
+                                method=model.decode))
+
+
+@pytest.mark.parametrize("scale,schedule", [(2.0, "constant"), (3.0, "linear"),
+                                            (0.5, "cosine"), (-1.0, "constant")])
+def test_guided_greedy_decoding_follows_the_guidance_formula(scale, schedule):
+  model, params, images = guided_model()
+  n = model.seq_len
+  tokens = np.zeros((3, n), np.int32)
+  for t in range(n):  # brute force: full recomputation of both passes at every position
+    cond = teacher_logits(model, params, images, tokens, True)[:, t]
+    uncond = teacher_logits(model, params, images, tokens, False)[:, t]
+    weight = {"constant": 1.0, "linear": (t + 1) / n,
+              "cosine": (1 - np.cos(np.pi * (t + 1) / n)) / 2}[schedule]
+    s = 1 + (scale - 1) * weight
+    mixed = uncond + s * (cond - uncond)
+    mixed[:, 0] = -np.inf
+    tokens[:, t] = mixed.argmax(-1)
+  keys = jax.random.split(jax.random.key(0), 3)
+  for cached in (True, False):
+    got, _ = jax.jit(lambda p, i, k, c=cached: decoding.sample(
+        model, p, i, k, guidance=scale, guidance_schedule=schedule, cached=c))(
+            params, images, keys)
+    np.testing.assert_array_equal(got[:, 0], tokens)
+  # Each image's code is its own: decoded alone, it is the same.
+  alone, _ = decoding.sample(model, params, images[1:2], keys[1:2], guidance=scale,
+                             guidance_schedule=schedule)
+  np.testing.assert_array_equal(alone[0, 0], tokens[1])
+
+
+def test_guidance_1_is_unguided_decoding_exactly():
+  model, params, images = guided_model()
+  keys = jax.random.split(jax.random.key(4), 3)
+  for temperature in (0.0, 1.0):
+    plain = decoding.sample(model, params, images, keys, temperature=temperature, num_samples=2)
+    same = decoding.sample(model, params, images, keys, temperature=temperature, num_samples=2,
+                           guidance=1.0, guidance_schedule="linear")
+    for a, b in zip(plain, same, strict=True):
+      np.testing.assert_array_equal(a, b)
+  unguidable, params0, _ = guided_model(cond_dropout=0.0)
+  assert "null_image" not in params0  # the parameter tree of released models is unchanged
+  with pytest.raises(ValueError, match="cond_dropout"):
+    decoding.sample(unguidable, params0, images, keys, guidance=2.0)
+
+
+def test_condition_dropout_replaces_the_image_of_a_fraction_of_examples():
+  model, params, images = guided_model(cond_dropout=0.5)
+  images = jnp.tile(images, (22, 1, 1, 1))[:64]
+  targets = jax.random.randint(jax.random.key(5), (64, model.seq_len), 1, 9)
+  cond = teacher_logits(model, params, images, targets, True)
+  uncond = teacher_logits(model, params, images, targets, False)
+  got = np.asarray(model.apply({"params": params}, images, targets, train=True,
+                               rngs={"dropout": jax.random.key(6)}))
+  is_uncond = np.array([np.allclose(g, u, atol=1e-5) for g, u in zip(got, uncond, strict=True)])
+  is_cond = np.array([np.allclose(g, c, atol=1e-5) for g, c in zip(got, cond, strict=True)])
+  assert (is_uncond ^ is_cond).all()  # every example saw the image or the "no image" input
+  assert 16 <= is_uncond.sum() <= 48  # ~half (binomial(64, 0.5): +-4 sd)
+  evaluation = np.asarray(model.apply({"params": params}, images, targets))
+  np.testing.assert_allclose(evaluation, cond, atol=1e-5)  # no dropout outside training

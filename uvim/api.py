@@ -51,7 +51,8 @@ class Model:
     self.variables = jax.device_put(self.stage.variables(params, {},
                                                          self.stage.frozen_variables()))
     self._predict = jax.jit(self.stage.predict_samples, static_argnames=(
-        "temperature", "top_k", "top_p", "num_samples", "seed"))
+        "temperature", "top_k", "top_p", "num_samples", "guidance", "guidance_schedule",
+        "seed"))
     self._pp = None
 
   def preprocess(self, image: np.ndarray) -> dict[str, np.ndarray]:
@@ -65,14 +66,20 @@ class Model:
 
   def predict_batch(self, batch: dict[str, np.ndarray], *, temperature: float | None = None,
                     num_samples: int = 1, top_k: int = 0, top_p: float = 1.0,
+                    guidance: float = 1.0, guidance_schedule: str = "constant",
                     seed: int = 0) -> dict[str, np.ndarray]:
     """Task outputs for a batch of preprocessed inputs, each (B, num_samples, ...), plus the
-    sampled `code` and its `code_logprob`. `temperature` None is the task's default."""
+    sampled `code` and its `code_logprob`. `temperature` None is the task's default;
+    `guidance` is classifier-free guidance's scale (1 = none; the model needs cond_dropout)."""
     if temperature is None:
       temperature = self.task.DEFAULT_TEMPERATURE
+    if guidance != 1.0 and not self.stage.model.cond_dropout:
+      raise UserError(f"guidance {guidance}: this model was trained without condition dropout "
+                      "(config.model.cond_dropout = 0), so it has no unconditional input")
     return jax.device_get(self._predict(self.variables, batch, temperature=temperature,
                                         top_k=top_k, top_p=top_p, num_samples=num_samples,
-                                        seed=seed))
+                                        guidance=guidance,
+                                        guidance_schedule=guidance_schedule, seed=seed))
 
   def predict(self, images: Sequence[np.ndarray], **sampling: Any) -> dict[str, np.ndarray]:
     """Task outputs for uint8 RGB images of any sizes (see `predict_batch` for `sampling`)."""

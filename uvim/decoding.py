@@ -41,19 +41,51 @@ def choose_tokens(logits_NxV: jnp.ndarray, rngs_N: jax.Array, *, temperature: fl
   return jax.vmap(jax.random.categorical)(rngs_N, logits_NxV)
 
 
+GUIDANCE_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def guidance_scale(scale: float, schedule: str, t: jnp.ndarray, steps: int) -> jnp.ndarray:
+  """The guidance scale at step t of `steps` (4M's convention: 1 = none): `constant`, or
+  rising from 1 to `scale` over the steps, `linear` or `cosine` (1 + (s - 1) w, w = (t + 1) / n
+  or (1 - cos(pi (t + 1) / n)) / 2)."""
+  progress = (t + 1) / steps
+  weight = {"constant": lambda: jnp.ones_like(progress), "linear": lambda: progress,
+            "cosine": lambda: (1 - jnp.cos(jnp.pi * progress)) / 2}
+  if schedule not in weight:
+    raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {schedule!r}")
+  return 1 + (scale - 1) * weight[schedule]()
+
+
+def guide(logits_2NxV: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndarray:
+  """Classifier-free guidance on stacked (conditional; unconditional) logits:
+  l_u + s (l_c - l_u)."""
+  cond, uncond = jnp.split(logits_2NxV, 2)
+  return uncond + scale * (cond - uncond)
+
+
 def sample(model: nn.Module, params: Any, images: jnp.ndarray, rngs_B: jax.Array, *,
            temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
+           guidance: float = 1.0, guidance_schedule: str = "constant",
            cached: bool = True) -> tuple[jnp.ndarray, jnp.ndarray]:
   """Codes for each image: (tokens (B, num_samples, L) in [1, vocab), log-probabilities of the
-  sequences under the model (B, num_samples)).
+  sequences under the (guided) model (B, num_samples)).
 
   `rngs_B` holds one key per image (sample s of image b uses fold_in(rngs_B[b], s)).
-  `cached=False` recomputes the whole decoder at every step (the reference, for benchmarks).
+  `guidance` is classifier-free guidance's scale s (4M's convention: 1 = none, the
+  unconditional pass is skipped): logits = l_uncond + s (l_cond - l_uncond), before temperature
+  and filtering, on a model trained with `cond_dropout`; the conditional and unconditional
+  passes run as one batch. `cached=False` recomputes the whole decoder at every step (the
+  reference, for benchmarks).
   """
   batch, seq_len = images.shape[0], model.seq_len
   variables = {"params": params}
   encoded = model.apply(variables, images, method=model.encode)
   encoded = jnp.repeat(encoded, num_samples, axis=0)  # (B * num_samples, P, E)
+  guided = guidance != 1.0
+  if guided:  # conditional rows, then unconditional ones
+    encoded = jnp.concatenate([encoded, model.apply(variables, encoded,
+                                                    method=model.encode_unconditional)])
+  twice = (lambda x: jnp.concatenate([x, x])) if guided else (lambda x: x)
   rngs = jax.vmap(lambda key: jax.vmap(lambda s: jax.random.fold_in(key, s))(
       jnp.arange(num_samples)))(rngs_B).reshape(-1)
   tokens = jnp.zeros((batch * num_samples, seq_len), jnp.int32)
@@ -61,15 +93,17 @@ def sample(model: nn.Module, params: Any, images: jnp.ndarray, rngs_B: jax.Array
 
   def next_logits(t, tokens, cache):
     if not cached:
-      logits = model.apply(variables, encoded, tokens, method=model.decode)
+      logits = model.apply(variables, encoded, twice(tokens), method=model.decode)
       return jax.lax.dynamic_index_in_dim(logits, t, axis=1, keepdims=False), cache
     previous = jax.lax.dynamic_index_in_dim(tokens, jnp.maximum(t - 1, 0), 1, keepdims=False)
     previous = jnp.where(t == 0, 0, previous)
-    return model.apply(variables, cache, previous, t, method=model.decode_step)
+    return model.apply(variables, cache, twice(previous), t, method=model.decode_step)
 
   def step(t, carry):
     tokens, logprob, cache = carry
     logits, cache = next_logits(t, tokens, cache)
+    if guided:
+      logits = guide(logits, guidance_scale(guidance, guidance_schedule, t, seq_len))
     token = choose_tokens(logits.astype(jnp.float32), jax.vmap(jax.random.fold_in, (0, None))(
         rngs, t), temperature=temperature, top_k=top_k, top_p=top_p)
     logprob += jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], 1)[:, 0]

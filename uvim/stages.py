@@ -250,14 +250,17 @@ class StageII:
 
   def predict_samples(self, variables: dict, batch: dict, *, temperature: float = 0.0,
                       top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
+                      guidance: float = 1.0, guidance_schedule: str = "constant",
                       seed: int = 0) -> dict:
     """Task outputs for `num_samples` sampled codes per image: each (B, num_samples, ...), plus
-    `code` (B, num_samples, code_len) and its log-probability `code_logprob`."""
+    `code` (B, num_samples, code_len) and its log-probability `code_logprob`. `guidance`:
+    classifier-free guidance's scale (1 = none; `decoding.sample`)."""
     images = batch["image"]
     batch_size = images.shape[0]
     tokens, logprob = decoding.sample(
         self.model, variables["params"], images, image_rngs(images, seed),
-        temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples)
+        temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples,
+        guidance=guidance, guidance_schedule=guidance_schedule)
     codes = tokens.reshape(batch_size * num_samples, -1) - 1
     ctx = jnp.repeat(batch.get("image_ctx", images), num_samples, axis=0)
     logits, _ = self.oracle.apply(variables["oracle"], codes, ctx=ctx, discrete_input=True,

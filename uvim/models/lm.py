@@ -229,6 +229,9 @@ class Model(nn.Module):
   input_size: Sequence[int] = (512, 512)
   posemb_type: str = "learn"  # or "sincos2d": fixed, image and code in one frame (no params)
   dropout_rate: float = 0.0
+  # Fraction of training examples that see a learned "no image" input instead of the image,
+  # for classifier-free guidance; above 0 the model has a `null_image` embedding.
+  cond_dropout: float = 0.0
   dtype: str = "float32"  # Computation dtype; parameters and the returned logits are float32.
   remat: bool = False  # Rematerialise every transformer block when training.
   scan_layers: bool = False  # Scan the image encoder's and the decoder's blocks.
@@ -260,6 +263,9 @@ class Model(nn.Module):
                                num_heads=self.num_heads, dropout=self.dropout_rate,
                                dtype=self.dtype, remat=self.remat,
                                scan_layers=self.scan_layers, attention=self.attention)
+    if self.cond_dropout:
+      self.null_image = self.param("null_image", nn.initializers.normal(stddev=0.02),
+                                   (1, 1, self.emb_dim))
     self.decoder = Decoder(emb_dim=self.emb_dim, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
                            num_layers=self.num_layers, vocab_size=self.vocab_size,
                            dropout_rate=self.dropout_rate, dtype=self.dtype, remat=self.remat,
@@ -276,8 +282,20 @@ class Model(nn.Module):
     return self.decoder(encoded_BxPxE, shift_right(targets_BxL), self.pos_embedding_decoder,
                         deterministic=not train)
 
+  def encode_unconditional(self, encoded_BxPxE: jnp.ndarray) -> jnp.ndarray:
+    """The "no image" input in place of encoded images (guidance's unconditional pass)."""
+    if not self.cond_dropout:
+      raise ValueError("guidance needs a model trained with cond_dropout > 0 (it has no "
+                       "null_image embedding)")
+    return jnp.broadcast_to(self.null_image, encoded_BxPxE.shape).astype(encoded_BxPxE.dtype)
+
   def __call__(self, image: jnp.ndarray, targets: jnp.ndarray, train: bool = False):
-    return self.decode(self.encode(image, train=train), targets, train=train)
+    encoded = self.encode(image, train=train)
+    if train and self.cond_dropout:
+      dropped = jax.random.bernoulli(self.make_rng("dropout"), self.cond_dropout,
+                                     (encoded.shape[0], 1, 1))
+      encoded = jnp.where(dropped, self.encode_unconditional(encoded), encoded)
+    return self.decode(encoded, targets, train=train)
 
   def init_cache(self, encoded_BxPxE: jnp.ndarray) -> Cache:
     """The decoding cache of a batch of encoded images (cross-attention keys/values)."""
