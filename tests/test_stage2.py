@@ -254,3 +254,7 @@ def test_stage2_model_init_takes_a_path_as_documented(toy_data_dir, stage2_workd
   for (name, a), b in zip(checkpoint.flatten(exported["params"]).items(),
                           checkpoint.flatten(state.params).values(), strict=True):
     np.testing.assert_array_equal(a, b, err_msg=name)
+  # A model with a guidance input cannot take it: the error names the setting to change.
+  config.model.cond_dropout = 0.1
+  with pytest.raises(UserError, match=r"trained without condition dropout.*cond_dropout to 0"):
+    trainer.train_and_evaluate(config, tmp_path / "guided")

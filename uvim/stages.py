@@ -294,6 +294,11 @@ class StageII:
                          f"embeddings; set config.model.posemb_type to "
                          f"{'learn' if learned else 'sincos2d'!r} (it is "
                          f"{self.model.posemb_type!r}): big_vision's models use 'learn'")
+      guided = "null_image" in tree["params"]
+      if guided != bool(self.model.cond_dropout):
+        raise UserError(f"{model_init} was trained {'with' if guided else 'without'} condition "
+                         "dropout (a learned no-image input); set config.model.cond_dropout "
+                         f"{'> 0 (e.g. 0.1)' if guided else 'to 0'}")
       loaded = checkpoint.in_layout(tree["params"], self.model.scan_layers)
       return checkpoint.merge_into(params, loaded, model_init), model_state
     unknown = set(model_init) - {"encoder"}
