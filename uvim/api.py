@@ -30,7 +30,6 @@ import ml_collections as mlc
 import numpy as np
 from PIL import Image
 
-from uvim import checkpoint as checkpoint_lib
 from uvim import cli, models, stages, tasks
 from uvim.errors import UserError
 
@@ -132,11 +131,8 @@ class Tokenizer:
     batch = {"labels": jax.ShapeDtypeStruct(label_shape, np.dtype(self.task.LABELS[1])),
              "image": jax.ShapeDtypeStruct((1, *size, 3), np.float32)}
     shapes = jax.eval_shape(lambda b: self._init(b), batch)
-    tree = stages.load_variables(checkpoint)
-    loaded = checkpoint_lib.in_layout(tree["params"], self.model.scan_layers)
-    self.variables = jax.device_put({
-        "params": checkpoint_lib.merge_into(shapes["params"], loaded, checkpoint),
-        "state": checkpoint_lib.merge_into(shapes["state"], tree.get("state", {}), checkpoint)})
+    self.variables = jax.device_put(stages.load_stage1_variables(
+        checkpoint, shapes["params"], shapes["state"], self.model.scan_layers))
     self._encode = jax.jit(self._encode_fn)
     self._decode = jax.jit(self._decode_fn)
 

@@ -95,11 +95,12 @@ def apply_override(config: mlc.ConfigDict, path: str, text: str, arg: str) -> No
     except (ValueError, SyntaxError):
       raise ValueError(f"{arg}: config.{path} is a list; give a Python list, e.g. "
                        f"--config.{path}=\"{_lookup(config, path)!r}\"") from None
-    if not isinstance(value, list | tuple):
-      raise ValueError(f"{arg}: config.{path} is a list, got {type(value).__name__}")
-    set_value(config, path, value)
   else:
-    set_value(config, path, text)
+    value = text
+  try:
+    set_value(config, path, value)
+  except ValueError as e:
+    raise ValueError(f"{arg}: {e}") from None
 
 
 def set_value(config: mlc.ConfigDict, path: str, value) -> None:

@@ -41,6 +41,17 @@ def load_variables(path: str) -> dict[str, Any]:
   return checkpoint.load_params_from_workdir(path)
 
 
+def load_stage1_variables(path: str, params, model_state, scanned: bool,
+                          source: str | None = None) -> dict:
+  """{'params', 'state'} of a stage I model from `path` (npz or workdir), in the layout
+  (`scanned`) and shapes of `params`/`model_state`; mismatches name `source` (default `path`)."""
+  tree = load_variables(path)
+  source = source or path
+  loaded = checkpoint.in_layout(tree["params"], scanned)
+  return {"params": checkpoint.merge_into(params, loaded, source),
+          "state": checkpoint.merge_into(model_state, tree.get("state", {}), source)}
+
+
 def recorded_config(path: str) -> tuple[dict, Path] | None:
   """The config a checkpoint was trained with, and its file: `<workdir>/config.json`, or the
   one next to a `params.npz` that a run exported; None for a bare (e.g. released) npz."""
@@ -166,10 +177,8 @@ class StageI:
     }
 
   def load_init(self, model_init: str, params, model_state):
-    tree = load_variables(model_init)
-    loaded = checkpoint.in_layout(tree["params"], self.model.scan_layers)
-    return (checkpoint.merge_into(params, loaded, model_init),
-            checkpoint.merge_into(model_state, tree.get("state", {}), model_init))
+    loaded = load_stage1_variables(model_init, params, model_state, self.model.scan_layers)
+    return loaded["params"], loaded["state"]
 
 
 class StageII:
@@ -214,11 +223,9 @@ class StageII:
                        "(a training workdir or a big_vision *_stageI_params.npz)")
     check_oracle_config(self.oracle_full_config, self.oracle_init)
     shapes = self.frozen_shapes()
-    tree = load_variables(self.oracle_init)
-    source = f"config.oracle.model_init={self.oracle_init}"
-    loaded = checkpoint.in_layout(tree["params"], self.oracle.scan_layers)
-    return {"params": checkpoint.merge_into(shapes["params"], loaded, source),
-            "state": checkpoint.merge_into(shapes["state"], tree.get("state", {}), source)}
+    return load_stage1_variables(self.oracle_init, shapes["params"], shapes["state"],
+                                 self.oracle.scan_layers,
+                                 f"config.oracle.model_init={self.oracle_init}")
 
   def abstract_batch(self, batch_size: int) -> dict:
     """Shapes of a training batch (for planning and compiling without data)."""

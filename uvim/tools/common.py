@@ -49,14 +49,23 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
   return np.round((np.asarray(image) + 1) * 127.5).clip(0, 255).astype(np.uint8)
 
 
-def checkpoint_from_flags(flag_values, what: str) -> str:
-  """`--checkpoint`, else `--workdir`; a usage error naming `what` when neither is given."""
-  from absl import app
+def config_and_checkpoint(argv: list[str], model_name: str, why: str, what: str):
+  """A tool's parsed `--config` (a `model_name` model, else a usage error saying `why`) and
+  `--checkpoint`, else `--workdir` (a usage error naming `what` when neither is given)."""
+  from absl import app, flags
 
-  source = flag_values.checkpoint or flag_values.workdir
+  from uvim import cli
+
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli.quiet_library_logs()
+  config = flags.FLAGS.config
+  if config.model_name != model_name:
+    raise app.UsageError(f"--config: {why}")
+  source = flags.FLAGS.checkpoint or flags.FLAGS.workdir
   if not source:
     raise app.UsageError(f"Give --workdir or --checkpoint (the trained {what}).")
-  return source
+  return config, source
 
 
 def report_written(run: Callable[[], list[Path]]) -> None:

@@ -234,15 +234,10 @@ def run(config, checkpoint: str, source: str, output: Path, *, codes: str, steps
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  cli.quiet_library_logs()
+  config, source = common.config_and_checkpoint(
+      argv, "proj.uvim.lm", "a stage II config (it masks the codes stage II predicts; "
+      "--codes=oracle masks its oracle's codes)", "stage II model")
   f = flags.FLAGS
-  config = f.config
-  if config.model_name != "proj.uvim.lm":
-    raise app.UsageError("--config: a stage II config (it masks the codes stage II predicts; "
-                         "--codes=oracle masks its oracle's codes)")
-  source = common.checkpoint_from_flags(f, "stage II model")
   common.report_written(lambda: run(
       config, source, f.input, Path(f.output), codes=f.codes, steps=f.steps,
       sheet_count=f.sheets, temperature=f.temperature, seed=f.seed))

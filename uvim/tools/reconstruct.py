@@ -123,14 +123,10 @@ def run(config: mlc.ConfigDict, checkpoint: str, source: str, output: Path,
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  cli.quiet_library_logs()
+  config, source = common.config_and_checkpoint(
+      argv, "proj.uvim.vit", "a stage I config (the oracle's; it needs the labels)",
+      "stage I model")
   f = flags.FLAGS
-  config = f.config
-  if config.model_name != "proj.uvim.vit":
-    raise app.UsageError("--config: a stage I config (the oracle's; it needs the labels)")
-  source = common.checkpoint_from_flags(f, "stage I model")
   common.report_written(lambda: run(config, source, f.input, Path(f.output), f.sheet_rows))
 
 
