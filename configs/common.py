@@ -159,9 +159,7 @@ def stage2_from_stage1(stage1: mlc.ConfigDict, arg: mlc.ConfigDict, oracle_init:
   # References: `--config.oracle.model.code_len=16` resizes the code stage II writes too.
   config.model.vocab_size = config.oracle.model.get_ref("dict_size") + 1
   config.model.posemb_type = "learn"
-  # > 0 trains for classifier-free guidance (predict.py --guidance); 0 keeps big_vision's
-  # parameters (its released models have no "no image" input).
-  config.model.cond_dropout = 0.0
+  set_decoder_options(config.model)
   config.model.input_size = tuple(oracle_model.input_size)
   config.model.seq_len = config.oracle.model.get_ref("code_len")
   if arg.singlehost:
@@ -169,6 +167,17 @@ def stage2_from_stage1(stage1: mlc.ConfigDict, arg: mlc.ConfigDict, oracle_init:
   if toy:
     apply_toy_stage2(config, cpu=arg.cpu)
   return config
+
+
+def set_decoder_options(model: mlc.ConfigDict) -> None:
+  """Stage II's decoder beyond the paper's, off by default (big_vision's parameters)."""
+  # > 0 trains for classifier-free guidance (predict.py --guidance); 0 keeps big_vision's
+  # parameters (its released models have no "no image" input).
+  model.cond_dropout = 0.0
+  # True: a bidirectional decoder trained to fill in masked tokens, decoded in a few parallel
+  # steps (predict.py --scheme maskgit|roar --steps N); False: the paper's causal decoder.
+  model.masked = False
+  model.min_mask_ratio = 0.1  # the fewest tokens a masked training example hides
 
 
 def apply_toy_stage2(config: mlc.ConfigDict, cpu: bool) -> None:

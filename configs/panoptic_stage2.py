@@ -112,9 +112,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   config.model.patches = dict(size=(patch_size, patch_size))
   config.model.vocab_size = config.oracle.model.get_ref("dict_size") + 1
   config.model.posemb_type = "learn"
-  # > 0 trains for classifier-free guidance (predict.py --guidance); 0 keeps big_vision's
-  # parameters (its released models have no "no image" input).
-  config.model.cond_dropout = 0.0
+  common.set_decoder_options(config.model)
   config.model.input_size = (res, res)
   config.model.seq_len = config.oracle.model.get_ref("code_len")
 

@@ -1,24 +1,39 @@
-"""Sampling the guiding code from the stage II model, all inside one compiled loop.
+"""Sampling the guiding code from the stage II model, each scheme one compiled loop.
 
-The image is encoded once; the cross-attention keys/values of every decoder block are computed
-once per image and the self-attention keys/values are cached as tokens are produced, so each
-step costs one token's worth of decoder work. Every image (and every sample of it) has its own
-random stream, so a result does not depend on what else is in the batch. Id 0 (BOS) is never
-emitted.
+Schemes: `ar` (the causal model, one token a step), and on a masked model (`lm.Model.masked`)
+`maskgit` (each step samples every undecided position and keeps the most confident) and `roar`
+(each step decodes random undecided positions), a token schedule saying how many per step.
+The image is encoded once and the cross-attention keys/values of every decoder block computed
+once per image, for every scheme; `ar` also caches self-attention keys/values, so each of its
+steps costs one token's worth of decoder work, while a parallel step runs the decoder over the
+whole code. Every image (and every sample of it) has its own random stream, so a result does
+not depend on what else is in the batch. Id 0 (BOS / MASK) is never emitted.
 """
 
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from uvim.models import lm
+
+SCHEMES = ("ar", "maskgit", "roar")
+TOKEN_SCHEDULES = ("cosine", "linear")
+TEMPERATURE_SCHEDULES = ("constant", "linear", "onex")
+# The keyword options of `sample` that shape the compiled loop (static under jit).
+OPTIONS = ("scheme", "steps", "token_schedule", "temperature", "temperature_schedule",
+           "choice_temperature", "top_k", "top_p", "num_samples", "guidance",
+           "guidance_schedule")
 
 
 def filter_logits(logits_NxV: jnp.ndarray, *, top_k: int = 0, top_p: float = 1.0) -> jnp.ndarray:
   """Sets to -inf the logits outside the `top_k` most likely, then those outside the smallest
   set whose probability (renormalised after top-k) reaches `top_p`. 0 / 1.0 disable them."""
   if top_k:
-    kth = jax.lax.top_k(logits_NxV, top_k)[0][:, -1:]
+    kth = jax.lax.top_k(logits_NxV, top_k)[0][..., -1:]
     logits_NxV = jnp.where(logits_NxV < kth, -jnp.inf, logits_NxV)
   if top_p < 1.0:
     sorted_desc = -jnp.sort(-logits_NxV, axis=-1)
@@ -30,15 +45,52 @@ def filter_logits(logits_NxV: jnp.ndarray, *, top_k: int = 0, top_p: float = 1.0
   return logits_NxV
 
 
-def choose_tokens(logits_NxV: jnp.ndarray, rngs_N: jax.Array, *, temperature: float,
-                  top_k: int = 0, top_p: float = 1.0) -> jnp.ndarray:
-  """One token per row: argmax at temperature 0, else a sample of softmax(logits / T) after
-  top-k / top-p filtering. BOS (id 0) is never chosen."""
-  logits_NxV = logits_NxV.at[:, 0].set(-jnp.inf)
-  if temperature == 0:
-    return jnp.argmax(logits_NxV, axis=-1)
-  logits_NxV = filter_logits(logits_NxV / temperature, top_k=top_k, top_p=top_p)
-  return jax.vmap(jax.random.categorical)(rngs_N, logits_NxV)
+def choose_tokens(logits_Nx_xV: jnp.ndarray, rngs_N: jax.Array, *,
+                  temperature: float | jnp.ndarray, top_k: int = 0,
+                  top_p: float = 1.0) -> jnp.ndarray:
+  """One token per row (and position, for (N, L, V) logits): argmax at a Python temperature 0,
+  else a sample of softmax(logits / T) after top-k / top-p filtering, from the row's key. BOS /
+  MASK (id 0) is never chosen."""
+  logits_Nx_xV = logits_Nx_xV.at[..., 0].set(-jnp.inf)
+  if isinstance(temperature, int | float) and temperature == 0:
+    return jnp.argmax(logits_Nx_xV, axis=-1)
+  logits_Nx_xV = filter_logits(logits_Nx_xV / temperature, top_k=top_k, top_p=top_p)
+  return jax.vmap(jax.random.categorical)(rngs_N, logits_Nx_xV)
+
+
+def tokens_per_step(length: int, steps: int, schedule: str = "cosine") -> np.ndarray:
+  """How many tokens each of `steps` parallel steps decodes (summing to `length`): after step t
+  a fraction gamma((t + 1) / steps) stays masked, gamma = MaskGIT's cos(pi/2 r) (`cosine`: few
+  tokens first, many last) or 1 - r (`linear`), and every step decodes at least one."""
+  gammas = {"cosine": lambda r: np.cos(np.pi / 2 * r), "linear": lambda r: 1 - r}
+  if schedule not in gammas:
+    raise ValueError(f"token_schedule must be one of {TOKEN_SCHEDULES}, got {schedule!r}")
+  if not 1 <= steps <= length:
+    raise ValueError(f"steps must be between 1 and the code length {length}, got {steps}")
+  gamma, masked, counts = gammas[schedule], length, []
+  for t in range(steps):
+    after = math.floor(length * gamma((t + 1) / steps) + 1e-9)
+    after = min(max(after, steps - 1 - t), masked - 1)  # >= 1 token now and at each later step
+    counts.append(masked - after)
+    masked = after
+  return np.array(counts)
+
+
+def temperatures(temperature: float, schedule: str, counts: np.ndarray) -> np.ndarray:
+  """The sampling temperature of each parallel step: `constant`; `linear`, T times the
+  fraction of the code still masked before the step (4M's); `onex`, a 1/x^0.5 decay over the
+  steps times that fraction, from T down to T/6 (after 4M's 'onex:0.5:0.5' with T = 3)."""
+  masked_before = 1 - np.concatenate([[0], np.cumsum(counts)[:-1]]) / counts.sum()
+  if schedule == "constant":
+    return np.full(len(counts), temperature)
+  if schedule == "linear":
+    return temperature * masked_before
+  if schedule == "onex":
+    decay = 1 / np.sqrt(np.arange(1, len(counts) + 1))
+    decay = (decay - decay[-1]) / max(decay[0] - decay[-1], 1e-9) if len(counts) > 1 else decay
+    return temperature / 6 + (temperature - temperature / 6) * decay * masked_before
+  raise ValueError(f"temperature_schedule must be one of {TEMPERATURE_SCHEDULES}, "
+                   f"got {schedule!r}")
 
 
 GUIDANCE_SCHEDULES = ("constant", "linear", "cosine")
@@ -64,52 +116,139 @@ def guide(logits_2NxV: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndarray:
 
 
 def sample(model: nn.Module, params: Any, images: jnp.ndarray, rngs_B: jax.Array, *,
-           temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
-           guidance: float = 1.0, guidance_schedule: str = "constant",
-           cached: bool = True) -> tuple[jnp.ndarray, jnp.ndarray]:
+           scheme: str | None = None, steps: int = 8, token_schedule: str = "cosine",
+           temperature: float = 0.0, temperature_schedule: str = "constant",
+           choice_temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+           num_samples: int = 1, guidance: float = 1.0, guidance_schedule: str = "constant",
+           cached: bool = True, with_order: bool = False) -> tuple[jnp.ndarray, ...]:
   """Codes for each image: (tokens (B, num_samples, L) in [1, vocab), log-probabilities of the
-  sequences under the (guided) model (B, num_samples)).
+  sequences under the (guided) model (B, num_samples); for parallel schemes the sum, over
+  steps, of each decided token's log-probability when it was decided), and with `with_order`
+  the step at which each token was decided (B, num_samples, L).
 
+  `scheme`: `ar`, `maskgit` or `roar` (default: `ar` for a causal model, `maskgit` for a masked
+  one); parallel schemes take `steps` steps, `token_schedule` (`tokens_per_step`) and
+  `temperature_schedule` (`temperatures`); `maskgit` ranks positions by the untempered
+  log-probability of the sampled token plus Gumbel noise of scale `choice_temperature`
+  annealed linearly to 0 over the steps (MaskGIT's 4.5 diversifies; 0 is pure confidence).
   `rngs_B` holds one key per image (sample s of image b uses fold_in(rngs_B[b], s)).
   `guidance` is classifier-free guidance's scale s (4M's convention: 1 = none, the
   unconditional pass is skipped): logits = l_uncond + s (l_cond - l_uncond), before temperature
   and filtering, on a model trained with `cond_dropout`; the conditional and unconditional
-  passes run as one batch. `cached=False` recomputes the whole decoder at every step (the
-  reference, for benchmarks).
+  passes run as one batch. `cached=False` recomputes the whole causal decoder at every step
+  (the reference, for benchmarks).
   """
-  batch, seq_len = images.shape[0], model.seq_len
+  scheme = scheme or ("maskgit" if model.masked else "ar")
+  if scheme not in SCHEMES:
+    raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+  if (scheme == "ar") == model.masked:
+    raise ValueError(f"scheme {scheme!r} needs a {'causal' if scheme == 'ar' else 'masked'} "
+                     f"stage II model (config.model.masked={scheme != 'ar'}); this one is "
+                     f"{'masked' if model.masked else 'causal'}")
+  batch = images.shape[0]
   variables = {"params": params}
   encoded = model.apply(variables, images, method=model.encode)
   encoded = jnp.repeat(encoded, num_samples, axis=0)  # (B * num_samples, P, E)
-  guided = guidance != 1.0
-  if guided:  # conditional rows, then unconditional ones
+  if guidance != 1.0:  # conditional rows, then unconditional ones
     encoded = jnp.concatenate([encoded, model.apply(variables, encoded,
                                                     method=model.encode_unconditional)])
-  twice = (lambda x: jnp.concatenate([x, x])) if guided else (lambda x: x)
   rngs = jax.vmap(lambda key: jax.vmap(lambda s: jax.random.fold_in(key, s))(
       jnp.arange(num_samples)))(rngs_B).reshape(-1)
-  tokens = jnp.zeros((batch * num_samples, seq_len), jnp.int32)
-  logprob = jnp.zeros(batch * num_samples, jnp.float32)
+  guided = _Guided(guidance, guidance_schedule, model.seq_len if scheme == "ar" else steps)
+  filters = dict(top_k=top_k, top_p=top_p)
+  if scheme == "ar":
+    tokens, logprob = _autoregressive(model, variables, encoded, rngs, guided, cached,
+                                      temperature=temperature, **filters)
+    order = jnp.broadcast_to(jnp.arange(model.seq_len), tokens.shape)
+  else:
+    counts = tokens_per_step(model.seq_len, steps, token_schedule)
+    temps = temperatures(temperature, temperature_schedule, counts)
+    tokens, logprob, order = _parallel(model, variables, encoded, rngs, guided, scheme, counts,
+                                       temps if temperature else None, choice_temperature,
+                                       **filters)
+  per_sample = lambda x: x.reshape(batch, num_samples, *x.shape[1:])
+  return tuple(map(per_sample, (tokens, logprob, order) if with_order else (tokens, logprob)))
+
+
+class _Guided:
+  """Guidance of a sampler with `steps` steps: `twice` doubles a batch of decoder inputs for the
+  two passes, `logits` mixes their outputs; both are identities at scale 1."""
+
+  def __init__(self, scale: float, schedule: str, steps: int):
+    self.scale, self.schedule, self.steps = scale, schedule, steps
+    guidance_scale(scale, schedule, jnp.zeros(()), steps)  # checks the schedule's name
+
+  def twice(self, x: jnp.ndarray) -> jnp.ndarray:
+    return x if self.scale == 1.0 else jnp.concatenate([x, x])
+
+  def logits(self, logits_2Nx_xV: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
+    if self.scale == 1.0:
+      return logits_2Nx_xV
+    return guide(logits_2Nx_xV, guidance_scale(self.scale, self.schedule, t, self.steps))
+
+
+def _autoregressive(model, variables, encoded, rngs, guided: _Guided, cached: bool, *,
+                    temperature: float, top_k: int, top_p: float):
+  """`ar`: one token a step, left to right, against the self-attention cache."""
+  seq_len = model.seq_len
+  tokens = jnp.zeros((len(rngs), seq_len), jnp.int32)
+  logprob = jnp.zeros(len(rngs), jnp.float32)
 
   def next_logits(t, tokens, cache):
     if not cached:
-      logits = model.apply(variables, encoded, twice(tokens), method=model.decode)
+      logits = model.apply(variables, encoded, guided.twice(tokens), method=model.decode)
       return jax.lax.dynamic_index_in_dim(logits, t, axis=1, keepdims=False), cache
     previous = jax.lax.dynamic_index_in_dim(tokens, jnp.maximum(t - 1, 0), 1, keepdims=False)
     previous = jnp.where(t == 0, 0, previous)
-    return model.apply(variables, cache, twice(previous), t, method=model.decode_step)
+    return model.apply(variables, cache, guided.twice(previous), t, method=model.decode_step)
 
   def step(t, carry):
     tokens, logprob, cache = carry
     logits, cache = next_logits(t, tokens, cache)
-    if guided:
-      logits = guide(logits, guidance_scale(guidance, guidance_schedule, t, seq_len))
-    token = choose_tokens(logits.astype(jnp.float32), jax.vmap(jax.random.fold_in, (0, None))(
-        rngs, t), temperature=temperature, top_k=top_k, top_p=top_p)
+    logits = guided.logits(logits, t)
+    token = choose_tokens(logits, jax.vmap(jax.random.fold_in, (0, None))(rngs, t),
+                          temperature=temperature, top_k=top_k, top_p=top_p)
     logprob += jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], 1)[:, 0]
     return tokens.at[:, t].set(token), logprob, cache
 
   cache = model.apply(variables, encoded, method=model.init_cache) if cached else None
   tokens, logprob, _ = jax.lax.fori_loop(0, seq_len, step, (tokens, logprob, cache))
-  return (tokens.reshape(batch, num_samples, seq_len),
-          logprob.reshape(batch, num_samples))
+  return tokens, logprob
+
+
+def _parallel(model, variables, encoded, rngs, guided: _Guided, scheme: str, counts: np.ndarray,
+              temps: np.ndarray | None, choice_temperature: float, *, top_k: int, top_p: float):
+  """`maskgit` / `roar`: step t samples every masked position and decides `counts[t]` of them
+  (the most confident, or random ones); decided tokens are never re-masked. `temps` None is
+  greedy. Also returns the step that decided each token."""
+  steps, seq_len = len(counts), model.seq_len
+  counts_j = jnp.asarray(counts)
+  cache = model.apply(variables, encoded, method=model.init_cache)
+
+  def step(t, carry):
+    tokens, logprob, order = carry
+    logits = guided.logits(model.apply(variables, cache, guided.twice(tokens),
+                                       method=model.fill_in), t)
+    logits = logits.at[..., 0].set(-jnp.inf)
+    sample_rngs, order_rngs = jnp.moveaxis(jax.vmap(lambda k: jax.random.split(
+        jax.random.fold_in(k, t)))(rngs), 1, 0)
+    sampled = choose_tokens(logits, sample_rngs, temperature=0.0 if temps is None else
+                            jnp.asarray(temps, jnp.float32)[t], top_k=top_k, top_p=top_p)
+    token_logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), sampled[..., None],
+                                        -1)[..., 0]
+    if scheme == "maskgit":
+      noise = jax.vmap(lambda k: jax.random.gumbel(k, (seq_len,)))(order_rngs)
+      score = token_logprob + choice_temperature * (1 - (t + 1) / steps) * noise
+    else:
+      score = jax.vmap(lambda k: jax.random.uniform(k, (seq_len,)))(order_rngs)
+    undecided = tokens == lm.MASK
+    score = jnp.where(undecided, score, -jnp.inf)
+    rank = jnp.argsort(jnp.argsort(-score, axis=1), axis=1)  # 0 = the best undecided
+    chosen = undecided & (rank < counts_j[t])
+    return (jnp.where(chosen, sampled, tokens),
+            logprob + jnp.sum(jnp.where(chosen, token_logprob, 0), axis=1),
+            jnp.where(chosen, t, order))
+
+  tokens = jnp.full((len(rngs), seq_len), lm.MASK, jnp.int32)
+  return jax.lax.fori_loop(0, steps, step, (tokens, jnp.zeros(len(rngs), jnp.float32),
+                                            jnp.full(tokens.shape, -1, jnp.int32)))

@@ -29,7 +29,7 @@ from absl import logging
 
 from uvim import checkpoint, decoding, models, tasks
 from uvim.errors import UserError
-from uvim.models import vit, vit_init
+from uvim.models import lm, vit, vit_init
 
 
 def load_variables(path: str) -> dict[str, Any]:
@@ -239,35 +239,61 @@ class StageII:
     codebook = {f"oracle_{k}": v for k, v in aux.items() if k.startswith("codebook_")}
     return jax.lax.stop_gradient(aux["code"]) + 1, {**stats, **codebook}
 
-  def _xent(self, logits_BxLxV: jnp.ndarray, targets_BxL: jnp.ndarray) -> jnp.ndarray:
-    """Per-example cross-entropy, averaged over the code."""
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL),
-                    axis=-1)
+  def _xent(self, logits_BxLxV: jnp.ndarray, targets_BxL: jnp.ndarray,
+            weights_BxL: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Per-example cross-entropy, averaged over the code (or over its `weights`)."""
+    xent = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
+    if weights_BxL is None:
+      return jnp.mean(xent, axis=-1)
+    return jnp.sum(xent * weights_BxL, axis=-1) / jnp.sum(weights_BxL, axis=-1)
+
+  def _code_loss(self, params: Any, images: jnp.ndarray, targets_BxL: jnp.ndarray,
+                 hidden_BxL: jnp.ndarray | None, **apply_kw) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(per-example cross-entropy, token accuracy) of the code. Causal: teacher-forced over
+    the whole code. Masked: over the positions `hidden_BxL`, given the others."""
+    if not self.model.masked:
+      logits = self.model.apply({"params": params}, images, targets_BxL, **apply_kw)
+      return (self._xent(logits, targets_BxL),
+              jnp.mean(jnp.argmax(logits, -1) == targets_BxL))
+    logits = self.model.apply({"params": params}, images,
+                              jnp.where(hidden_BxL, lm.MASK, targets_BxL), **apply_kw)
+    correct = (jnp.argmax(logits, -1) == targets_BxL) & hidden_BxL
+    return self._xent(logits, targets_BxL, hidden_BxL), jnp.sum(correct) / jnp.sum(hidden_BxL)
+
+  def _training_mask(self, rng: jax.Array, batch: int) -> jnp.ndarray | None:
+    """The masked model's hidden positions (`lm.training_mask`); None for a causal model."""
+    if not self.model.masked:
+      return None
+    return lm.training_mask(rng, batch, self.model.seq_len, self.model.min_mask_ratio)
 
   def loss(self, params, model_state, frozen, batch: dict, rng: jax.Array):
     targets, stats = self.targets(frozen, batch)
-    logits = self.model.apply({"params": params}, batch["image"], targets, train=True,
-                              rngs={"dropout": rng})
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == targets)
-    return jnp.mean(self._xent(logits, targets)), ({"token_accuracy": accuracy, **stats},
-                                                   model_state)
+    hidden = self._training_mask(jax.random.fold_in(rng, 1), len(targets))
+    xent, accuracy = self._code_loss(params, batch["image"], targets, hidden, train=True,
+                                     rngs={"dropout": rng})
+    return jnp.mean(xent), ({"token_accuracy": accuracy, **stats}, model_state)
 
   def variables(self, params, model_state, frozen) -> dict:
     return {"params": params, "oracle": frozen}
 
-  def predict_samples(self, variables: dict, batch: dict, *, temperature: float = 0.0,
+  def predict_samples(self, variables: dict, batch: dict, *, scheme: str | None = None,
+                      steps: int = 8, token_schedule: str = "cosine", temperature: float = 0.0,
+                      temperature_schedule: str = "constant", choice_temperature: float = 0.0,
                       top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
                       guidance: float = 1.0, guidance_schedule: str = "constant",
                       seed: int = 0) -> dict:
     """Task outputs for `num_samples` sampled codes per image: each (B, num_samples, ...), plus
-    `code` (B, num_samples, code_len) and its log-probability `code_logprob`. `guidance`:
-    classifier-free guidance's scale (1 = none; `decoding.sample`)."""
+    `code` (B, num_samples, code_len) and its log-probability `code_logprob`. The options are
+    `decoding.sample`'s: the scheme (`ar`, or `maskgit` / `roar` in `steps` steps on a masked
+    model), temperature, filters and classifier-free guidance (scale 1 = none)."""
     images = batch["image"]
     batch_size = images.shape[0]
     tokens, logprob = decoding.sample(
-        self.model, variables["params"], images, image_rngs(images, seed),
-        temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples,
-        guidance=guidance, guidance_schedule=guidance_schedule)
+        self.model, variables["params"], images, image_rngs(images, seed), scheme=scheme,
+        steps=steps, token_schedule=token_schedule, temperature=temperature,
+        temperature_schedule=temperature_schedule, choice_temperature=choice_temperature,
+        top_k=top_k, top_p=top_p, num_samples=num_samples, guidance=guidance,
+        guidance_schedule=guidance_schedule)
     codes = tokens.reshape(batch_size * num_samples, -1) - 1
     ctx = jnp.repeat(batch.get("image_ctx", images), num_samples, axis=0)
     logits, _ = self.oracle.apply(variables["oracle"], codes, ctx=ctx, discrete_input=True,
@@ -281,8 +307,10 @@ class StageII:
     from one sampled code per image (greedy unless `predict_kwargs` say otherwise)."""
     def loss(v, batch):
       targets, _ = self.targets(v["oracle"], batch)
-      xent = self._xent(self.model.apply({"params": v["params"]}, batch["image"], targets),
-                        targets)
+      # A masked model hides positions drawn from each image's own key: reproducible.
+      hidden = (jax.vmap(lambda key: self._training_mask(key, 1)[0])(image_rngs(batch["image"]))
+                if self.model.masked else None)
+      xent, _ = self._code_loss(v["params"], batch["image"], targets, hidden)
       return xent, {"loss_code": xent}
 
     def predict(v, batch, **kwargs):

@@ -9,6 +9,11 @@ Besides teacher forcing (`__call__`), the model decodes one token at a time agai
 (`init_cache`, `decode_step`): the self-attention keys/values of the tokens so far, and the
 cross-attention keys/values of the image, computed once per image rather than at every step.
 
+`masked=True` makes the decoder bidirectional and trains it to fill in masked tokens (id 0 is
+then MASK instead of BOS; MaskGIT's objective): it decodes in any order, several tokens a step
+(`decoding`, schemes 'maskgit' and 'roar'), each step one pass over the code (`fill_in`) against
+the image's cached cross-attention keys/values. Same parameters as the causal model.
+
 `dtype` is the computation dtype of activations and matmuls (e.g. "bfloat16"; parameters stay
 float32, attention softmax and the returned logits are float32), and `remat` recomputes each
 transformer block's activations in the backward pass of training to save memory.
@@ -35,9 +40,29 @@ from uvim.models import vit
 Cache = list[dict[str, jnp.ndarray]] | dict[str, jnp.ndarray]
 
 
+# Id 0 of the vocabulary: BOS for the causal decoder, the mask token for the masked one.
+MASK = 0
+
+
 def shift_right(tokens_BxL: jnp.ndarray) -> jnp.ndarray:
   """Prepends BOS (0) and drops the last token: the decoder's teacher-forced input."""
   return jnp.pad(tokens_BxL, ((0, 0), (1, 0)))[:, :-1]
+
+
+def mask_ratio(r: jnp.ndarray) -> jnp.ndarray:
+  """MaskGIT's cosine schedule: the fraction of a code still masked at progress r in [0, 1]."""
+  return jnp.cos(jnp.pi / 2 * r)
+
+
+def training_mask(rng: jax.Array, batch: int, seq_len: int, min_ratio: float) -> jnp.ndarray:
+  """(B, L) True where a token is hidden from the masked decoder in training: per example a
+  ratio mask_ratio(r), r ~ U(0, 1), at least `min_ratio`, of the positions (at least one), chosen
+  uniformly at random."""
+  ratio_rng, order_rng = jax.random.split(rng)
+  ratio = jnp.maximum(mask_ratio(jax.random.uniform(ratio_rng, (batch, 1))), min_ratio)
+  count = jnp.clip(jnp.ceil(ratio * seq_len), 1, seq_len)
+  rank = jnp.argsort(jnp.argsort(jax.random.uniform(order_rng, (batch, seq_len)), axis=1), axis=1)
+  return rank < count
 
 
 class Attention(nn.Module):
@@ -107,9 +132,14 @@ class EncDecBlock(nn.Module):
     self.dropout = nn.Dropout(rate=self.dropout_rate)
 
   def __call__(self, y_BxLxE, encoded_BxPxE, mask, deterministic: bool = True):
+    return self.over_code(y_BxLxE, *self.CrossAttn.keys_values(encoded_BxPxE), mask,
+                          deterministic)
+
+  def over_code(self, y_BxLxE, cross_k, cross_v, mask, deterministic: bool = True):
+    """The block over the whole code, given the image's cross-attention keys/values."""
     x = self.LayerNorm1(y_BxLxE)
     x = y_BxLxE + self.dropout(self.SelfAttn(x, x, mask, deterministic), deterministic)
-    return self._cross_and_mlp(x, *self.CrossAttn.keys_values(encoded_BxPxE), deterministic)
+    return self._cross_and_mlp(x, cross_k, cross_v, deterministic)
 
   def _cross_and_mlp(self, x, cross_k, cross_v, deterministic: bool = True):
     z = self.CrossAttn.attend(self.LayerNorm2(x), cross_k, cross_v, None, deterministic)
@@ -181,11 +211,13 @@ class Decoder(nn.Module):
     """Final LayerNorm and logits, returned in float32 for the loss and sampling."""
     return self.LogitsDense(self.LayerNorm(y_BxLxE)).astype(jnp.float32)
 
-  def __call__(self, encoded_BxPxE, inputs_BxL, pos_emb_1xLxE, deterministic: bool = True):
-    """`inputs_BxL` are the decoder inputs, already shifted right (BOS first)."""
+  def __call__(self, encoded_BxPxE, inputs_BxL, pos_emb_1xLxE, deterministic: bool = True,
+               causal: bool = True):
+    """`inputs_BxL` are the decoder inputs: shifted right (BOS first) when `causal`, else the
+    code with MASK where a token is hidden (bidirectional attention)."""
     y = self._embed(inputs_BxL, pos_emb_1xLxE[:, :inputs_BxL.shape[1]])
     y = self.dropout(y, deterministic)
-    mask = nn.make_causal_mask(inputs_BxL)
+    mask = nn.make_causal_mask(inputs_BxL) if causal else None
     if self.scan_layers:
       # `deterministic` is closed over: it stays a static Python bool.
       y, _ = self._over_layers(lambda block, y, enc, mask: (block(y, enc, mask, deterministic),
@@ -201,6 +233,20 @@ class Decoder(nn.Module):
       return self._over_layers(lambda block, c, enc: (c, block.init_cache(enc, seq_len)),
                                None, encoded_BxPxE, in_axes=(nn.broadcast,))[1]
     return [block.init_cache(encoded_BxPxE, seq_len) for block in self.blocks]
+
+  def fill_in(self, cache: Cache, tokens_BxL: jnp.ndarray,
+              pos_emb_1xLxE: jnp.ndarray) -> jnp.ndarray:
+    """Logits (B, L, V) at every position of a partly masked code, bidirectionally, with the
+    image's cross-attention keys/values from `cache`."""
+    y = self._embed(tokens_BxL, pos_emb_1xLxE)
+    if self.scan_layers:
+      y, _ = self._over_layers(
+          lambda block, y, c: (block.over_code(y, c["cross_k"], c["cross_v"], None), None),
+          y, cache, in_axes=(0,))
+      return self._logits(y)
+    for block, block_cache in zip(self.blocks, cache, strict=True):
+      y = block.over_code(y, block_cache["cross_k"], block_cache["cross_v"], None)
+    return self._logits(y)
 
   def step(self, cache: Cache, tokens_B: jnp.ndarray, t: jnp.ndarray,
            pos_emb_1xLxE: jnp.ndarray) -> tuple[jnp.ndarray, Cache]:
@@ -218,7 +264,7 @@ class Decoder(nn.Module):
 
 
 class Model(nn.Module):
-  """The stage II model: `__call__(image, targets)` gives teacher-forced logits (B, L, V)."""
+  """The stage II model: `__call__(image, tokens)` gives the logits of the code (B, L, V)."""
   patches: Mapping[str, Sequence[int]]
   num_heads: int = 16
   num_layers: int = 24
@@ -232,6 +278,10 @@ class Model(nn.Module):
   # Fraction of training examples that see a learned "no image" input instead of the image,
   # for classifier-free guidance; above 0 the model has a `null_image` embedding.
   cond_dropout: float = 0.0
+  # A bidirectional decoder trained to fill in masked tokens (MaskGIT / ROAR decoding), each
+  # training example hiding a cosine-scheduled fraction of its code, at least `min_mask_ratio`.
+  masked: bool = False
+  min_mask_ratio: float = 0.1
   dtype: str = "float32"  # Computation dtype; parameters and the returned logits are float32.
   remat: bool = False  # Rematerialise every transformer block when training.
   scan_layers: bool = False  # Scan the image encoder's and the decoder's blocks.
@@ -276,10 +326,14 @@ class Model(nn.Module):
     x = einops.rearrange(self.embed_patches(image_BxHxWx3), "b h w e -> b (h w) e")
     return self.encoder(x + self.pos_embedding_encoder, deterministic=not train)
 
-  def decode(self, encoded_BxPxE: jnp.ndarray, targets_BxL: jnp.ndarray,
+  def decode(self, encoded_BxPxE: jnp.ndarray, tokens_BxL: jnp.ndarray,
              train: bool = False) -> jnp.ndarray:
-    """Teacher-forced logits: position t sees BOS and targets[:t]."""
-    return self.decoder(encoded_BxPxE, shift_right(targets_BxL), self.pos_embedding_decoder,
+    """Logits (B, L, V). Causal: teacher-forced, position t sees BOS and tokens[:t] of the
+    targets. Masked: every position sees the whole code, MASK where a token is hidden."""
+    if self.masked:
+      return self.decoder(encoded_BxPxE, tokens_BxL, self.pos_embedding_decoder,
+                          deterministic=not train, causal=False)
+    return self.decoder(encoded_BxPxE, shift_right(tokens_BxL), self.pos_embedding_decoder,
                         deterministic=not train)
 
   def encode_unconditional(self, encoded_BxPxE: jnp.ndarray) -> jnp.ndarray:
@@ -289,17 +343,23 @@ class Model(nn.Module):
                        "null_image embedding)")
     return jnp.broadcast_to(self.null_image, encoded_BxPxE.shape).astype(encoded_BxPxE.dtype)
 
-  def __call__(self, image: jnp.ndarray, targets: jnp.ndarray, train: bool = False):
+  def __call__(self, image: jnp.ndarray, tokens: jnp.ndarray, train: bool = False):
+    """Logits (B, L, V) of the code `tokens` (see `decode`) given the image."""
     encoded = self.encode(image, train=train)
     if train and self.cond_dropout:
       dropped = jax.random.bernoulli(self.make_rng("dropout"), self.cond_dropout,
                                      (encoded.shape[0], 1, 1))
       encoded = jnp.where(dropped, self.encode_unconditional(encoded), encoded)
-    return self.decode(encoded, targets, train=train)
+    return self.decode(encoded, tokens, train=train)
 
   def init_cache(self, encoded_BxPxE: jnp.ndarray) -> Cache:
-    """The decoding cache of a batch of encoded images (cross-attention keys/values)."""
-    return self.decoder.init_cache(encoded_BxPxE, self.seq_len)
+    """The decoding cache of a batch of encoded images (cross-attention keys/values; the masked
+    decoder recomputes self-attention over the whole code every step, so it has no buffers)."""
+    return self.decoder.init_cache(encoded_BxPxE, 0 if self.masked else self.seq_len)
+
+  def fill_in(self, cache: Cache, tokens_BxL: jnp.ndarray) -> jnp.ndarray:
+    """Masked decoder: logits (B, L, V) of a code with MASK at its undecided positions."""
+    return self.decoder.fill_in(cache, tokens_BxL, self.pos_embedding_decoder)
 
   def decode_step(self, cache: Cache, tokens_B: jnp.ndarray,
                   t: jnp.ndarray) -> tuple[jnp.ndarray, Cache]:
