@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
-from uvim import api, cli, input_pipeline, visualize
+from uvim import api, cli, decoding, input_pipeline, visualize
 from uvim.errors import UserError
 
 _CONFIG = cli.define_config_flag()
@@ -43,8 +43,21 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Predictions per image; sa
 _GUIDANCE = flags.DEFINE_float("guidance", 1.0, "Classifier-free guidance scale (4M's "
                                "convention: 1 = none; needs a model trained with cond_dropout).")
 _GUIDANCE_SCHEDULE = flags.DEFINE_enum("guidance_schedule", "constant",
-                                       ["constant", "linear", "cosine"],
-                                       "How the guidance scale rises from 1 over the code.")
+                                       list(decoding.GUIDANCE_SCHEDULES),
+                                       "How the guidance scale rises from 1 over the steps.")
+_SCHEME = flags.DEFINE_enum("scheme", None, list(decoding.SCHEMES),
+                            "Decoding: ar (one token a step, causal models); maskgit or roar "
+                            "(a few parallel steps, masked models). Default: the model's.")
+_STEPS = flags.DEFINE_integer("steps", 8, "Steps of maskgit / roar.")
+_TOKEN_SCHEDULE = flags.DEFINE_enum("token_schedule", "cosine", list(decoding.TOKEN_SCHEDULES),
+                                    "Tokens decided per parallel step: MaskGIT's cosine or "
+                                    "linear.")
+_TEMPERATURE_SCHEDULE = flags.DEFINE_enum(
+    "temperature_schedule", "constant", list(decoding.TEMPERATURE_SCHEDULES),
+    "Temperature over parallel steps: constant, linear or onex (decaying).")
+_CHOICE_TEMPERATURE = flags.DEFINE_float(
+    "choice_temperature", 0.0, "maskgit: Gumbel noise on the confidence, annealed over the "
+    "steps (MaskGIT's 4.5 diversifies; 0 keeps the most confident tokens).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (each image also hashes its pixels).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
 _SHEET_ROWS = flags.DEFINE_integer("sheet_rows", 8, "Images on the contact sheet (0: none).")
@@ -74,7 +87,11 @@ def main(argv: list[str]) -> None:
                    sheet_rows=_SHEET_ROWS.value,
                    sampling=dict(top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
                                  guidance=_GUIDANCE.value,
-                                 guidance_schedule=_GUIDANCE_SCHEDULE.value))
+                                 guidance_schedule=_GUIDANCE_SCHEDULE.value,
+                                 scheme=_SCHEME.value, steps=_STEPS.value,
+                                 token_schedule=_TOKEN_SCHEDULE.value,
+                                 temperature_schedule=_TEMPERATURE_SCHEDULE.value,
+                                 choice_temperature=_CHOICE_TEMPERATURE.value))
   except UserError as e:
     sys.exit(f"FATAL {e}")
   if failures:
@@ -86,7 +103,7 @@ def run(model: api.Model, source: str, output: Path, *, temperature: float | Non
         num_samples: int, batch_size: int, sheet_rows: int, sampling: dict) -> list[str]:
   """Predicts every input of `source`, writes the task's files and a contact sheet of
   `sheet_rows` images into `output`; returns the inputs that failed. `temperature` None is the
-  task's default; `sampling` holds top_k, top_p, seed and the guidance settings."""
+  task's default; `sampling` holds the other options of `api.Model.predict_batch`."""
   output.mkdir(parents=True, exist_ok=True)
   config, stage = model.config, model.stage
   predict = lambda batch, **kwargs: model.predict_batch(batch, **sampling, **kwargs)

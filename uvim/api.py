@@ -30,7 +30,7 @@ import ml_collections as mlc
 import numpy as np
 from PIL import Image
 
-from uvim import cli, models, stages, tasks
+from uvim import cli, decoding, models, stages, tasks
 from uvim.errors import UserError
 
 
@@ -49,9 +49,8 @@ class Model:
     params, _ = self.stage.load_init(checkpoint, shapes["params"], {})
     self.variables = jax.device_put(self.stage.variables(params, {},
                                                          self.stage.frozen_variables()))
-    self._predict = jax.jit(self.stage.predict_samples, static_argnames=(
-        "temperature", "top_k", "top_p", "num_samples", "guidance", "guidance_schedule",
-        "seed"))
+    self._predict = jax.jit(self.stage.predict_samples,
+                            static_argnames=(*decoding.OPTIONS, "seed"))
     self._pp = None
 
   def preprocess(self, image: np.ndarray) -> dict[str, np.ndarray]:
@@ -64,21 +63,33 @@ class Model:
     return {k: np.asarray(v) for k, v in out.items() if k in ("image", "image_ctx")}
 
   def predict_batch(self, batch: dict[str, np.ndarray], *, temperature: float | None = None,
-                    num_samples: int = 1, top_k: int = 0, top_p: float = 1.0,
-                    guidance: float = 1.0, guidance_schedule: str = "constant",
-                    seed: int = 0) -> dict[str, np.ndarray]:
+                    seed: int = 0, **sampling: Any) -> dict[str, np.ndarray]:
     """Task outputs for a batch of preprocessed inputs, each (B, num_samples, ...), plus the
     sampled `code` and its `code_logprob`. `temperature` None is the task's default;
-    `guidance` is classifier-free guidance's scale (1 = none; the model needs cond_dropout)."""
+    `sampling` takes `decoding.sample`'s options: `num_samples`, `top_k`, `top_p`, `scheme`
+    and `steps` (`ar`, or `maskgit` / `roar` on a masked model), `guidance` (classifier-free
+    guidance's scale, 1 = none; the model needs cond_dropout), their schedules..."""
+    unknown = set(sampling) - set(decoding.OPTIONS)
+    if unknown:
+      raise UserError(f"unknown sampling option(s) {sorted(unknown)}; valid: "
+                      f"{sorted(decoding.OPTIONS)}")
     if temperature is None:
       temperature = self.task.DEFAULT_TEMPERATURE
+    guidance = sampling.get("guidance", 1.0)
     if guidance != 1.0 and not self.stage.model.cond_dropout:
       raise UserError(f"guidance {guidance}: this model was trained without condition dropout "
                       "(config.model.cond_dropout = 0), so it has no unconditional input")
+    masked, scheme = self.stage.model.masked, sampling.get("scheme")
+    if scheme is not None and (scheme == "ar") == masked:
+      raise UserError(f"scheme {scheme!r}: this stage II model is " + (
+          "masked (use maskgit or roar)" if masked else
+          "causal (use ar; maskgit and roar need a model trained with config.model.masked)"))
+    steps = sampling.get("steps", 8)
+    if masked and not 1 <= steps <= self.stage.model.seq_len:
+      raise UserError(f"steps {steps}: must be between 1 and the code length "
+                      f"{self.stage.model.seq_len}")
     return jax.device_get(self._predict(self.variables, batch, temperature=temperature,
-                                        top_k=top_k, top_p=top_p, num_samples=num_samples,
-                                        guidance=guidance,
-                                        guidance_schedule=guidance_schedule, seed=seed))
+                                        seed=seed, **sampling))
 
   def predict(self, images: Sequence[np.ndarray], **sampling: Any) -> dict[str, np.ndarray]:
     """Task outputs for uint8 RGB images of any sizes (see `predict_batch` for `sampling`)."""

@@ -1,0 +1,170 @@
+r"""Compares decoding schemes of trained stage II models: the end-task metric and the speed of
+each scheme, step count and guidance scale (the README's decoding table).
+
+  python -m uvim.tools.decode_study --runs runs/panoptic_stage2,runs/panoptic_stage2_masked \
+      --input "validation[:256]" --output runs/decode_panoptic
+
+Each run is a stage II workdir. A causal model is decoded with `ar`; a masked one with each of
+--schemes at each of --steps. Every --guidance scale is tried on models trained with
+cond_dropout (others: scale 1 only). The metric comes from the run's own end-task evaluator
+(PQ, depth RMSE, PSNR) on --input; the speed is images/s of the whole compiled prediction
+(image encoder, sampler, oracle decoder) on --speed_batch images, best of 3 after compiling.
+Writes `decoding.md`, `decoding.csv` and `decoding.png` (metric and images/s against steps).
+"""
+
+import csv
+import functools
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from absl import app, flags
+
+from uvim import api, cli
+from uvim.tools import common
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def define_flags() -> None:
+  flags.DEFINE_list("runs", None, "Stage II workdirs to compare.", required=True)
+  flags.DEFINE_string("input", None, "A split of the runs' dataset, or `dataset:split`.",
+                      required=True)
+  flags.DEFINE_string("output", None, "Directory for the table and plot.", required=True)
+  flags.DEFINE_list("schemes", ["maskgit", "roar"], "Parallel schemes for masked models.")
+  flags.DEFINE_list("steps", ["1", "2", "4", "8", "16"], "Step counts of parallel schemes.")
+  flags.DEFINE_list("guidance", ["1"], "Guidance scales (models trained with cond_dropout).")
+  flags.DEFINE_float("choice_temperature", 0.0, "maskgit's confidence noise.")
+  flags.DEFINE_integer("speed_batch", 32, "Images per timed prediction (0: no timing).")
+
+
+def settings(model: api.Model, schemes: list[str], steps: list[int],
+             guidance: list[float]) -> list[dict]:
+  """The sampler options to try on `model`: its schemes, steps and (if guidable) scales."""
+  lm = model.stage.model
+  scales = guidance if lm.cond_dropout else [1.0]
+  if not lm.masked:
+    return [dict(scheme="ar", guidance=s) for s in scales]
+  return [dict(scheme=scheme, steps=n, guidance=s)
+          for scheme in schemes for n in steps if n <= lm.seq_len for s in scales]
+
+
+def images_per_second(model: api.Model, batch_size: int, sampling: dict) -> float:
+  """Throughput of the compiled prediction on a batch of random images: best of 3 runs after
+  compiling."""
+  rng = np.random.default_rng(0)
+  sizes = {"image": model.stage.model.input_size, "image_ctx": model.stage.oracle.input_size}
+  batch = {k: rng.uniform(-1, 1, (batch_size, *size, 3)).astype(np.float32)
+           for k, size in sizes.items()}
+  model.predict_batch(batch, **sampling)
+  best = np.inf
+  for _ in range(3):
+    start = time.perf_counter()
+    model.predict_batch(batch, **sampling)
+    best = min(best, time.perf_counter() - start)
+  return len(batch["image"]) / best
+
+
+def run(runs: list[str], source: str, output: Path, *, schemes: list[str], steps: list[int],
+        guidance: list[float], choice_temperature: float, speed_batch: int) -> list[Path]:
+  """Scores and times every setting of every run; the files written."""
+  from uvim import trainer
+
+  rows, metric = [], None
+  plan = []
+  for workdir in runs:
+    model = api.load(workdir)
+    for options in settings(model, schemes, steps, guidance):
+      if options["scheme"] == "maskgit":
+        options["choice_temperature"] = choice_temperature
+      plan.append((workdir, model, options))
+  start = time.perf_counter()
+  for i, (workdir, model, options) in enumerate(plan):
+    config = model.config
+    split = common.split_of(config, source)
+    metric = metric or common.TASK_METRICS[common.task_evaluator(config)[1]]
+    mesh = trainer.make_mesh(config)
+    sampling = dict(options, temperature=model.task.DEFAULT_TEMPERATURE)
+    predict = functools.partial(model.stage.eval_fns()["predict"], **sampling)
+    evaluator = common.make_evaluator(config, {"predict": predict}, split, mesh)
+    metrics = evaluator.run(model.variables)
+    speed = images_per_second(model, speed_batch, sampling) if speed_batch else np.nan
+    steps_taken = options.get("steps", model.stage.model.seq_len)
+    rows.append({"run": Path(workdir).name, **options, "steps": steps_taken,
+                 "images_per_s": speed, **metrics})
+    elapsed = time.perf_counter() - start
+    print(f"\r{i + 1}/{len(plan)} {Path(workdir).name} {options}: {metric} "
+          f"{metrics[metric]:.4g}, {speed:.1f} img/s; ETA "
+          f"{elapsed / (i + 1) * (len(plan) - i - 1):.0f}s", file=sys.stderr, flush=True)
+  output.mkdir(parents=True, exist_ok=True)
+  return write_results(rows, metric, output, f"{source}")
+
+
+def write_results(rows: list[dict], metric: str, output: Path, title: str) -> list[Path]:
+  """decoding.csv (every metric), decoding.md (the main one and speed), decoding.png."""
+  keys = list(dict.fromkeys(k for row in rows for k in row))
+  with open(output / "decoding.csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, keys)
+    writer.writeheader()
+    writer.writerows(rows)
+  lines = [f"# Decoding schemes: {title}", "",
+           f"| run | scheme | steps | guidance | {metric} | images/s |", "|---" * 6 + "|"]
+  for row in rows:
+    lines.append(f"| {row['run']} | {row['scheme']} | {row['steps']} | {row['guidance']:g} | "
+                 f"{row[metric]:.4g} | {row['images_per_s']:.1f} |")
+  (output / "decoding.md").write_text("\n".join(lines) + "\n")
+  return [output / "decoding.csv", output / "decoding.md", plot(rows, metric, output, title)]
+
+
+def plot(rows: list[dict], metric: str, output: Path, title: str) -> Path:
+  """The metric and images/s against steps: a line per run, scheme and guidance; `ar` as a
+  horizontal line (its steps are the code length)."""
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  groups = {}
+  for row in rows:
+    groups.setdefault((row["run"], row["scheme"], row["guidance"]), []).append(row)
+  parallel_steps = sorted({r["steps"] for r in rows if r["scheme"] != "ar"}) or [1]
+  for (name, scheme, scale), group in groups.items():
+    label = f"{name} {scheme}" + (f" s={scale:g}" if scale != 1 else "")
+    for ax, key in zip(axes, (metric, "images_per_s"), strict=True):
+      if scheme == "ar":
+        ax.axhline(group[0][key], linestyle="--", color="k" if scale == 1 else None,
+                   label=f"{label} ({group[0]['steps']} steps)")
+      else:
+        ax.plot([r["steps"] for r in group], [r[key] for r in group], "o-", label=label)
+  for ax, key in zip(axes, (metric, "images/s"), strict=True):
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(parallel_steps, [str(s) for s in parallel_steps])
+    ax.set_xlabel("parallel decoding steps")
+    ax.set_ylabel(key)
+    ax.grid(alpha=0.3)
+  axes[1].set_yscale("log")
+  axes[0].legend(fontsize=7)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(output / "decoding.png", dpi=120)
+  plt.close(fig)
+  return output / "decoding.png"
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli.quiet_library_logs()
+  f = flags.FLAGS
+  try:
+    steps = [int(s) for s in f.steps]
+    guidance = [float(s) for s in f.guidance]
+  except ValueError as e:
+    raise app.UsageError(f"--steps takes integers and --guidance numbers: {e}") from None
+  common.report_written(lambda: run(
+      f.runs, f.input, Path(f.output), schemes=f.schemes, steps=steps, guidance=guidance,
+      choice_temperature=f.choice_temperature, speed_batch=f.speed_batch))
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
