@@ -98,6 +98,13 @@ def _decoding(size: str, batch_sizes: tuple[int, ...], code_len: int, compare_le
   return Group("decoding", run)
 
 
+def _parallel_decoding(size: str, batch_sizes: tuple[int, ...], dtype: str = "float32") -> Group:
+  """MaskGIT and ROAR at 1-16 steps against the cached autoregressive decoder, 256 tokens."""
+  return Group("parallel_decoding", lambda ctx: decoding.measure(
+      size, batch_sizes=batch_sizes, code_len=256, modes=("cached", "maskgit", "roar"),
+      steps=(1, 2, 4, 8, 16), repeats=2, dtype=dtype))
+
+
 def _data(res: int, batches: int, dataset: str, pq_images: int) -> list[Group]:
   return [Group("input_pipeline", lambda ctx: input_pipeline.measure(
               res, batches=batches, dataset=dataset)),
@@ -111,6 +118,7 @@ def cpu() -> list[Group]:
       _train((Spec("panoptic_stage1", "smoke"), Spec("panoptic_stage2", "smoke"),
               STAGE_I_BENCH, STAGE_II_BENCH), steps=5),
       _decoding("bench", (1, 8, 32), code_len=256, compare_len=64),
+      _parallel_decoding("bench", (1, 8, 32)),
       *_data(512, batches=5, dataset="toy_scenes/small", pq_images=50),
       Group("device_scaling", lambda ctx: scaling.devices(STAGE_I_BENCH, (1, 2, 4, 8), steps=2),
             (STAGE_I_BENCH,)),
@@ -139,6 +147,7 @@ def gpu() -> list[Group]:
       Group("peak_float32", lambda ctx: [common.matmul_peak(8192, "float32")]),
       Group("train_step", train, full),
       _decoding("large", (1, 8, 32, 128), code_len=256, compare_len=64, dtype="bfloat16"),
+      _parallel_decoding("large", (1, 8, 32, 128), dtype="bfloat16"),
       *_data(512, batches=20, dataset="toy_scenes/small", pq_images=50),
       _sweep("resolution_scaling", tuple(s.with_overrides({"batch_size": 8}) for s in (
           Spec("panoptic_stage1", f"res={r}").with_overrides(bf16) for r in (256, 512, 768))),
@@ -154,8 +163,9 @@ def quick() -> list[Group]:
   return [
       Group("peak", _peak),
       _train((tiny,), steps=2),
-      Group("decoding", lambda ctx: decoding.measure("tiny", batch_sizes=(1, 4), code_len=16,
-                                                     repeats=1)),
+      Group("decoding", lambda ctx: decoding.measure(
+          "tiny", batch_sizes=(1, 4), code_len=16, modes=("cached", "uncached", "maskgit"),
+          steps=(2,), repeats=1)),
       *_data(64, batches=2, dataset="toy_scenes/tiny", pq_images=4),
       Group("device_scaling", lambda ctx: scaling.devices(tiny, (2,), steps=1), (tiny,)),
       _sweep("resolution_scaling", (tiny, Spec("panoptic_stage1", "smoke,res=64").with_overrides(

@@ -52,14 +52,17 @@ def test_quick_suite_figures_are_consistent_and_tabulated(tmp_path):
   assert low["flops_vs_first"] == 1 and 3 < high["flops_vs_first"] < 5  # 4x the pixels
 
   decoding = by_figure["decoding"]
-  assert {(r["batch"], r["cached"]) for r in decoding} == {(1, True), (1, False), (4, True),
-                                                           (4, False)}
+  assert [(r["batch"], r["scheme"], r["steps"]) for r in decoding] == [
+      (b, scheme, steps) for b in (1, 4) for scheme, steps in (("ar", 16), ("ar", 16),
+                                                                ("maskgit", 2))]
   for r in decoding:
     assert r["value"] == pytest.approx(r["batch"] * r["code_len"] / r["seconds"])
     assert r["seconds_per_image"] == pytest.approx(r["seconds"] / r["batch"])
-    assert r["cached"] or r["same_tokens_as_cached"]
-  for cached, uncached in zip(decoding[::2], decoding[1::2], strict=True):
+  for cached, uncached, maskgit in zip(decoding[::3], decoding[1::3], decoding[2::3],
+                                       strict=True):
+    assert cached["cached"] and not uncached["cached"] and uncached["same_tokens_as_cached"]
     assert uncached["cached_speedup"] == pytest.approx(uncached["seconds"] / cached["seconds"])
+    assert maskgit["speedup_vs_ar"] == pytest.approx(cached["seconds"] / maskgit["seconds"])
 
   pipeline = by_figure["input_pipeline"]
   assert len(pipeline) == 4 and all(
