@@ -56,8 +56,9 @@ _TEMPERATURE_SCHEDULE = flags.DEFINE_enum(
     "temperature_schedule", "constant", list(decoding.TEMPERATURE_SCHEDULES),
     "Temperature over parallel steps: constant, linear or onex (decaying).")
 _CHOICE_TEMPERATURE = flags.DEFINE_float(
-    "choice_temperature", 0.0, "maskgit: Gumbel noise on the confidence, annealed over the "
-    "steps (MaskGIT's 4.5 diversifies; 0 keeps the most confident tokens).")
+    "choice_temperature", 4.5, "maskgit: scale of the Gumbel noise on the confidence, annealed "
+    "over the steps (MaskGIT's 4.5; 0 decides the most confident tokens first, which drifts "
+    "from the random masks of training: worse on the toy tasks).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (each image also hashes its pixels).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
 _SHEET_ROWS = flags.DEFINE_integer("sheet_rows", 8, "Images on the contact sheet (0: none).")

@@ -84,7 +84,7 @@ def test_greedy_maskgit_equals_brute_force(steps, schedule, guidance):
   keys = jax.random.split(jax.random.key(0), 3)
   tokens, _, order = jax.jit(lambda p, i, k: decoding.sample(
       model, p, i, k, scheme="maskgit", steps=steps, token_schedule=schedule,
-      guidance=guidance, with_order=True))(params, images, keys)
+      guidance=guidance, choice_temperature=0.0, with_order=True))(params, images, keys)
   np.testing.assert_array_equal(tokens[:, 0], want)
   np.testing.assert_array_equal(order[:, 0], want_order)
   assert len(np.unique(want)) > 2

@@ -14,7 +14,7 @@ from PIL import Image
 from test_trainer import TINY, losses, tiny_config
 
 from configs import panoptic_stage2
-from uvim import checkpoint, input_pipeline, sharding, stages, trainer
+from uvim import api, checkpoint, input_pipeline, sharding, stages, trainer
 from uvim.errors import UserError
 from uvim.panoptic_format import rgb_to_id
 
@@ -258,3 +258,53 @@ def test_stage2_model_init_takes_a_path_as_documented(toy_data_dir, stage2_workd
   config.model.cond_dropout = 0.1
   with pytest.raises(UserError, match=r"trained without condition dropout.*cond_dropout to 0"):
     trainer.train_and_evaluate(config, tmp_path / "guided")
+
+
+def test_masked_loss_counts_only_the_hidden_positions(toy_data_dir):
+  config = stage2_config(toy_data_dir, "unused")
+  config.model.masked = True
+  stage = stages.StageII(config)
+  images = jax.random.normal(jax.random.key(0), (4, *stage.model.input_size, 3))
+  targets = jax.random.randint(jax.random.key(1), (4, stage.model.seq_len), 1,
+                               stage.model.vocab_size)
+  params = stage.init_variables(jax.random.key(2), {"image": images})["params"]
+  params["decoder"]["LogitsDense"]["kernel"] = jax.random.normal(
+      jax.random.key(3), params["decoder"]["LogitsDense"]["kernel"].shape)
+  hidden = stage._training_mask(jax.random.key(4), 4)
+  xent, accuracy = stage._code_loss(params, images, targets, hidden)
+  logits = np.asarray(stage.model.apply({"params": params}, images,
+                                        jnp.where(hidden, 0, targets)))
+  want, everywhere, correct = [], [], []
+  for b in range(4):  # brute force over positions
+    per_position = [np.logaddexp.reduce(logits[b, i]) - logits[b, i, targets[b, i]]
+                    for i in range(stage.model.seq_len)]
+    want.append(np.mean([x for x, h in zip(per_position, hidden[b], strict=True) if h]))
+    everywhere.append(np.mean(per_position))
+    correct += [logits[b, i].argmax() == targets[b, i] for i in np.flatnonzero(hidden[b])]
+  np.testing.assert_allclose(xent, want, rtol=1e-5)
+  assert np.abs(np.array(want) - np.array(everywhere)).max() > 1e-2  # the test can tell
+  assert accuracy == pytest.approx(np.mean(correct))
+  assert 0 < np.asarray(hidden).sum() < hidden.size
+
+
+@pytest.mark.slow
+def test_a_masked_stage2_trains_evaluates_and_predicts_in_parallel(toy_data_dir, oracle_workdir,
+                                                                  tmp_path):
+  config = stage2_config(toy_data_dir, oracle_workdir)
+  config.model.masked = True
+  trainer.train_and_evaluate(config, tmp_path)
+  lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  final = {k: v for x in lines if x["step"] == 4 for k, v in x.items()}
+  assert {"val/loss", "coco_panoptic/PQ", "token_accuracy"} <= set(final)
+  model = api.load(str(tmp_path), oracle=str(oracle_workdir))
+  batch = {"image": np.zeros((2, *model.stage.model.input_size, 3), np.float32)}
+  batch["image"][1] = 0.5
+  for scheme, steps in (("maskgit", 1), ("roar", 4)):
+    out = model.predict_batch(batch, scheme=scheme, steps=steps)
+    assert out["code"].shape == (2, 1, model.stage.model.seq_len)
+  with pytest.raises(UserError, match="masked \\(use maskgit or roar\\)"):
+    model.predict_batch(batch, scheme="ar")
+  with pytest.raises(UserError, match="steps 17: must be between 1 and the code length 16"):
+    model.predict_batch(batch, steps=17)
+  with pytest.raises(UserError, match="unknown sampling option"):
+    model.predict_batch(batch, step=4)

@@ -278,7 +278,7 @@ class StageII:
 
   def predict_samples(self, variables: dict, batch: dict, *, scheme: str | None = None,
                       steps: int = 8, token_schedule: str = "cosine", temperature: float = 0.0,
-                      temperature_schedule: str = "constant", choice_temperature: float = 0.0,
+                      temperature_schedule: str = "constant", choice_temperature: float = 4.5,
                       top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
                       guidance: float = 1.0, guidance_schedule: str = "constant",
                       seed: int = 0) -> dict:

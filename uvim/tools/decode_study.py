@@ -37,7 +37,7 @@ def define_flags() -> None:
   flags.DEFINE_list("schemes", ["maskgit", "roar"], "Parallel schemes for masked models.")
   flags.DEFINE_list("steps", ["1", "2", "4", "8", "16"], "Step counts of parallel schemes.")
   flags.DEFINE_list("guidance", ["1"], "Guidance scales (models trained with cond_dropout).")
-  flags.DEFINE_float("choice_temperature", 0.0, "maskgit's confidence noise.")
+  flags.DEFINE_float("choice_temperature", 4.5, "maskgit's confidence noise (see predict.py).")
   flags.DEFINE_integer("speed_batch", 32, "Images per timed prediction (0: no timing).")
 
 
