@@ -1,5 +1,6 @@
 """Stage II on toy scenes: oracle codes as targets, the predict path, encoder init, predict.py."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from configs import panoptic_stage2
 from uvim import api, checkpoint, input_pipeline, sharding, stages, trainer
 from uvim.errors import UserError
 from uvim.panoptic_format import rgb_to_id
+from uvim.tools import decode_study
 
 ROOT = Path(__file__).resolve().parents[1]
 LM_TINY = dict(num_layers=1, num_heads=2, mlp_dim=64, emb_dim=32)
@@ -42,6 +44,12 @@ def stage2_config(data_dir, oracle_workdir, **overrides):
   c.panoptic_val.split = "validation[:8]"
   c.update(overrides)
   return c
+
+
+def final_metrics(workdir) -> dict:
+  """The metrics a run logged at its last step."""
+  lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return {k: v for x in lines if x["step"] == lines[-1]["step"] for k, v in x.items()}
 
 
 @pytest.fixture(scope="module")
@@ -289,14 +297,30 @@ def test_masked_loss_counts_only_the_hidden_positions(toy_data_dir):
 
 @pytest.mark.slow
 def test_a_masked_stage2_trains_evaluates_and_predicts_in_parallel(toy_data_dir, oracle_workdir,
-                                                                  tmp_path):
+                                                                  stage2_workdir, tmp_path):
   config = stage2_config(toy_data_dir, oracle_workdir)
   config.model.masked = True
-  trainer.train_and_evaluate(config, tmp_path)
-  lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  final = {k: v for x in lines if x["step"] == 4 for k, v in x.items()}
+  workdir = tmp_path / "masked"
+  trainer.train_and_evaluate(config, workdir)
+  final = final_metrics(workdir)
   assert {"val/loss", "coco_panoptic/PQ", "token_accuracy"} <= set(final)
-  model = api.load(str(tmp_path), oracle=str(oracle_workdir))
+
+  # The decoding study scores each setting with the run's own evaluator: its AR row and its
+  # MaskGIT row at the default 8 steps equal what the trainer logged for the two runs.
+  rows = decode_study.run([str(stage2_workdir), str(workdir)], "validation[:8]", tmp_path / "s",
+                          schemes=["maskgit", "roar"], steps=[1, 8], guidance=[1.0, 2.0],
+                          choice_temperature=4.5, speed_batch=2)
+  table = list(csv.DictReader((tmp_path / "s" / "decoding.csv").read_text().splitlines()))
+  assert [(r["run"], r["scheme"], r["steps"]) for r in table] == [
+      (stage2_workdir.name, "ar", "16"), ("masked", "maskgit", "1"), ("masked", "maskgit", "8"),
+      ("masked", "roar", "1"), ("masked", "roar", "8")]
+  assert float(table[0]["PQ"]) == pytest.approx(
+      final_metrics(stage2_workdir)["coco_panoptic/PQ"], abs=1e-9)
+  assert float(table[2]["PQ"]) == pytest.approx(final["coco_panoptic/PQ"], abs=1e-9)
+  assert all(float(r["images_per_s"]) > 0 for r in table)
+  assert {p.name for p in rows} == {"decoding.csv", "decoding.md", "decoding.png"}
+
+  model = api.load(str(workdir), oracle=str(oracle_workdir))
   batch = {"image": np.zeros((2, *model.stage.model.input_size, 3), np.float32)}
   batch["image"][1] = 0.5
   for scheme, steps in (("maskgit", 1), ("roar", 4)):

@@ -23,6 +23,7 @@ import numpy as np
 from absl import app, flags
 
 from uvim import api, cli
+from uvim.errors import UserError
 from uvim.tools import common
 
 matplotlib.use("Agg")
@@ -41,14 +42,15 @@ def define_flags() -> None:
   flags.DEFINE_integer("speed_batch", 32, "Images per timed prediction (0: no timing).")
 
 
-def settings(model: api.Model, schemes: list[str], steps: list[int],
-             guidance: list[float]) -> list[dict]:
+def settings(model: api.Model, schemes: list[str], steps: list[int], guidance: list[float],
+             choice_temperature: float) -> list[dict]:
   """The sampler options to try on `model`: its schemes, steps and (if guidable) scales."""
   lm = model.stage.model
   scales = guidance if lm.cond_dropout else [1.0]
   if not lm.masked:
     return [dict(scheme="ar", guidance=s) for s in scales]
-  return [dict(scheme=scheme, steps=n, guidance=s)
+  return [dict(scheme=scheme, steps=n, guidance=s,
+               **({"choice_temperature": choice_temperature} if scheme == "maskgit" else {}))
           for scheme in schemes for n in steps if n <= lm.seq_len for s in scales]
 
 
@@ -70,37 +72,38 @@ def images_per_second(model: api.Model, batch_size: int, sampling: dict) -> floa
 
 def run(runs: list[str], source: str, output: Path, *, schemes: list[str], steps: list[int],
         guidance: list[float], choice_temperature: float, speed_batch: int) -> list[Path]:
-  """Scores and times every setting of every run; the files written."""
+  """Scores and times every setting of every run (the tables rewritten after each); the files
+  written."""
   from uvim import trainer
 
-  rows, metric = [], None
-  plan = []
-  for workdir in runs:
-    model = api.load(workdir)
-    for options in settings(model, schemes, steps, guidance):
-      if options["scheme"] == "maskgit":
-        options["choice_temperature"] = choice_temperature
-      plan.append((workdir, model, options))
-  start = time.perf_counter()
+  models = {workdir: api.load(workdir) for workdir in runs}
+  kinds = {common.task_evaluator(m.config)[1] for m in models.values()}
+  if len(kinds) > 1:
+    raise UserError(f"--runs: the runs are scored by different evaluators {sorted(kinds)}; "
+                    "compare runs of one task")
+  metric = common.TASK_METRICS[kinds.pop()]
+  plan = [(workdir, model, options) for workdir, model in models.items()
+          for options in settings(model, schemes, steps, guidance, choice_temperature)]
+  output.mkdir(parents=True, exist_ok=True)
+  rows, start = [], time.perf_counter()
   for i, (workdir, model, options) in enumerate(plan):
     config = model.config
     split = common.split_of(config, source)
-    metric = metric or common.TASK_METRICS[common.task_evaluator(config)[1]]
-    mesh = trainer.make_mesh(config)
     sampling = dict(options, temperature=model.task.DEFAULT_TEMPERATURE)
     predict = functools.partial(model.stage.eval_fns()["predict"], **sampling)
-    evaluator = common.make_evaluator(config, {"predict": predict}, split, mesh)
+    evaluator = common.make_evaluator(config, {"predict": predict}, split,
+                                      trainer.make_mesh(config))
     metrics = evaluator.run(model.variables)
     speed = images_per_second(model, speed_batch, sampling) if speed_batch else np.nan
-    steps_taken = options.get("steps", model.stage.model.seq_len)
-    rows.append({"run": Path(workdir).name, **options, "steps": steps_taken,
+    rows.append({"run": Path(workdir).name, **options,
+                 "steps": options.get("steps", model.stage.model.seq_len),
                  "images_per_s": speed, **metrics})
+    written = write_results(rows, metric, output, source)
     elapsed = time.perf_counter() - start
-    print(f"\r{i + 1}/{len(plan)} {Path(workdir).name} {options}: {metric} "
+    print(f"{i + 1}/{len(plan)} {Path(workdir).name} {options}: {metric} "
           f"{metrics[metric]:.4g}, {speed:.1f} img/s; ETA "
           f"{elapsed / (i + 1) * (len(plan) - i - 1):.0f}s", file=sys.stderr, flush=True)
-  output.mkdir(parents=True, exist_ok=True)
-  return write_results(rows, metric, output, f"{source}")
+  return written
 
 
 def write_results(rows: list[dict], metric: str, output: Path, title: str) -> list[Path]:
