@@ -123,28 +123,31 @@ def write_results(rows: list[dict], metric: str, output: Path, title: str) -> li
 
 
 def plot(rows: list[dict], metric: str, output: Path, title: str) -> Path:
-  """The metric and images/s against steps: a line per run, scheme and guidance; `ar` as a
-  horizontal line (its steps are the code length)."""
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  """The metric (and images/s, when timed) against steps: a line per run, scheme and guidance;
+  `ar` as a horizontal line (its steps are the code length)."""
+  keys = [metric] + (["images_per_s"] if any(r["images_per_s"] > 0 for r in rows) else [])
+  fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
+  axes = axes[0]
   groups = {}
   for row in rows:
     groups.setdefault((row["run"], row["scheme"], row["guidance"]), []).append(row)
   parallel_steps = sorted({r["steps"] for r in rows if r["scheme"] != "ar"}) or [1]
   for (name, scheme, scale), group in groups.items():
     label = f"{name} {scheme}" + (f" s={scale:g}" if scale != 1 else "")
-    for ax, key in zip(axes, (metric, "images_per_s"), strict=True):
+    for ax, key in zip(axes, keys, strict=True):
       if scheme == "ar":
         ax.axhline(group[0][key], linestyle="--", color="k" if scale == 1 else None,
                    label=f"{label} ({group[0]['steps']} steps)")
       else:
         ax.plot([r["steps"] for r in group], [r[key] for r in group], "o-", label=label)
-  for ax, key in zip(axes, (metric, "images/s"), strict=True):
+  for ax, key in zip(axes, keys, strict=True):
     ax.set_xscale("log", base=2)
     ax.set_xticks(parallel_steps, [str(s) for s in parallel_steps])
     ax.set_xlabel("parallel decoding steps")
-    ax.set_ylabel(key)
+    ax.set_ylabel(key.replace("images_per_s", "images/s"))
     ax.grid(alpha=0.3)
-  axes[1].set_yscale("log")
+    if key == "images_per_s":
+      ax.set_yscale("log")
   axes[0].legend(fontsize=7)
   fig.suptitle(title)
   fig.tight_layout()
