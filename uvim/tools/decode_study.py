@@ -126,20 +126,26 @@ def plot(rows: list[dict], metric: str, output: Path, title: str) -> Path:
   """The metric (and images/s, when timed) against steps: a line per run, scheme and guidance;
   `ar` as a horizontal line (its steps are the code length)."""
   keys = [metric] + (["images_per_s"] if any(r["images_per_s"] > 0 for r in rows) else [])
-  fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
+  fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys) + 3, 4), squeeze=False)
   axes = axes[0]
   groups = {}
   for row in rows:
     groups.setdefault((row["run"], row["scheme"], row["guidance"]), []).append(row)
   parallel_steps = sorted({r["steps"] for r in rows if r["scheme"] != "ar"}) or [1]
+  scales = sorted({r["guidance"] for r in rows})
+  colors = dict(zip(scales, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+  runs = {r["run"] for r in rows}
+  styles = {"maskgit": "o-", "roar": "s:"}
   for (name, scheme, scale), group in groups.items():
-    label = f"{name} {scheme}" + (f" s={scale:g}" if scale != 1 else "")
+    label = (f"{name} " if len(runs) > 2 else "") + f"{scheme}" + (
+        f", guidance {scale:g}" if len(scales) > 1 else "")
     for ax, key in zip(axes, keys, strict=True):
       if scheme == "ar":
-        ax.axhline(group[0][key], linestyle="--", color="k" if scale == 1 else None,
+        ax.axhline(group[0][key], linestyle="--", color=colors[scale],
                    label=f"{label} ({group[0]['steps']} steps)")
       else:
-        ax.plot([r["steps"] for r in group], [r[key] for r in group], "o-", label=label)
+        ax.plot([r["steps"] for r in group], [r[key] for r in group], styles.get(scheme, "o-"),
+                color=colors[scale], label=label)
   for ax, key in zip(axes, keys, strict=True):
     ax.set_xscale("log", base=2)
     ax.set_xticks(parallel_steps, [str(s) for s in parallel_steps])
@@ -148,7 +154,7 @@ def plot(rows: list[dict], metric: str, output: Path, title: str) -> Path:
     ax.grid(alpha=0.3)
     if key == "images_per_s":
       ax.set_yscale("log")
-  axes[0].legend(fontsize=7)
+  axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
   fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(output / "decoding.png", dpi=120)
