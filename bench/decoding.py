@@ -121,6 +121,8 @@ def plot(records: list[dict], path: str) -> None:
                    label=f"autoregressive ({r['code_len']} steps), batch {batch}")
   first = records[0]
   ax.set_xscale("log", base=2)
+  steps = sorted({r["steps"] for r in records if r["scheme"] != "ar"})
+  ax.set_xticks(steps, [str(n) for n in steps])
   ax.set_yscale("log")
   ax.set_xlabel("parallel decoding steps")
   ax.set_ylabel("seconds per image")
