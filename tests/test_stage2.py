@@ -308,12 +308,11 @@ def test_a_masked_stage2_trains_evaluates_and_predicts_in_parallel(toy_data_dir,
   # The decoding study scores each setting with the run's own evaluator: its AR row and its
   # MaskGIT row at the default 8 steps equal what the trainer logged for the two runs.
   rows = decode_study.run([str(stage2_workdir), str(workdir)], "validation[:8]", tmp_path / "s",
-                          schemes=["maskgit", "roar"], steps=[1, 8], guidance=[1.0, 2.0],
-                          choice_temperature=4.5, speed_batch=2)
+                          schemes=["maskgit"], steps=[1, 8], guidance=[1.0, 2.0],
+                          choice_temperature=4.5, speed_batch=1)
   table = list(csv.DictReader((tmp_path / "s" / "decoding.csv").read_text().splitlines()))
   assert [(r["run"], r["scheme"], r["steps"]) for r in table] == [
-      (stage2_workdir.name, "ar", "16"), ("masked", "maskgit", "1"), ("masked", "maskgit", "8"),
-      ("masked", "roar", "1"), ("masked", "roar", "8")]
+      (stage2_workdir.name, "ar", "16"), ("masked", "maskgit", "1"), ("masked", "maskgit", "8")]
   assert float(table[0]["PQ"]) == pytest.approx(
       final_metrics(stage2_workdir)["coco_panoptic/PQ"], abs=1e-9)
   assert float(table[2]["PQ"]) == pytest.approx(final["coco_panoptic/PQ"], abs=1e-9)
@@ -323,7 +322,7 @@ def test_a_masked_stage2_trains_evaluates_and_predicts_in_parallel(toy_data_dir,
   model = api.load(str(workdir), oracle=str(oracle_workdir))
   batch = {"image": np.zeros((2, *model.stage.model.input_size, 3), np.float32)}
   batch["image"][1] = 0.5
-  for scheme, steps in (("maskgit", 1), ("roar", 4)):
+  for scheme, steps in (("maskgit", 16), ("roar", 4)):
     out = model.predict_batch(batch, scheme=scheme, steps=steps)
     assert out["code"].shape == (2, 1, model.stage.model.seq_len)
   with pytest.raises(UserError, match="masked \\(use maskgit or roar\\)"):

@@ -33,8 +33,8 @@ def one_hot_patches(ids_BxHxW: jnp.ndarray, num_classes: int,
   """Integer map -> one-hot patches (B, tokens, num_classes, p*p); ids outside
   [0, num_classes) give all-zero vectors."""
   patches = patchify(ids_BxHxW[..., None], patch_size)[:, :, 0]  # (B, T, P)
-  return jnp.swapaxes(jnp.eye(num_classes, dtype=jnp.float32)[jnp.clip(patches, 0)]
-                      * ((patches >= 0) & (patches < num_classes))[..., None], -1, -2)
+  # Written in its final layout: one-hot rows gathered and then transposed cost a full copy.
+  return jax.nn.one_hot(patches, num_classes, dtype=jnp.float32, axis=-2)
 
 
 def softmax_xent(logits_BxTxCxP: jnp.ndarray, one_hot_BxTxCxP: jnp.ndarray) -> jnp.ndarray:
