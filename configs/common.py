@@ -116,6 +116,7 @@ def stage1_model(size: str, res: int, patch_size: int, inputs: dict) -> mlc.Conf
   model.codeword_dim = 32 if size == "smoke" else 768
   model.dict_momentum = 0.995
   model.min_count = 0.1  # a word whose discounted count falls below is replaced by a split
+  set_quantizer(model)
   # smoke: a code of the labels alone (what the image shows needs no word), see STAGE_I_MODELS.
   model.with_encoder_ctx = size != "smoke"
   model.with_decoder_ctx = True
@@ -124,6 +125,15 @@ def stage1_model(size: str, res: int, patch_size: int, inputs: dict) -> mlc.Conf
   model.inputs = inputs
   model.outputs = inputs
   return model
+
+
+def set_quantizer(model: mlc.ConfigDict) -> None:
+  """Stage I's quantizer: the paper's VQ dictionary, or "fsq" (finite scalar quantization,
+  no dictionary) whose `fsq_levels` multiply to `dict_size`; the FSQ paper's levels per size
+  are `uvim.models.fsq.RECOMMENDED_LEVELS`, e.g. --config.model.fsq_levels="(8, 5, 5, 5)"
+  --config.model.dict_size=1000."""
+  model.quantizer = "vq"
+  model.fsq_levels = ()
 
 
 def stage2_from_stage1(stage1: mlc.ConfigDict, arg: mlc.ConfigDict, oracle_init: str,

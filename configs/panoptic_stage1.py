@@ -71,6 +71,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   config.model.codeword_dim = 768
   config.model.dict_momentum = 0.995
   config.model.min_count = 0.1  # a word whose discounted count falls below is replaced by a split
+  common.set_quantizer(config.model)
   config.model.with_encoder_ctx = True
   config.model.with_decoder_ctx = True
   config.model.code_dropout = "random"

@@ -97,6 +97,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   config.oracle.model.code_len = 256
   config.oracle.model.dict_size = 4096
   config.oracle.model.codeword_dim = 768
+  common.set_quantizer(config.oracle.model)
   config.oracle.model.with_encoder_ctx = True
   config.oracle.model.with_decoder_ctx = True
   config.oracle.model.inputs = {

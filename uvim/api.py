@@ -150,7 +150,7 @@ class Tokenizer:
   def _init(self, batch: dict) -> dict:
     inputs, _ = self.task.input_pp(batch, self.config)
     rngs = {"params": jax.random.key(0), "state": jax.random.key(1)}
-    return self.model.init(rngs, inputs, ctx=batch["image"])
+    return stages.with_state(self.model.init(rngs, inputs, ctx=batch["image"]))
 
   def _encode_fn(self, variables: dict, labels: jax.Array, image: jax.Array) -> jax.Array:
     inputs, _ = self.task.input_pp({"labels": labels, "image": image}, self.config)

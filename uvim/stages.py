@@ -41,6 +41,11 @@ def load_variables(path: str) -> dict[str, Any]:
   return checkpoint.load_params_from_workdir(path)
 
 
+def with_state(variables: dict) -> dict:
+  """Stage I variables with a `state` collection (empty for FSQ, which has no dictionary)."""
+  return {"state": {}, **variables}
+
+
 def load_stage1_variables(path: str, params, model_state, scanned: bool,
                           source: str | None = None) -> dict:
   """{'params', 'state'} of a stage I model from `path` (npz or workdir), in the layout
@@ -136,7 +141,8 @@ class StageI:
   def init_variables(self, rng: jax.Array, batch: dict) -> dict:
     rng_params, rng_state = jax.random.split(rng)
     inputs, ctx, _ = label_inputs(self.task, batch, self.model_config)
-    return self.model.init({"params": rng_params, "state": rng_state}, inputs, ctx=ctx)
+    return with_state(self.model.init({"params": rng_params, "state": rng_state}, inputs,
+                                      ctx=ctx))
 
   def frozen_variables(self) -> dict:
     return {}
@@ -157,7 +163,7 @@ class StageI:
     loss, parts = self.task.loss_fn(logits, batch, self.model_config)
     metrics = {**{k: jnp.mean(v) for k, v in parts.items()}, **stats,
                **{k: v for k, v in aux.items() if k.startswith("codebook_")}}
-    return jnp.mean(loss), (metrics, new_vars["state"])
+    return jnp.mean(loss), (metrics, with_state(new_vars)["state"])
 
   def variables(self, params, model_state, frozen) -> dict:
     return {"params": params, "state": model_state}
@@ -211,9 +217,9 @@ class StageII:
     size = self.oracle_config.input_size
     tokens = math.prod(vit.patch_grid(size, self.oracle_config.patch_size))
     inputs = {k: jnp.zeros((1, tokens, *shape)) for k, shape in self.oracle_config.inputs.items()}
-    return jax.eval_shape(lambda: self.oracle.init(
+    return jax.eval_shape(lambda: with_state(self.oracle.init(
         {"params": jax.random.key(0), "state": jax.random.key(1)}, inputs,
-        ctx=jnp.zeros((1, *size, 3))))
+        ctx=jnp.zeros((1, *size, 3)))))
 
   def frozen_variables(self) -> dict:
     """The oracle's {'params', 'state'} from `config.oracle.model_init`, checked against the

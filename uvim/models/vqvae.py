@@ -14,6 +14,11 @@ parameters, the bottleneck, the dictionary and its updates, and the returned log
 float32. `remat` recomputes each transformer block's activations in the backward pass.
 `scan_layers` runs each transformer (`encoder`, `decoder`) as one scanned block whose parameters
 are stacked under `encoderblock` (see `vit.Encoder`; `uvim.checkpoint` converts the layouts).
+
+`quantizer='fsq'` replaces the dictionary by finite scalar quantization (`uvim.models.fsq`):
+the encoder head projects to len(fsq_levels) dimensions, each rounded to its level grid; the
+code's words are the grid's prod(fsq_levels) points (`dict_size` must equal it), and there is
+no `state` collection.
 """
 
 from collections.abc import Mapping, Sequence
@@ -24,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uvim.models import vit
+from uvim.models import fsq, vit
 
 SPLIT_PERTURBATION = 0.001  # A split word is the most used one times uniform(1 +- this).
 
@@ -93,6 +98,8 @@ class Model(nn.Module):
   head_zeroinit: bool = True
   dict_size: int = 4096
   codeword_dim: int | None = None
+  quantizer: str = "vq"  # or "fsq": finite scalar quantization with `fsq_levels`
+  fsq_levels: Sequence[int] = ()
   dict_momentum: float = 0.995
   min_count: float = 0.1  # ~0.995^460: a word unused for ~460 steps is replaced.
   with_encoder_ctx: bool = True
@@ -140,16 +147,28 @@ class Model(nn.Module):
           "bottleneck_downsample", nn.initializers.xavier_uniform(), (num_tokens, self.code_len))
       self.bottleneck_upsample = self.param(
           "bottleneck_upsample", nn.initializers.xavier_uniform(), (self.code_len, num_tokens))
-    dim = self.codeword_dim or self.width
-    init = nn.initializers.normal(stddev=1 / np.sqrt(self.dict_size))
-    self.dictionary = self.variable("state", "dictionary",
-                                    lambda: init(self.make_rng("state"), (self.dict_size, dim)))
-    self.counts = self.variable("state", "counts", jnp.ones, (self.dict_size,))
-    self.encoder_head = nn.Dense(dim, dtype=jnp.float32)  # The bottleneck feeds the dictionary.
+    if self.quantizer == "fsq":
+      if fsq.codebook_size(self.fsq_levels) != self.dict_size or not self.fsq_levels:
+        raise ValueError(f"quantizer 'fsq': dict_size ({self.dict_size}) must be the product of "
+                         f"fsq_levels {tuple(self.fsq_levels)} "
+                         f"({fsq.codebook_size(self.fsq_levels)})")
+      dim = len(self.fsq_levels)
+    elif self.quantizer == "vq":
+      dim = self.codeword_dim or self.width
+      init = nn.initializers.normal(stddev=1 / np.sqrt(self.dict_size))
+      self.dictionary = self.variable("state", "dictionary",
+                                      lambda: init(self.make_rng("state"), (self.dict_size, dim)))
+      self.counts = self.variable("state", "counts", jnp.ones, (self.dict_size,))
+    else:
+      raise ValueError(f"quantizer must be 'vq' or 'fsq', got {self.quantizer!r}")
+    self.encoder_head = nn.Dense(dim, dtype=jnp.float32)  # The bottleneck feeds the quantizer.
     self.decoder_stem = nn.Dense(self.width, dtype=dtype)
 
   def codewords(self) -> jnp.ndarray:
-    """The dictionary's words: discounted mean of their vectors, L2-normalised."""
+    """The dictionary's words: discounted mean of their vectors, L2-normalised (FSQ: the
+    grid's points, in index order)."""
+    if self.quantizer == "fsq":
+      return fsq.indices_to_codes(jnp.arange(self.dict_size), self.fsq_levels)
     e = self.dictionary.value / self.counts.value[:, None]
     return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
 
@@ -178,11 +197,15 @@ class Model(nn.Module):
       h = self._resize_tokens(h, self.grid, (self.code_side, self.code_side))
     else:
       h = jnp.einsum("btc,tn->bnc", h, self.bottleneck_downsample)
-    bottleneck = jax.nn.standardize(self.encoder_head(h), axis=-1)
-    quantized, code = quantize(bottleneck, self.codewords())
+    if self.quantizer == "fsq":
+      bottleneck = self.encoder_head(h)
+      quantized, code = fsq.quantize(bottleneck, self.fsq_levels)
+    else:
+      bottleneck = jax.nn.standardize(self.encoder_head(h), axis=-1)
+      quantized, code = quantize(bottleneck, self.codewords())
     aux = {"bottleneck": bottleneck, "bottleneck_q": quantized, "code": code,
            **codebook_stats(code, self.dict_size)}
-    if train:
+    if train and self.quantizer == "vq":
       self._update_dictionary(bottleneck, code)
     return quantized, aux
 
@@ -203,7 +226,8 @@ class Model(nn.Module):
              discrete_input: bool = False, train: bool = False) -> tuple[dict, dict]:
     """Code vectors (or integer codes with `discrete_input`) + context -> logits per output."""
     if discrete_input:
-      x = self.codewords()[x]
+      x = (fsq.indices_to_codes(x, self.fsq_levels) if self.quantizer == "fsq"
+           else self.codewords()[x])
     if train and self.code_dropout != "none":
       mask = code_dropout_mask(self.make_rng("dropout"), x.shape[0], self.code_len,
                                self.code_dropout)
