@@ -160,6 +160,14 @@ def one_device(toy_data_dir, tmp_path_factory):
 multi_device = pytest.mark.xdist_group("multi_device")
 
 
+@multi_device
+def test_multi_device_tests_share_a_worker(request):
+  """Guards the grouping above: a pytest/xdist pair that drops it (pytest 9.2 with xdist 3.8)
+  runs the multi-device tests side by side, and they hang at their collectives."""
+  if os.environ.get("PYTEST_XDIST_WORKER") and request.config.getvalue("loadgroup"):
+    assert request.node.nodeid.endswith("@multi_device"), request.node.nodeid
+
+
 @pytest.mark.slow
 @multi_device
 def test_two_processes_train_like_one(toy_data_dir, tmp_path, one_device):
