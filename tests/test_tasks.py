@@ -21,20 +21,35 @@ def test_patchify_layout_and_round_trip():
   np.testing.assert_array_equal(common.unpatchify(p, (2, 2), (2, 2)), x)
 
 
-def test_panoptic_inputs_are_one_hot_and_out_of_range_ids_are_counted():
+def test_panoptic_inputs_are_ids_per_patch_and_out_of_range_ids_are_counted():
   labels = np.zeros((1, 4, 4, 2), np.int32)
   labels[0, 0, 0] = (2, 1)
   labels[0, 3, 3] = (9, 7)   # class 9 >= 3 classes, instance 7 >= 4 slots
   labels[0, 1, 1, 1] = -1    # unlabelled instance pixel
   inputs, stats = panoptic.input_pp({"labels": labels}, model_config(semantics=(3, 4),
                                                                      instances=(4, 4)))
-  assert inputs["semantics"].shape == (1, 4, 3, 4)
-  np.testing.assert_array_equal(inputs["semantics"][0, 0, :, 0], [0, 0, 1])  # class 2
-  np.testing.assert_array_equal(inputs["instances"][0, 0, :, 0], [0, 1, 0, 0])
-  np.testing.assert_array_equal(inputs["instances"][0, 0, :, 3], [0, 0, 0, 0])  # id -1
-  np.testing.assert_array_equal(inputs["semantics"][0, 3, :, 3], [0, 0, 0])  # out of range
+  np.testing.assert_array_equal(inputs["semantics"], [[[2, 0, 0, 0], [0] * 4, [0] * 4,
+                                                       [0, 0, 0, 9]]])
+  np.testing.assert_array_equal(inputs["instances"][0, :, [0, 3]].T,
+                                [[1, -1], [0, 0], [0, 0], [0, 7]])
   assert int(stats["pixels_class_out_of_range"]) == 1
   assert int(stats["pixels_instance_out_of_range"]) == 1
+
+
+def test_softmax_xent_of_ids_equals_one_hot_cross_entropy():
+  """Against -sum(one_hot * log_softmax), where an id outside [0, C) is an all-zero target."""
+  logits = np.random.default_rng(0).normal(size=(2, 3, 5, 4)).astype(np.float32) * 3
+  ids = np.random.default_rng(1).integers(-1, 7, size=(2, 3, 4))
+  one_hot = (ids[:, :, None, :] == np.arange(5)[:, None]).astype(np.float64)
+  log_p = logits - np.log(np.exp(logits.astype(np.float64)).sum(-2, keepdims=True))
+  np.testing.assert_allclose(common.softmax_xent(jnp.asarray(logits), jnp.asarray(ids)),
+                             -(one_hot * log_p).sum(-2), rtol=1e-5, atol=1e-6)
+  assert np.any((ids < 0) | (ids >= 5))
+
+
+def confident(ids, num_classes, scale=50.0):
+  """Logits (B, T, C, P) that put `scale` on each id's class."""
+  return scale * (ids[:, :, None, :] == jnp.arange(num_classes)[:, None])
 
 
 def test_panoptic_loss_is_cross_entropy():
@@ -45,8 +60,8 @@ def test_panoptic_loss_is_cross_entropy():
   loss, parts = panoptic.loss_fn(logits, {"labels": labels}, cfg)
   np.testing.assert_allclose(loss, [np.log(3) + np.log(4)] * 2, rtol=1e-6)
   inputs, _ = panoptic.input_pp({"labels": labels}, cfg)
-  confident = {k: 50.0 * v for k, v in inputs.items()}
-  loss, parts = panoptic.loss_fn(confident, {"labels": labels}, cfg)
+  right = {k: confident(v, cfg.inputs[k][0]) for k, v in inputs.items()}
+  loss, parts = panoptic.loss_fn(right, {"labels": labels}, cfg)
   np.testing.assert_allclose(loss, 0, atol=1e-6)
   assert set(parts) == {"loss_semantics", "loss_instances"}
 
@@ -77,8 +92,8 @@ def test_depth_bins_mask_and_prediction():
   labels = np.full((1, 4, 4, 1), 6.0, np.float32)
   labels[0, :2] = 0.0  # missing depth: top half
   inputs, _ = depth.input_pp({"labels": labels}, cfg)
-  wrong_on_missing = 50.0 * inputs["depth"]  # confident and right where depth is known
-  wrong_on_missing = {"depth": wrong_on_missing.at[:, :2].set(-50.0 * inputs["depth"][:, :2])}
+  right = confident(inputs["depth"], 4)  # confident and right where depth is known
+  wrong_on_missing = {"depth": right.at[:, :2].set(-right[:, :2])}
   loss, _ = depth.loss_fn(wrong_on_missing, {"labels": labels}, cfg)
   np.testing.assert_allclose(loss, 0, atol=1e-6)  # the missing half does not count
   pred = depth.predict_outputs(wrong_on_missing, cfg)["depth"]

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,6 +69,39 @@ def test_encode_decode_and_dictionary_update_match_the_original(parity):
   assert_close(new_state["state"]["dictionary"], out["train_state"]["dictionary"])
   assert_close(aux["codebook_max_ratio"], out["train_codebook_max_ratio"])
   assert_close(aux["codebook_zeros_ratio"], out["train_codebook_zeros_ratio"])
+
+
+def test_label_ids_embed_like_their_one_hot_vectors_in_value_and_gradient(parity):
+  """The fixture's one-hot inputs given as class ids (some outside [0, C), which one-hot as
+  zeros): the same code, logits and parameter gradients as the one-hot (big_vision's) path."""
+  model, s1 = parity
+  variables = {"params": s1["params"], "state": s1["state"]}
+  one_hot = {k: jnp.asarray(v) for k, v in s1["in"].items() if k != "ctx"}
+  ids = {k: jnp.argmax(v, axis=-2) for k, v in one_hot.items()}
+  ids["semantics"] = ids["semantics"].at[:, 0, :3].set(jnp.array([-1, 5, 99]))
+  one_hot["semantics"] = one_hot["semantics"].at[:, 0, :, :3].set(0.0)
+  ctx = s1["in"]["ctx"]
+
+  def loss(params, x):
+    logits, aux = model.apply({**variables, "params": params}, x, ctx=ctx)
+    return sum(jnp.sum(jnp.sin(v)) for v in logits.values()), aux["code"]
+
+  (value_ids, code_ids), grad_ids = jax.value_and_grad(loss, has_aux=True)(s1["params"], ids)
+  (value_hot, code_hot), grad_hot = jax.value_and_grad(loss, has_aux=True)(s1["params"], one_hot)
+  np.testing.assert_array_equal(code_ids, code_hot)
+  assert_close(value_ids, value_hot)
+  for k, g in checkpoint.flatten(grad_hot).items():
+    assert_close(checkpoint.flatten(grad_ids)[k], g, tol=1e-4)
+
+
+def test_label_embedding_initialises_like_flax_dense_general():
+  """Same parameters from the same key as big_vision's layer (nn.DenseGeneral over (C, P))."""
+  x = jnp.zeros((1, 2, 3, 4))
+  ours = vqvae.LabelEmbedding(8, (3, 4)).init(jax.random.key(3), x)
+  theirs = nn.DenseGeneral(features=(8,), axis=(-2, -1)).init(jax.random.key(3), x)
+  for k, v in checkpoint.flatten(theirs).items():
+    np.testing.assert_array_equal(checkpoint.flatten(ours)[k], v)
+  assert np.std(checkpoint.flatten(ours)["params/kernel"]) > 0
 
 
 def test_quantize_matches_brute_force_and_passes_gradients_straight_through():

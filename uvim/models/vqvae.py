@@ -81,6 +81,42 @@ def code_dropout_mask(rng: jax.Array, batch: int, code_len: int, mode: str) -> j
   return mask
 
 
+def embed_ids(kernel_CxPxW: jnp.ndarray, ids_BxTxP: jnp.ndarray) -> jnp.ndarray:
+  """sum_p kernel[ids[..., p], p]: one-hot(ids) (B, T, C, P) times the kernel, computed by
+  indexing (its gradient is a scatter-add), without the C-fold larger matmul; ids outside
+  [0, C) add nothing, like an all-zero one-hot vector."""
+  num_classes, patch, width = kernel_CxPxW.shape
+  rows = ids_BxTxP * patch + jnp.arange(patch)
+  rows = jnp.where((ids_BxTxP >= 0) & (ids_BxTxP < num_classes), rows, num_classes * patch)
+  embedded = jnp.take(kernel_CxPxW.reshape(num_classes * patch, width), rows, axis=0,
+                      mode="fill", fill_value=0)
+  return jnp.sum(embedded, axis=-2)
+
+
+class LabelEmbedding(nn.Module):
+  """Per-patch labels -> token embeddings: a dense layer over (C, patch^2), named and
+  initialised like big_vision's (flax's DenseGeneral). Float inputs (B, T, C, P) are
+  contracted with the kernel; integer class ids (B, T, P) are embedded by `embed_ids`."""
+
+  features: int
+  shape: tuple[int, ...]  # (C, patch^2)
+  dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    n = len(self.shape)
+    init = nn.initializers.lecun_normal(in_axis=tuple(range(n)), out_axis=n)
+    kernel = self.param("kernel", init, (*self.shape, self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    dtype = jnp.dtype(self.dtype)
+    if jnp.issubdtype(x.dtype, jnp.integer):
+      return embed_ids(kernel, x).astype(dtype) + bias.astype(dtype)
+    contract = tuple(range(x.ndim - n, x.ndim))
+    y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype),
+                            ((contract, tuple(range(n))), ((), ())))
+    return y + bias.astype(dtype)
+
+
 class Model(nn.Module):
   """The stage I VQ-VAE. `inputs`/`outputs` map modality names to (C, patch^2)."""
 
@@ -121,9 +157,9 @@ class Model(nn.Module):
       raise ValueError(f"code_dropout must be 'none', 'random' or 'prefix', got "
                        f"{self.code_dropout!r}")
     dtype = jnp.dtype(self.dtype)
-    self.embeddings = {
-        k: nn.DenseGeneral(features=(self.width,), axis=range(-len(shape), 0), dtype=dtype,
-                           name=f"embedding_{k}") for k, shape in self.inputs.items()}
+    self.embeddings = {k: LabelEmbedding(self.width, tuple(shape), self.dtype,
+                                         name=f"embedding_{k}")
+                       for k, shape in self.inputs.items()}
     head_init = {"kernel_init": nn.initializers.zeros} if self.head_zeroinit else {}
     self.heads = {k: nn.DenseGeneral(features=tuple(shape), dtype=dtype, name=f"head_{k}",
                                      **head_init) for k, shape in self.outputs.items()}

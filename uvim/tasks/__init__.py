@@ -1,7 +1,9 @@
 """Tasks: everything task-specific, one module each, registered under the paper's names.
 
 A task module provides
-  input_pp(batch, model_config) -> (inputs, stats): labels -> stage I inputs (B, tokens, C, p^2)
+  input_pp(batch, model_config) -> (inputs, stats): labels -> stage I inputs, per modality
+    either class ids (B, tokens, p^2) (categorical: embedded as one-hot by the model) or
+    values (B, tokens, C, p^2)
   loss_fn(logits, batch, model_config) -> (loss per example (B,), per-example task losses)
   predict_outputs(logits, model_config) -> task predictions (panoptic ids, depth, colour)
 and, for predict.py, on one example's numpy outputs and its uint8 image:

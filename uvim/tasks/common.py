@@ -28,16 +28,19 @@ def grid_of(model_config) -> tuple[int, int]:
   return vit.patch_grid(model_config.input_size, model_config.patch_size)
 
 
-def one_hot_patches(ids_BxHxW: jnp.ndarray, num_classes: int,
-                    patch_size: Sequence[int]) -> jnp.ndarray:
-  """Integer map -> one-hot patches (B, tokens, num_classes, p*p); ids outside
-  [0, num_classes) give all-zero vectors."""
-  patches = patchify(ids_BxHxW[..., None], patch_size)[:, :, 0]  # (B, T, P)
-  # Written in its final layout: one-hot rows gathered and then transposed cost a full copy.
-  return jax.nn.one_hot(patches, num_classes, dtype=jnp.float32, axis=-2)
+def class_patches(ids_BxHxW: jnp.ndarray, patch_size: Sequence[int]) -> jnp.ndarray:
+  """Integer map -> class ids per patch (B, tokens, p*p): the stage I input of a categorical
+  label. The model embeds them as one-hot vectors over its classes (without building them),
+  and ids outside [0, classes) as all-zero vectors."""
+  return patchify(ids_BxHxW[..., None], patch_size)[:, :, 0]
 
 
-def softmax_xent(logits_BxTxCxP: jnp.ndarray, one_hot_BxTxCxP: jnp.ndarray) -> jnp.ndarray:
-  """Cross-entropy over the class axis (-2), per pixel: (B, T, P)."""
-  log_p = jax.nn.log_softmax(logits_BxTxCxP, axis=-2)
-  return -jnp.sum(one_hot_BxTxCxP * log_p, axis=-2)
+def softmax_xent(logits_BxTxCxP: jnp.ndarray, ids_BxTxP: jnp.ndarray) -> jnp.ndarray:
+  """Cross-entropy over the class axis (-2), per pixel (B, T, P): logsumexp minus the label's
+  logit (0 where the id is outside [0, classes), like an all-zero one-hot target)."""
+  num_classes = logits_BxTxCxP.shape[-2]
+  valid = (ids_BxTxP >= 0) & (ids_BxTxP < num_classes)
+  label_logit = jnp.take_along_axis(
+      logits_BxTxCxP, jnp.where(valid, ids_BxTxP, 0)[:, :, None], axis=-2)[:, :, 0]
+  lse = jax.nn.logsumexp(logits_BxTxCxP, axis=-2)
+  return jnp.where(valid, lse - label_logit, 0.0)

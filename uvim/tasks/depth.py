@@ -33,7 +33,7 @@ def bins_to_depth(bins: jnp.ndarray, num_bins: int) -> jnp.ndarray:
 def input_pp(batch: dict, model_config) -> tuple[dict, dict]:
   num_bins = model_config.inputs["depth"][0]
   bins = depth_to_bins(batch["labels"][..., 0], num_bins)
-  return {"depth": common.one_hot_patches(bins, num_bins, model_config.patch_size)}, {}
+  return {"depth": common.class_patches(bins, model_config.patch_size)}, {}
 
 
 def loss_fn(logits: dict, batch: dict, model_config) -> tuple[jnp.ndarray, dict]:

@@ -21,14 +21,14 @@ LABELS = (2, "int32")  # (semantic class + 1, instance id) per pixel
 DEFAULT_TEMPERATURE = 0.0
 
 def input_pp(batch: dict, model_config) -> tuple[dict, dict]:
-  """One-hot label patches, and counts of pixels whose ids do not fit the model."""
+  """Class and instance ids per patch, and counts of pixels whose ids do not fit the model."""
   labels = batch["labels"]
   num_classes = model_config.inputs["semantics"][0]
   num_slots = model_config.inputs["instances"][0]
   semantics, instances = labels[..., 0], labels[..., 1]
   inputs = {
-      "semantics": common.one_hot_patches(semantics, num_classes, model_config.patch_size),
-      "instances": common.one_hot_patches(instances, num_slots, model_config.patch_size),
+      "semantics": common.class_patches(semantics, model_config.patch_size),
+      "instances": common.class_patches(instances, model_config.patch_size),
   }
   stats = {"pixels_class_out_of_range": jnp.sum((semantics < 0) | (semantics >= num_classes)),
            "pixels_instance_out_of_range": jnp.sum(instances >= num_slots)}
