@@ -11,7 +11,15 @@ from collections.abc import Callable
 
 import jax
 
-from bench import common, decoding, input_pipeline, panoptic_quality, scaling, train_step
+from bench import (
+  common,
+  decoding,
+  input_pipeline,
+  label_embedding,
+  panoptic_quality,
+  scaling,
+  train_step,
+)
 
 Spec = common.ConfigSpec
 
@@ -117,6 +125,8 @@ def cpu() -> list[Group]:
       Group("peak", _peak),
       _train((Spec("panoptic_stage1", "smoke"), Spec("panoptic_stage2", "smoke"),
               STAGE_I_BENCH, STAGE_II_BENCH), steps=5),
+      Group("label_embedding", lambda ctx: label_embedding.measure(STAGE_I_BENCH, steps=5),
+            (STAGE_I_BENCH,)),
       _decoding("bench", (1, 8, 32), code_len=256, compare_len=64),
       _parallel_decoding("bench", (1, 8, 32)),
       *_data(512, batches=5, dataset="toy_scenes/small", pq_images=50),
@@ -160,9 +170,13 @@ def gpu() -> list[Group]:
 def quick() -> list[Group]:
   """Every kind of figure at tiny sizes, in well under a minute (the tests run it)."""
   tiny = Spec("panoptic_stage1", "smoke,res=32").with_overrides({"batch_size": 4})
+  heads = {"semantics": (40, 64), "instances": (33, 64)}  # enough classes to gather
+  many_classes = tiny.with_overrides({"model.inputs": heads, "model.outputs": heads})
   return [
       Group("peak", _peak),
       _train((tiny,), steps=2),
+      Group("label_embedding", lambda ctx: label_embedding.measure(many_classes, steps=2),
+            (many_classes,)),
       Group("decoding", lambda ctx: decoding.measure(
           "tiny", batch_sizes=(1, 4), code_len=16, modes=("cached", "uncached", "maskgit"),
           steps=(2,), repeats=1)),

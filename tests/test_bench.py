@@ -36,7 +36,7 @@ def test_quick_suite_figures_are_consistent_and_tabulated(tmp_path):
   for r in records:
     by_figure.setdefault(r["figure"], []).append(r)
   assert set(by_figure) == {"matmul_peak", *STEP_FIGURES, "decoding", "input_pipeline",
-                            "panoptic_quality"}
+                            "panoptic_quality", "label_embedding"}
 
   (peak,) = by_figure["matmul_peak"]
   assert peak["value"] == pytest.approx(2 * peak["n"] ** 3 / peak["seconds"], rel=1e-9)
@@ -50,6 +50,12 @@ def test_quick_suite_figures_are_consistent_and_tabulated(tmp_path):
   assert scaled["devices"] == 2 and scaled["mesh"] == {"data": 2}
   low, high = by_figure["resolution_scaling"]
   assert low["flops_vs_first"] == 1 and 3 < high["flops_vs_first"] < 5  # 4x the pixels
+
+  (embedding,) = by_figure["label_embedding"]  # the indexing removes the one-hot matmuls
+  assert embedding["value"] == pytest.approx(
+      embedding["one_hot_seconds_per_step"] / embedding["seconds_per_step"])
+  removed = embedding["one_hot_xla_flops_per_step"] - embedding["xla_flops_per_step"]
+  assert removed == pytest.approx(embedding["removed_flops_formula"], rel=0.05)
 
   decoding = by_figure["decoding"]
   assert [(r["batch"], r["scheme"], r["steps"]) for r in decoding] == [

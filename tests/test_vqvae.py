@@ -71,9 +71,13 @@ def test_encode_decode_and_dictionary_update_match_the_original(parity):
   assert_close(aux["codebook_zeros_ratio"], out["train_codebook_zeros_ratio"])
 
 
-def test_label_ids_embed_like_their_one_hot_vectors_in_value_and_gradient(parity):
+@pytest.mark.parametrize("gather_min_classes", [0, 1000])
+def test_label_ids_embed_like_their_one_hot_vectors_in_value_and_gradient(
+    parity, monkeypatch, gather_min_classes):
   """The fixture's one-hot inputs given as class ids (some outside [0, C), which one-hot as
-  zeros): the same code, logits and parameter gradients as the one-hot (big_vision's) path."""
+  zeros), embedded by gathering kernel rows (0) or through one-hot vectors (1000): the same
+  code, logits and parameter gradients as the one-hot (big_vision's) inputs."""
+  monkeypatch.setattr(vqvae, "GATHER_MIN_CLASSES", gather_min_classes)
   model, s1 = parity
   variables = {"params": s1["params"], "state": s1["state"]}
   one_hot = {k: jnp.asarray(v) for k, v in s1["in"].items() if k != "ctx"}
