@@ -120,7 +120,9 @@ def sample(model: nn.Module, params: Any, images: jnp.ndarray, rngs_B: jax.Array
            temperature: float = 0.0, temperature_schedule: str = "constant",
            choice_temperature: float = 4.5, top_k: int = 0, top_p: float = 1.0,
            num_samples: int = 1, guidance: float = 1.0, guidance_schedule: str = "constant",
-           cached: bool = True, with_order: bool = False) -> tuple[jnp.ndarray, ...]:
+           given: jnp.ndarray | None = None, span: tuple[int, int] | None = None,
+           vocab: tuple[int, int] | None = None, cached: bool = True,
+           with_order: bool = False) -> tuple[jnp.ndarray, ...]:
   """Codes for each image: (tokens (B, num_samples, L) in [1, vocab), log-probabilities of the
   sequences under the (guided) model (B, num_samples); for parallel schemes the sum, over
   steps, of each decided token's log-probability when it was decided), and with `with_order`
@@ -138,10 +140,17 @@ def sample(model: nn.Module, params: Any, images: jnp.ndarray, rngs_B: jax.Array
   and filtering, on a model trained with `cond_dropout`; the conditional and unconditional
   passes run as one batch. `cached=False` recomputes the whole causal decoder at every step
   (the reference, for benchmarks).
+
+  Parallel schemes can decode part of a code (one task's, in a multi-task model): `given`
+  (B, L) holds the tokens the decoder sees from the start (MASK where none), `span` = (first,
+  end) the positions to decode (only those that are MASK in `given`; the others never change)
+  and `vocab` = (low, high) the ids they may take.
   """
   scheme = scheme or ("maskgit" if model.masked else "ar")
   if scheme not in SCHEMES:
     raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+  if scheme == "ar" and (given is not None or span or vocab):
+    raise ValueError("given, span and vocab need a parallel scheme (a masked model)")
   if (scheme == "ar") == model.masked:
     raise ValueError(f"scheme {scheme!r} needs a {'causal' if scheme == 'ar' else 'masked'} "
                      f"stage II model (config.model.masked={scheme != 'ar'}); this one is "
@@ -162,11 +171,16 @@ def sample(model: nn.Module, params: Any, images: jnp.ndarray, rngs_B: jax.Array
                                       temperature=temperature, **filters)
     order = jnp.broadcast_to(jnp.arange(model.seq_len), tokens.shape)
   else:
-    counts = tokens_per_step(model.seq_len, steps, token_schedule)
+    first, end = span or (0, model.seq_len)
+    counts = tokens_per_step(end - first, steps, token_schedule)
     temps = temperatures(temperature, temperature_schedule, counts)
-    tokens, logprob, order = _parallel(model, variables, encoded, rngs, guided, scheme, counts,
-                                       temps if temperature else None, choice_temperature,
-                                       **filters)
+    start = (jnp.full((batch, model.seq_len), lm.MASK, jnp.int32) if given is None
+             else jnp.asarray(given, jnp.int32))
+    tokens, logprob, order = _parallel(
+        model, variables, encoded, rngs, guided, scheme, counts, temps if temperature else None,
+        choice_temperature, jnp.repeat(start, num_samples, axis=0),
+        (np.arange(model.seq_len) >= first) & (np.arange(model.seq_len) < end),
+        vocab or (1, model.vocab_size), **filters)
   per_sample = lambda x: x.reshape(batch, num_samples, *x.shape[1:])
   return tuple(map(per_sample, (tokens, logprob, order) if with_order else (tokens, logprob)))
 
@@ -218,19 +232,23 @@ def _autoregressive(model, variables, encoded, rngs, guided: _Guided, cached: bo
 
 
 def _parallel(model, variables, encoded, rngs, guided: _Guided, scheme: str, counts: np.ndarray,
-              temps: np.ndarray | None, choice_temperature: float, *, top_k: int, top_p: float):
-  """`maskgit` / `roar`: step t samples every masked position and decides `counts[t]` of them
-  (the most confident, or random ones); decided tokens are never re-masked. `temps` None is
-  greedy. Also returns the step that decided each token."""
+              temps: np.ndarray | None, choice_temperature: float, start: jnp.ndarray,
+              in_span: np.ndarray, vocab: tuple[int, int], *, top_k: int, top_p: float):
+  """`maskgit` / `roar`: step t samples every masked position of `start` in the span and
+  decides `counts[t]` of them (the most confident, or random ones); decided tokens are never
+  re-masked. `temps` None is greedy. Also returns the step that decided each token (-1: not
+  decided here)."""
   steps, seq_len = len(counts), model.seq_len
   counts_j = jnp.asarray(counts)
+  ids = jnp.arange(model.vocab_size)
+  allowed = (ids >= vocab[0]) & (ids < vocab[1]) & (ids != lm.MASK)
   cache = model.apply(variables, encoded, method=model.init_cache)
 
   def step(t, carry):
     tokens, logprob, order = carry
     logits = guided.logits(model.apply(variables, cache, guided.twice(tokens),
                                        method=model.fill_in), t)
-    logits = logits.at[..., 0].set(-jnp.inf)
+    logits = jnp.where(allowed, logits, -jnp.inf)
     sample_rngs, order_rngs = jnp.moveaxis(jax.vmap(lambda k: jax.random.split(
         jax.random.fold_in(k, t)))(rngs), 1, 0)
     sampled = choose_tokens(logits, sample_rngs, temperature=0.0 if temps is None else
@@ -242,7 +260,7 @@ def _parallel(model, variables, encoded, rngs, guided: _Guided, scheme: str, cou
       score = token_logprob + choice_temperature * (1 - (t + 1) / steps) * noise
     else:
       score = jax.vmap(lambda k: jax.random.uniform(k, (seq_len,)))(order_rngs)
-    undecided = tokens == lm.MASK
+    undecided = (tokens == lm.MASK) & in_span
     score = jnp.where(undecided, score, -jnp.inf)
     rank = jnp.argsort(jnp.argsort(-score, axis=1), axis=1)  # 0 = the best undecided
     chosen = undecided & (rank < counts_j[t])
@@ -250,6 +268,5 @@ def _parallel(model, variables, encoded, rngs, guided: _Guided, scheme: str, cou
             logprob + jnp.sum(jnp.where(chosen, token_logprob, 0), axis=1),
             jnp.where(chosen, t, order))
 
-  tokens = jnp.full((len(rngs), seq_len), lm.MASK, jnp.int32)
-  return jax.lax.fori_loop(0, steps, step, (tokens, jnp.zeros(len(rngs), jnp.float32),
-                                            jnp.full(tokens.shape, -1, jnp.int32)))
+  return jax.lax.fori_loop(0, steps, step, (start, jnp.zeros(len(rngs), jnp.float32),
+                                            jnp.full(start.shape, -1, jnp.int32)))

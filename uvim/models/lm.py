@@ -282,6 +282,10 @@ class Model(nn.Module):
   # training example hiding a cosine-scheduled fraction of its code, at least `min_mask_ratio`.
   masked: bool = False
   min_mask_ratio: float = 0.1
+  # Several tasks' codes in one sequence (`stages.MultiTaskStageII`): `seq_len` is num_tasks
+  # codes of seq_len / num_tasks tokens, each with the same positions plus a learned
+  # `task_embedding` of its task.
+  num_tasks: int = 1
   dtype: str = "float32"  # Computation dtype; parameters and the returned logits are float32.
   remat: bool = False  # Rematerialise every transformer block when training.
   scan_layers: bool = False  # Scan the image encoder's and the decoder's blocks.
@@ -290,15 +294,18 @@ class Model(nn.Module):
   def setup(self):
     patch = tuple(self.patches["size"])
     grid = vit.patch_grid(self.input_size, patch)
+    if self.seq_len % self.num_tasks:
+      raise ValueError(f"seq_len {self.seq_len} is not num_tasks ({self.num_tasks}) codes")
+    code_len = self.seq_len // self.num_tasks
     if self.posemb_type == "learn":
       self.pos_embedding_encoder = vit.learned_posemb(
           self, "pos_embedding_encoder", math.prod(grid), self.emb_dim)
       self.pos_embedding_decoder = vit.learned_posemb(
-          self, "pos_embedding_decoder", self.seq_len, self.emb_dim)
+          self, "pos_embedding_decoder", code_len, self.emb_dim)
     elif self.posemb_type == "sincos2d":
-      side = math.isqrt(self.seq_len)
-      if side * side != self.seq_len:
-        raise ValueError(f"posemb_type 'sincos2d' needs a square code, got seq_len {self.seq_len}")
+      side = math.isqrt(code_len)
+      if side * side != code_len:
+        raise ValueError(f"posemb_type 'sincos2d' needs a square code, got {code_len} tokens")
       # Image and code in one frame: code token (i, j) sits at the centre of the image region
       # it covers, in patch units, so a code token and the patches under it have matching
       # embeddings and cross-attention finds them from the start of training.
@@ -307,6 +314,11 @@ class Model(nn.Module):
           (side, side), self.emb_dim, scale=(grid[0] / side, grid[1] / side))
     else:
       raise ValueError(f"posemb_type must be 'learn' or 'sincos2d', got {self.posemb_type!r}")
+    self.code_positions = self.pos_embedding_decoder
+    if self.num_tasks > 1:
+      tasks = self.param("task_embedding", nn.initializers.normal(stddev=0.02),
+                         (self.num_tasks, 1, self.emb_dim))
+      self.code_positions = (self.pos_embedding_decoder + tasks).reshape(1, self.seq_len, -1)
     self.embed_patches = nn.Conv(self.emb_dim, patch, strides=patch, padding="VALID",
                                  dtype=jnp.dtype(self.dtype), name="EmbedPatches")
     self.encoder = vit.Encoder(depth=self.num_layers, mlp_dim=self.mlp_dim,
@@ -331,9 +343,9 @@ class Model(nn.Module):
     """Logits (B, L, V). Causal: teacher-forced, position t sees BOS and tokens[:t] of the
     targets. Masked: every position sees the whole code, MASK where a token is hidden."""
     if self.masked:
-      return self.decoder(encoded_BxPxE, tokens_BxL, self.pos_embedding_decoder,
+      return self.decoder(encoded_BxPxE, tokens_BxL, self.code_positions,
                           deterministic=not train, causal=False)
-    return self.decoder(encoded_BxPxE, shift_right(tokens_BxL), self.pos_embedding_decoder,
+    return self.decoder(encoded_BxPxE, shift_right(tokens_BxL), self.code_positions,
                         deterministic=not train)
 
   def encode_unconditional(self, encoded_BxPxE: jnp.ndarray) -> jnp.ndarray:
@@ -359,10 +371,10 @@ class Model(nn.Module):
 
   def fill_in(self, cache: Cache, tokens_BxL: jnp.ndarray) -> jnp.ndarray:
     """Masked decoder: logits (B, L, V) of a code with MASK at its undecided positions."""
-    return self.decoder.fill_in(cache, tokens_BxL, self.pos_embedding_decoder)
+    return self.decoder.fill_in(cache, tokens_BxL, self.code_positions)
 
   def decode_step(self, cache: Cache, tokens_B: jnp.ndarray,
                   t: jnp.ndarray) -> tuple[jnp.ndarray, Cache]:
     """Feeds the token at position t (BOS at t = 0); returns the logits of the next token
     (B, vocab) and the extended cache."""
-    return self.decoder.step(cache, tokens_B, t, self.pos_embedding_decoder)
+    return self.decoder.step(cache, tokens_B, t, self.code_positions)
