@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
+import numpy as np
 import optax
 from absl import logging
 
@@ -360,6 +361,208 @@ class StageII:
     return params, model_state
 
 
+class MultiTaskStageII(StageII):
+  """Stage II over several tasks' codes (`config.oracles`: task name -> oracle section as in
+  `config.oracle`): one masked model (`model.num_tasks`) whose sequence is the tasks' codes in
+  the order of `config.oracles`, word w of task k as token 1 + (words of the tasks before k) + w;
+  each task reads its labels from `labels_<name>`. In training every example gives each task a
+  role: condition (its code visible whole, probability `config.condition_rate`) or target (a
+  cosine-scheduled part hidden, the loss on it), at least one target; so the model learns
+  image -> any task and image + some tasks' codes -> the others. Predictions run a chain: each
+  task of it decoded in turn, conditioned on the codes given or decoded before it."""
+
+  def __init__(self, config):
+    options = memory_options(config)
+    self.model = models.get_model(config.model_name, config.model, **options)
+    self.names = tuple(config.oracles)
+    self.condition_rate = config.get("condition_rate", 0.5)
+    self.oracle_sections = config.oracles
+    self.oracles = {k: models.get_model(o.model_name, o.model, dtype=options["dtype"],
+                                        scan_layers=options["scan_layers"],
+                                        attention=options["attention"])
+                    for k, o in config.oracles.items()}
+    self.tasks = {k: tasks.get_task(o.task) for k, o in config.oracles.items()}
+    code_lens = {o.code_len for o in self.oracles.values()}
+    if len(code_lens) != 1:
+      raise UserError(f"config.oracles: every oracle's model.code_len must be the same, got "
+                       f"{ {k: o.code_len for k, o in self.oracles.items()} }")
+    self.code_len = code_lens.pop()
+    sizes = [self.oracles[k].dict_size for k in self.names]
+    self.first_id = dict(zip(self.names, 1 + np.cumsum([0, *sizes[:-1]]), strict=True))
+    expected = {"masked": True, "num_tasks": len(self.names),
+                "seq_len": len(self.names) * self.code_len, "vocab_size": 1 + sum(sizes)}
+    for key, value in expected.items():
+      if getattr(self.model, key) != value:
+        raise UserError(f"config.model.{key} must be {value} for the oracles {self.names} "
+                         f"(codes of {self.code_len} words from {sizes}), got "
+                         f"{getattr(self.model, key)}")
+
+  def span(self, name: str) -> tuple[int, int]:
+    """The positions of task `name`'s code in the sequence."""
+    first = self.names.index(name) * self.code_len
+    return first, first + self.code_len
+
+  def vocab(self, name: str) -> tuple[int, int]:
+    """The token ids of task `name`'s words."""
+    first = int(self.first_id[name])
+    return first, first + self.oracles[name].dict_size
+
+  def task_batch(self, batch: dict, name: str) -> dict:
+    """The batch as task `name` sees it: its labels as `labels`."""
+    return {**{k: v for k, v in batch.items() if not k.startswith("labels_")},
+            "labels": batch[f"labels_{name}"]}
+
+  def frozen_shapes(self) -> dict:
+    return {k: self._oracle_shapes(k) for k in self.names}
+
+  def _oracle_shapes(self, name: str) -> dict:
+    config = self.oracles[name]
+    tokens = math.prod(vit.patch_grid(config.input_size, config.patch_size))
+    inputs = {k: jnp.zeros((1, tokens, *shape)) for k, shape in config.inputs.items()}
+    return jax.eval_shape(lambda: with_state(self.oracles[name].init(
+        {"params": jax.random.key(0), "state": jax.random.key(1)}, inputs,
+        ctx=jnp.zeros((1, *config.input_size, 3)))))
+
+  def frozen_variables(self) -> dict:
+    """Every oracle's {'params', 'state'}, by task name."""
+    variables = {}
+    for name, section in self.oracle_sections.items():
+      if not section.model_init:
+        raise UserError(f"config.oracles.{name}.model_init is not set: multi-task stage II "
+                         "needs a trained stage I per task")
+      check_oracle_config(section, section.model_init)
+      shapes = self._oracle_shapes(name)
+      variables[name] = load_stage1_variables(
+          section.model_init, shapes["params"], shapes["state"], self.oracles[name].scan_layers,
+          f"config.oracles.{name}.model_init={section.model_init}")
+    return variables
+
+  def abstract_batch(self, batch_size: int) -> dict:
+    batch = {}
+    for name in self.names:
+      one = _abstract_batch(self.tasks[name], batch_size, self.model.input_size,
+                            self.oracles[name].input_size)
+      batch.update({"image": one["image"], "image_ctx": one["image_ctx"],
+                    f"labels_{name}": one["labels"]})
+    return batch
+
+  def task_code(self, oracle_variables: dict, batch: dict, name: str) -> tuple[jnp.ndarray, dict]:
+    """Task `name`'s oracle code of the batch's labels as tokens (B, code_len), and stats."""
+    oracle = self.oracles[name]
+    inputs, ctx, stats = label_inputs(self.tasks[name], self.task_batch(batch, name),
+                                      self.oracle_sections[name].model)
+    _, aux = oracle.apply(oracle_variables[name], inputs, ctx=ctx, method=oracle.encode)
+    stats = {**stats, **{f"oracle_{k}": v for k, v in aux.items() if k.startswith("codebook_")}}
+    return jax.lax.stop_gradient(aux["code"]) + self.first_id[name], stats
+
+  def targets(self, oracle_variables: dict, batch: dict) -> tuple[jnp.ndarray, dict]:
+    """Every task's code as one sequence of tokens, and per-task code statistics."""
+    codes, stats = [], {}
+    for name in self.names:
+      code, task_stats = self.task_code(oracle_variables, batch, name)
+      codes.append(code)
+      stats.update({f"{name}/{k}": v for k, v in task_stats.items()})
+    return jnp.concatenate(codes, axis=1), stats
+
+  def _training_mask(self, rng: jax.Array, batch: int) -> jnp.ndarray:
+    """(B, L) hidden positions: per example each task is a condition (nothing hidden) with
+    probability `condition_rate`, else a target hiding `lm.training_mask` of its code; an
+    example whose tasks all drew "condition" has one of them, at random, as a target."""
+    role_rng, pick_rng, mask_rng = jax.random.split(rng, 3)
+    num_tasks = len(self.names)
+    condition = jax.random.bernoulli(role_rng, self.condition_rate, (batch, num_tasks))
+    pick = jax.random.randint(pick_rng, (batch, 1), 0, num_tasks) == jnp.arange(num_tasks)
+    condition = condition & ~(jnp.all(condition, axis=1, keepdims=True) & pick)
+    hidden = lm.training_mask(mask_rng, batch * num_tasks, self.code_len,
+                              self.model.min_mask_ratio).reshape(batch, num_tasks, -1)
+    return (hidden & ~condition[:, :, None]).reshape(batch, -1)
+
+  def _per_task(self, values_BxL: jnp.ndarray, weights_BxL: jnp.ndarray) -> dict:
+    """Weighted means of `values` over each task's positions (over the whole batch)."""
+    out = {}
+    for name in self.names:
+      first, end = self.span(name)
+      w = weights_BxL[:, first:end]
+      out[name] = jnp.sum(values_BxL[:, first:end] * w) / jnp.maximum(jnp.sum(w), 1)
+    return out
+
+  def loss(self, params, model_state, frozen, batch: dict, rng: jax.Array):
+    targets, stats = self.targets(frozen, batch)
+    hidden = self._training_mask(jax.random.fold_in(rng, 1), len(targets))
+    logits = self.model.apply({"params": params}, batch["image"],
+                              jnp.where(hidden, lm.MASK, targets), train=True,
+                              rngs={"dropout": rng})
+    xent = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    per_example = jnp.sum(xent * hidden, axis=1) / jnp.maximum(jnp.sum(hidden, axis=1), 1)
+    metrics = {**{f"loss_{k}": v for k, v in self._per_task(xent, hidden).items()},
+               **{f"token_accuracy_{k}": v for k, v in self._per_task(correct, hidden).items()},
+               "token_accuracy": jnp.sum(correct * hidden) / jnp.sum(hidden), **stats}
+    return jnp.mean(per_example), (metrics, model_state)
+
+  def chain_steps(self, chain: Any) -> list[tuple[str, dict]]:
+    """`chain` (task names, or (name, sampler options) pairs; None: every task in order) as
+    (name, options) steps, checked."""
+    steps = [(c, {}) if isinstance(c, str) else (c[0], dict(c[1]))
+             for c in (self.names if chain is None else chain)]
+    for name, _ in steps:
+      if name not in self.names:
+        raise UserError(f"chain: unknown task {name!r}; the model's tasks are {self.names}")
+    return steps
+
+  def predict_samples(self, variables: dict, batch: dict, *, chain: Any = None,
+                      given: tuple[str, ...] = (), seed: int = 0, **sampling) -> dict:
+    """Chained generation: the codes of the `given` tasks from their oracles (the batch's
+    `labels_<name>`), then each step of `chain` decodes its task's code (`decoding.sample`
+    with the step's options over `sampling`, e.g. scheme, steps, temperature, guidance) given
+    every code so far. Returns each decoded or given task's outputs (from its oracle), its
+    code `code_<name>` and the sequence `code`, each with a samples axis of 1."""
+    images = batch["image"]
+    tokens = jnp.full((len(images), self.model.seq_len), lm.MASK, jnp.int32)
+    for name in given:
+      first, end = self.span(name)
+      tokens = tokens.at[:, first:end].set(self.task_code(variables["oracle"], batch, name)[0])
+    steps = self.chain_steps(chain)
+    rngs = image_rngs(images, seed)
+    for i, (name, options) in enumerate(steps):
+      if name in given:
+        raise UserError(f"chain: task {name!r} is both given and decoded")
+      tokens, _ = decoding.sample(
+          self.model, variables["params"], images, jax.vmap(jax.random.fold_in, (0, None))(
+              rngs, i), given=tokens, span=self.span(name), vocab=self.vocab(name),
+          **{**sampling, **options})
+      tokens = tokens[:, 0]
+    outputs = {"code": tokens[:, None]}
+    for name in (*given, *(n for n, _ in steps)):
+      first, end = self.span(name)
+      code = tokens[:, first:end] - self.first_id[name]
+      oracle = self.oracles[name]
+      logits, _ = oracle.apply(variables["oracle"][name], code,
+                               ctx=batch.get("image_ctx", images), discrete_input=True,
+                               method=oracle.decode)
+      task_outputs = self.tasks[name].predict_outputs(logits, self.oracle_sections[name].model)
+      outputs.update({k: v[:, None] for k, v in task_outputs.items()})
+      outputs[f"code_{name}"] = code[:, None]
+    return outputs
+
+  def eval_fns(self) -> dict[str, Callable]:
+    """`loss`: each task's cross-entropy from the image alone in one pass (every position
+    hidden); `predict`: `predict_samples` (default chain: every task in order)."""
+    def loss(v, batch):
+      targets, _ = self.targets(v["oracle"], batch)
+      logits = self.model.apply({"params": v["params"]}, batch["image"],
+                                jnp.full_like(targets, lm.MASK))
+      xent = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+      parts = {f"loss_{k}": jnp.mean(xent[:, slice(*self.span(k))], axis=1) for k in self.names}
+      return jnp.mean(xent, axis=1), {"loss_code": jnp.mean(xent, axis=1), **parts}
+
+    def predict(v, batch, **kwargs):
+      return jax.tree.map(lambda x: x[:, 0], self.predict_samples(v, batch, **kwargs))
+    predict.__wrapped__ = self.predict_samples
+
+    return {"loss": loss, "predict": predict}
+
+
 def _abstract_batch(task, batch_size: int, image_size, label_size) -> dict:
   """{'image', 'image_ctx', 'labels'} as jax.ShapeDtypeStructs."""
   channels, dtype = task.LABELS
@@ -383,7 +586,9 @@ STAGES = {"proj.uvim.vit": StageI, "proj.uvim.lm": StageII}
 
 
 def get_stage(config) -> StageI | StageII:
-  """The stage of `config.model_name`."""
+  """The stage of `config.model_name` (a multi-task stage II with `config.oracles`)."""
+  if "oracles" in config:
+    return MultiTaskStageII(config)
   if config.model_name not in STAGES:
     models.get_model(config.model_name, config.model)  # raises, naming the known models
   return STAGES[config.model_name](config)

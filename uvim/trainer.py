@@ -40,10 +40,10 @@ KNOWN_KEYS = {
     "log_training_steps", "log_eval_steps", "checkpoint_steps", "keep_checkpoint_steps",
     "model_name", "model", "model_init", "optax_name", "optax", "lr", "wd", "schedule",
     "grad_clip_norm", "lr_mults", "evals", "mesh", "oracle", "grad_accum_steps",
-    "compute_dtype", "remat", "scan_layers", "attention",
+    "compute_dtype", "remat", "scan_layers", "attention", "oracles", "condition_rate",
 }
 # Keys that must not change when a run resumes from its workdir.
-RESUME_KEYS = ("task", "model_name", "model", "optax_name", "optax", "oracle")
+RESUME_KEYS = ("task", "model_name", "model", "optax_name", "optax", "oracle", "oracles")
 
 
 @flax.struct.dataclass
