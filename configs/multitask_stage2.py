@@ -15,7 +15,7 @@ import ml_collections as mlc
 
 from configs import common, depth_stage2, panoptic_stage2
 
-TASKS = ("panoptic", "depth")  # the order of the codes in the sequence
+TASKS = ("depth", "panoptic")  # the sequence holds their codes in sorted order
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
@@ -55,6 +55,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   config.evals = [("val", "validation"), ("panoptic_val", "coco_panoptic"),
                   ("nyu_depth_val", "nyu_depth")]
   config.val.pp = config.pp_eval
+  config.val.split = config.get_ref("val_split")
+  config.val.log_steps = config.get_ref("log_eval_steps")
   config.panoptic_val.predict_kwargs = {"chain": ("panoptic",)}
   config.nyu_depth_val = depth.nyu_depth_val
   config.nyu_depth_val.predict_kwargs = {"chain": ("depth",)}

@@ -12,6 +12,7 @@ The trainer (uvim/trainer.py) is the same for both. A stage provides
 
 `StageII.predict_samples` is the one predict path (image -> sampled code -> stage I decoder with
 the image context -> task output), used by the evaluators during training and by predict.py.
+`MultiTaskStageII` (a config with `oracles`) is stage II over several tasks' codes at once.
 """
 
 import dataclasses
@@ -364,7 +365,8 @@ class StageII:
 class MultiTaskStageII(StageII):
   """Stage II over several tasks' codes (`config.oracles`: task name -> oracle section as in
   `config.oracle`): one masked model (`model.num_tasks`) whose sequence is the tasks' codes in
-  the order of `config.oracles`, word w of task k as token 1 + (words of the tasks before k) + w;
+  the sorted order of their names, word w of task k as token 1 + (words of the tasks before k)
+  + w;
   each task reads its labels from `labels_<name>`. In training every example gives each task a
   role: condition (its code visible whole, probability `config.condition_rate`) or target (a
   cosine-scheduled part hidden, the loss on it), at least one target; so the model learns
@@ -532,7 +534,7 @@ class MultiTaskStageII(StageII):
               rngs, i), given=tokens, span=self.span(name), vocab=self.vocab(name),
           **{**sampling, **options})
       tokens = tokens[:, 0]
-    outputs = {"code": tokens[:, None]}
+    outputs = {"code": tokens[:, None] - 1}  # as a single task's: token - 1
     for name in (*given, *(n for n, _ in steps)):
       first, end = self.span(name)
       code = tokens[:, first:end] - self.first_id[name]

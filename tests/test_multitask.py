@@ -1,0 +1,174 @@
+"""Multi-task stage II: per-task losses, the roles of training, and chained generation."""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_stage2 import LM_TINY, stage2_config
+from test_trainer import TINY, tiny_config
+
+from configs import depth_stage1, multitask_stage2
+from uvim import checkpoint, decoding, input_pipeline, sharding, stages, trainer
+from uvim.models import lm
+
+
+def first_batch(config, size=4) -> dict:
+  """The first `size` validation examples through the config's eval pp, as numpy."""
+  mesh = sharding.make_mesh([("data", -1)])
+  batches, _ = input_pipeline.eval_data(config, "validation", config.pp_eval, 8, mesh)
+  return jax.tree.map(lambda x: np.asarray(x)[:size], next(iter(batches)))
+
+
+def depth_oracle_config(data_dir):
+  c = depth_stage1.get_config("smoke")
+  c.dataset, c.data_dir = "toy_scenes/tiny", str(data_dir)
+  c.train_split, c.val_split = "train", "validation"
+  c.batch_size, c.total_steps, c.evals = 8, 4, []
+  c.log_training_steps, c.checkpoint_steps = 1, 4
+  c.model.update(TINY)
+  return c
+
+
+@pytest.fixture(scope="module")
+def oracles(toy_data_dir, tmp_path_factory):
+  """Tiny panoptic and depth stage I runs (codes of 16 words from 16)."""
+  dirs = {k: tmp_path_factory.mktemp(k) for k in ("panoptic", "depth")}
+  trainer.train_and_evaluate(tiny_config(toy_data_dir, total_steps=4, evals=[]),
+                             dirs["panoptic"])
+  trainer.train_and_evaluate(depth_oracle_config(toy_data_dir), dirs["depth"])
+  return dirs
+
+
+def multitask_config(data_dir, oracles, names=("panoptic", "depth")):
+  c = multitask_stage2.get_config("smoke")
+  c.dataset, c.data_dir = "toy_scenes/tiny", str(data_dir)
+  c.train_split, c.val_split = "train", "validation"
+  c.batch_size, c.total_steps = 8, 3
+  c.log_training_steps, c.log_eval_steps, c.checkpoint_steps = 1, 3, 3
+  for name in list(c.oracles):
+    if name not in names:
+      del c.oracles[name]
+  for name, oracle in c.oracles.items():
+    oracle.model.update(TINY)
+    oracle.model_init = str(oracles[name])
+  c.model.update(LM_TINY, num_tasks=len(names), seq_len=16 * len(names),
+                 vocab_size=1 + 16 * len(names))
+  c.panoptic_val.split = c.nyu_depth_val.split = "validation[:8]"
+  return c
+
+
+@pytest.fixture(scope="module")
+def trained(toy_data_dir, oracles, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("multitask")
+  config = multitask_config(toy_data_dir, oracles)
+  trainer.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+@pytest.mark.slow
+def test_multitask_stage2_logs_each_tasks_loss_and_scores_each_task(trained):
+  _, workdir = trained
+  lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  first = {k: v for x in lines if x["step"] == 1 for k, v in x.items()}
+  # The logits head starts at zero: every task's loss is that of a uniform vocabulary of 33.
+  for name in ("panoptic", "depth"):
+    assert first[f"loss_{name}"] == pytest.approx(np.log(33), rel=1e-5)
+    assert f"{name}/oracle_codebook_usage" in first and f"token_accuracy_{name}" in first
+  final = {k: v for x in lines if x["step"] == 3 for k, v in x.items()}
+  assert {"val/loss_panoptic", "val/loss_depth", "coco_panoptic/PQ", "nyu_depth/rmse"} <= set(final)
+
+
+def test_training_roles_hide_nothing_of_a_condition_and_leave_a_target(toy_data_dir, oracles):
+  stage = stages.get_stage(multitask_config(toy_data_dir, oracles))
+  hidden = np.asarray(stage._training_mask(jax.random.key(0), 4000)).reshape(4000, 2, 16)
+  targets = hidden.any(axis=2)
+  assert targets.any(axis=1).all()  # at least one target per example
+  # condition_rate 0.5 per task, an all-condition example (1/4) has one random target:
+  # both tasks targets 1/4, task 0 a target 1/2 + 1/8.
+  assert targets.all(axis=1).mean() == pytest.approx(0.25, abs=0.03)
+  assert targets[:, 0].mean() == pytest.approx(0.625, abs=0.03)
+
+
+def chain_reference(stage, params, images, given_tokens, chain, steps):
+  """Greedy confidence-first decoding of each task of `chain` in turn, one full decoder pass
+  per step, in Python: the tokens of other spans are whatever the previous steps left."""
+  tokens = np.array(given_tokens)
+  for name in chain:
+    first, end = stage.span(name)
+    low, high = stage.vocab(name)
+    for count in decoding.tokens_per_step(end - first, steps, "cosine"):
+      logits = np.asarray(stage.model.apply({"params": params}, images, jnp.asarray(tokens)))
+      allowed = np.full(logits.shape[-1], -np.inf)
+      allowed[low:high] = 0
+      logp = jax.nn.log_softmax(logits + allowed, axis=-1)
+      best, score = np.argmax(logp, -1), np.max(logp, -1)
+      for b in range(len(tokens)):
+        free = [i for i in range(first, end) if tokens[b, i] == lm.MASK]
+        for i in sorted(free, key=lambda i: -score[b, i])[:count]:
+          tokens[b, i] = best[b, i]
+  return tokens
+
+
+def test_chains_condition_on_the_previous_steps_and_keep_given_codes(toy_data_dir, trained):
+  config, workdir = trained
+  stage = stages.get_stage(config)
+  params = jax.tree.map(jnp.asarray, checkpoint.load_npz(workdir / "params.npz")["params"])
+  variables = {"params": params, "oracle": stage.frozen_variables()}
+  batch = first_batch(config)
+  images = batch["image"]
+  options = dict(scheme="maskgit", steps=3, choice_temperature=0.0)
+
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == "fill_in" and isinstance(context.module, lm.Model):
+      jax.debug.callback(lambda x: seen.append(np.asarray(x)), args[1])
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    out = stage.predict_samples(variables, batch, chain=("depth", "panoptic"), **options)
+  code = np.asarray(out["code"][:, 0]) + 1  # tokens
+  start = np.full(code.shape, lm.MASK)
+  np.testing.assert_array_equal(code, chain_reference(
+      stage, variables["params"], images, start, ("depth", "panoptic"), 3))
+  depth = slice(*stage.span("depth"))
+  assert len(seen) == 6
+  for inputs in seen[3:]:  # the panoptic steps see exactly the depth code decoded before
+    np.testing.assert_array_equal(inputs[:, depth], code[:, depth])
+  assert (seen[0] == lm.MASK).all()
+
+  seen.clear()
+  with nn.intercept_methods(record):
+    out = stage.predict_samples(variables, batch, chain=("panoptic",), given=("depth",),
+                                **options)
+  truth, _ = stage.task_code(variables["oracle"], batch, "depth")
+  code = np.asarray(out["code"][:, 0]) + 1
+  np.testing.assert_array_equal(code[:, depth], truth)  # the given code is never overwritten
+  np.testing.assert_array_equal(out["code_depth"][:, 0],
+                                np.asarray(truth) - stage.first_id["depth"])
+  for inputs in seen:
+    np.testing.assert_array_equal(inputs[:, depth], truth)
+  assert {"semantics", "instances", "depth"} <= set(out)
+
+
+def test_a_one_task_model_predicts_like_the_single_task_stage(toy_data_dir, oracles):
+  """With one task the multi-task prediction path is the single-task masked stage II's: same
+  parameters, same codes and outputs."""
+  multi = stages.get_stage(multitask_config(toy_data_dir, oracles, names=("panoptic",)))
+  single_config = stage2_config(toy_data_dir, oracles["panoptic"])
+  single_config.model.masked = True
+  single = stages.get_stage(single_config)
+  batch = first_batch(single_config)
+  params = single.init_variables(jax.random.key(0), batch)["params"]
+  params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape),
+                        params)  # non-zero logits
+  oracle = single.frozen_variables()
+  options = dict(scheme="maskgit", steps=4, choice_temperature=0.0)
+  ours = multi.predict_samples({"params": params, "oracle": {"panoptic": oracle}},
+                               {**batch, "labels_panoptic": batch["labels"]}, **options)
+  theirs = single.predict_samples({"params": params, "oracle": oracle}, batch, **options)
+  for k in ("code", "semantics", "instances"):
+    np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
