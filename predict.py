@@ -14,7 +14,7 @@ An unreadable file is reported and skipped; the exit status is then non-zero.
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +59,10 @@ _CHOICE_TEMPERATURE = flags.DEFINE_float(
     "choice_temperature", 4.5, "maskgit: scale of the Gumbel noise on the confidence, annealed "
     "over the steps (MaskGIT's 4.5; 0 decides the most confident tokens first, which drifts "
     "from the random masks of training: worse on the toy tasks).")
+_CHAIN = flags.DEFINE_list("chain", None, "Multi-task models: the tasks to decode, in turn, "
+                           "each conditioned on those before (default: all, in order).")
+_GIVEN = flags.DEFINE_list("given", [], "Multi-task models and a tfds --input: tasks whose code "
+                           "is the oracle's code of the ground truth, a condition of the chain.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (each image also hashes its pixels).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
 _SHEET_ROWS = flags.DEFINE_integer("sheet_rows", 8, "Images on the contact sheet (0: none).")
@@ -83,6 +87,11 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("Give --workdir or --checkpoint (the trained stage II model).")
   try:
     model = api.Model(config, source)
+    chain = {}
+    if model.multitask:
+      chain = {"chain": tuple(_CHAIN.value or model.stage.names), "given": tuple(_GIVEN.value)}
+    elif _CHAIN.value or _GIVEN.value:
+      raise UserError("--chain and --given need a multi-task model (config.oracles)")
     failures = run(model, _INPUT.value, Path(_OUTPUT.value), temperature=_TEMPERATURE.value,
                    num_samples=_NUM_SAMPLES.value, batch_size=_BATCH_SIZE.value,
                    sheet_rows=_SHEET_ROWS.value,
@@ -92,7 +101,7 @@ def main(argv: list[str]) -> None:
                                  scheme=_SCHEME.value, steps=_STEPS.value,
                                  token_schedule=_TOKEN_SCHEDULE.value,
                                  temperature_schedule=_TEMPERATURE_SCHEDULE.value,
-                                 choice_temperature=_CHOICE_TEMPERATURE.value))
+                                 choice_temperature=_CHOICE_TEMPERATURE.value, **chain))
   except UserError as e:
     sys.exit(f"FATAL {e}")
   if failures:
@@ -106,9 +115,12 @@ def run(model: api.Model, source: str, output: Path, *, temperature: float | Non
   `sheet_rows` images into `output`; returns the inputs that failed. `temperature` None is the
   task's default; `sampling` holds the other options of `api.Model.predict_batch`."""
   output.mkdir(parents=True, exist_ok=True)
+  if model.multitask:
+    return run_chain(model, source, output, batch_size=batch_size, sheet_rows=sheet_rows,
+                     sampling=dict(sampling, temperature=temperature or 0.0))
   config, stage = model.config, model.stage
   predict = lambda batch, **kwargs: model.predict_batch(batch, **sampling, **kwargs)
-  categories = panoptic_categories(config, stage)
+  categories = panoptic_categories(config, stage.task, stage.oracle_config)
   failures: list[str] = []
   examples = read_inputs(source, model, failures)
   total = examples.total
@@ -137,6 +149,50 @@ def run(model: api.Model, source: str, output: Path, *, temperature: float | Non
   print(file=sys.stderr)
   if rows:
     titles = ["ground truth", "input", "T=0", *(f"T=1 #{k + 1}" for k in range(SHEET_SAMPLES))]
+    sheet = visualize.contact_sheet([r for r, _ in rows], titles, [n[:16] for _, n in rows],
+                                    cell_size=160)
+    visualize.save_png(output / "contact_sheet.png", sheet)
+  print(f"Wrote predictions for {done} image(s) to {output}", file=sys.stderr)
+  return failures
+
+
+def run_chain(model: api.Model, source: str, output: Path, *, batch_size: int,
+              sheet_rows: int, sampling: dict) -> list[str]:
+  """`run` for a multi-task model: every task of the chain (and every given one) writes its
+  files as `<name>_<task>.*`; the contact sheet shows the input, then per task the ground
+  truth (tfds inputs) and the chain's prediction."""
+  stage = model.stage
+  if sampling["given"] and ":" not in source:
+    raise UserError("--given needs a tfds --input (the ground truth of the given tasks)")
+  names = (*sampling["given"], *sampling["chain"])
+  categories = {n: panoptic_categories(model.config, stage.tasks[n],
+                                        stage.oracle_sections[n].model)
+                for n in names}
+  failures: list[str] = []
+  examples = read_inputs(source, model, failures)
+  rows, done, start = [], 0, time.perf_counter()
+  for batch_examples in batched(examples, batch_size):
+    batch = pad_batch([e["model"] for e in batch_examples], batch_size,
+                      [f"labels_{n}" for n in sampling["given"]])
+    outputs = model.predict_batch(batch, **sampling)
+    for i, example in enumerate(batch_examples):
+      image, name, cells = example["image"], example["name"], [
+          model_view(example["model"]["image"], example["image"])]
+      for n in names:
+        task, out = stage.tasks[n], take(outputs, i, 0)
+        task.save(out, image, output / f"{name}_{n}", categories[n])
+        truth = example["model"].get(f"labels_{n}")
+        cells += [None if truth is None else task.render_labels(truth, image),
+                  task.render(out, image)]
+      if len(rows) < sheet_rows:
+        rows.append((cells, name))
+    done += len(batch_examples)
+    show_progress(done, examples.total, start)
+  print(file=sys.stderr)
+  if rows:
+    titles = ["input", *(t for n in names for t in (f"{n}: truth", f"{n}: "
+                                                   + ("given" if n in sampling["given"]
+                                                      else "chain")))]
     sheet = visualize.contact_sheet([r for r, _ in rows], titles, [n[:16] for _, n in rows],
                                     cell_size=160)
     visualize.save_png(output / "contact_sheet.png", sheet)
@@ -230,16 +286,18 @@ def batched(examples, size: int) -> Iterator[list[dict]]:
     yield batch
 
 
-def pad_batch(examples: list[dict], size: int) -> dict:
-  """Stacks the model inputs, repeating the last example up to `size` (one compilation)."""
-  keys = ("image", "image_ctx")
+def pad_batch(examples: list[dict], size: int, labels: Sequence[str] = ()) -> dict:
+  """Stacks the model inputs (and the `labels` keys), repeating the last example up to `size`
+  (one compilation)."""
+  keys = ("image", "image_ctx", *labels)
   rows = examples + [examples[-1]] * (size - len(examples))
   return {k: np.stack([r[k] for r in rows]) for k in keys if k in examples[0]}
 
 
-def panoptic_categories(config, stage) -> list[dict]:
-  """The dataset's COCO categories when known, else ids 1..N for the N classes."""
-  if config.oracle.task != "panoptic_segmentation":
+def panoptic_categories(config, task, oracle_config) -> list[dict]:
+  """The dataset's COCO categories when known, else ids 1..N for the N classes (none for
+  other tasks)."""
+  if task.__name__ != "uvim.tasks.panoptic":
     return []
   from uvim.panoptic_format import panoptic_categories as categories_of
 
@@ -248,7 +306,7 @@ def panoptic_categories(config, stage) -> list[dict]:
   except Exception as e:  # any reason: fall back to class indices
     logging.warning("No categories from %s (%s); category_id = class index + 1", config.dataset,
                     e)
-    num_classes = stage.oracle_config.inputs["semantics"][0] - 1
+    num_classes = oracle_config.inputs["semantics"][0] - 1
     return [{"id": k + 1, "name": f"class {k + 1}", "isthing": 1} for k in range(num_classes)]
 
 

@@ -52,13 +52,22 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   config.model.seq_len = sum(config.oracles[k].model.code_len for k in TASKS)
   config.model.vocab_size = 1 + sum(config.oracles[k].model.dict_size for k in TASKS)
 
+  # Evaluations: image -> each task. Their pp give every task's labels, so that a chain can
+  # start from the oracle's code of one (`chain_study`, `predict_kwargs` given=(...)).
   config.evals = [("val", "validation"), ("panoptic_val", "coco_panoptic"),
                   ("nyu_depth_val", "nyu_depth")]
   config.val.pp = config.pp_eval
   config.val.split = config.get_ref("val_split")
   config.val.log_steps = config.get_ref("log_eval_steps")
+  labels = ('coco_panoptic|concat(["semantics","instances"], "labels_panoptic")|'
+            'nyu_depth(outkey="labels_depth")|')
+  keep = '"image", "image_ctx", "labels_panoptic", "labels_depth"'
+  config.panoptic_val.pp = (f'{labels}{_resized(res)}make_canonical(key="labels_panoptic")|'
+                            f'keep({keep}, "image/id")')
   config.panoptic_val.predict_kwargs = {"chain": ("panoptic",)}
   config.nyu_depth_val = depth.nyu_depth_val
+  config.nyu_depth_val.pp = (f'{labels}copy("labels_depth", "ground_truth")|{_resized(res)}'
+                             f'make_canonical(key="labels_panoptic")|keep({keep}, "ground_truth")')
   config.nyu_depth_val.predict_kwargs = {"chain": ("depth",)}
   for name in ("panoptic_train", "panoptic_holdout"):
     del config[name]

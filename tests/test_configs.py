@@ -13,6 +13,7 @@ from configs import (
     common,
     depth_stage1,
     depth_stage2,
+    multitask_stage2,
     panoptic_stage1,
     panoptic_stage2,
 )
@@ -90,6 +91,19 @@ def test_stage2_oracle_is_the_stage1_model(stage1, stage2, workdir, variant):
     assert oracle.model_init == workdir
   if variant == "cpu":
     assert oracle.model_init == f"{workdir}_cpu"
+
+
+@pytest.mark.parametrize("variant", ["smoke", "cpu"])
+def test_multitask_config_holds_both_toy_oracles_and_builds_its_pp(variant):
+  config = multitask_stage2.get_config(variant)
+  suffix = "_cpu" if variant == "cpu" else ""
+  assert {k: o.model_init for k, o in config.oracles.items()} == {
+      "depth": f"runs/depth_stage1{suffix}", "panoptic": f"runs/panoptic_stage1{suffix}"}
+  assert (config.model.seq_len, config.model.vocab_size) == (128, 513) and config.model.masked
+  for spec in [config.pp_train, config.pp_eval, *(config[n].pp for n, _ in config.evals)]:
+    get_preprocess_fn(spec)
+  with pytest.raises(ValueError, match="needs a dataset with both tasks' labels"):
+    multitask_stage2.get_config(None)
 
 
 @pytest.mark.parametrize("module", CONFIGS, ids=lambda m: m.__name__.split(".")[-1])

@@ -42,15 +42,18 @@ class Model:
       raise UserError(f"{checkpoint}: a {config.model_name!r} model; api.load takes stage II "
                       "models ('proj.uvim.lm'), which predict from images alone")
     self.config = config
-    self.stage = stages.StageII(config)
-    self.task = self.stage.task
+    self.stage = stages.get_stage(config)
+    # A multi-task model (config.oracles) has a task per oracle, in `tasks`, and no `task`.
+    self.multitask = isinstance(self.stage, stages.MultiTaskStageII)
+    self.tasks = self.stage.tasks if self.multitask else {}
+    self.task = None if self.multitask else self.stage.task
     image = jax.ShapeDtypeStruct((1, *self.stage.model.input_size, 3), np.float32)
     shapes = jax.eval_shape(self.stage.init_variables, jax.random.key(0), {"image": image})
     params, _ = self.stage.load_init(checkpoint, shapes["params"], {})
     self.variables = jax.device_put(self.stage.variables(params, {},
                                                          self.stage.frozen_variables()))
-    self._predict = jax.jit(self.stage.predict_samples,
-                            static_argnames=(*decoding.OPTIONS, "seed"))
+    static = (*decoding.OPTIONS, "seed", *(("chain", "given") if self.multitask else ()))
+    self._predict = jax.jit(self.stage.predict_samples, static_argnames=static)
     self._pp = None
 
   def preprocess(self, image: np.ndarray) -> dict[str, np.ndarray]:
@@ -68,13 +71,18 @@ class Model:
     sampled `code` and its `code_logprob`. `temperature` None is the task's default;
     `sampling` takes `decoding.sample`'s options: `num_samples`, `top_k`, `top_p`, `scheme`
     and `steps` (`ar`, or `maskgit` / `roar` on a masked model), `guidance` (classifier-free
-    guidance's scale, 1 = none; the model needs cond_dropout), their schedules..."""
-    unknown = set(sampling) - set(decoding.OPTIONS)
+    guidance's scale, 1 = none; the model needs cond_dropout), their schedules... A multi-task
+    model also takes `chain` (task names decoded in turn; default all) and `given` (tasks
+    whose code comes from `labels_<name>` in the batch): see `MultiTaskStageII`."""
+    valid = set(decoding.OPTIONS) | ({"chain", "given"} if self.multitask else set())
+    unknown = set(sampling) - valid
     if unknown:
-      raise UserError(f"unknown sampling option(s) {sorted(unknown)}; valid: "
-                      f"{sorted(decoding.OPTIONS)}")
+      raise UserError(f"unknown sampling option(s) {sorted(unknown)}; valid: {sorted(valid)}")
+    if self.multitask:
+      sampling = {k: tuple(v) if k in ("chain", "given") else v for k, v in sampling.items()}
+      self.stage.chain_steps(sampling.get("chain"))  # names a task the model does not have
     if temperature is None:
-      temperature = self.task.DEFAULT_TEMPERATURE
+      temperature = 0.0 if self.multitask else self.task.DEFAULT_TEMPERATURE
     guidance = sampling.get("guidance", 1.0)
     if guidance != 1.0 and not self.stage.model.cond_dropout:
       raise UserError(f"guidance {guidance}: this model was trained without condition dropout "

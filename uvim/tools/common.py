@@ -30,12 +30,14 @@ def task_evaluator(config) -> tuple[str, str]:
                   f"{list(config.evals)}")
 
 
-def make_evaluator(config, fns: dict[str, Callable], split: str, mesh, pp: str | None = None):
-  """The config's end-task evaluator on `split` (with pp `pp`, if given), scoring `fns`."""
+def make_evaluator(config, fns: dict[str, Callable], split: str, mesh, pp: str | None = None,
+                   name: str | None = None):
+  """The config's end-task evaluator (or its evaluator `name`) on `split` (with pp `pp`, if
+  given), scoring `fns`."""
   from evaluators import common as evaluators_common
 
   evaluators_common.register_all()
-  name, kind = task_evaluator(config)
+  name, kind = (name, dict(config.evals)[name]) if name else task_evaluator(config)
   options = {k: v for k, v in dict(config[name]).items()
              if k not in ("write_predictions", "predict_kwargs")}
   options["split"] = split

@@ -1,0 +1,139 @@
+r"""Scores chained generation of a multi-task stage II (the README's chain table).
+
+  python -m uvim.tools.chain_study --workdir runs/multitask_stage2 --input "validation[:256]" \
+      --output runs/chains [--singles runs/panoptic_stage2_masked,runs/depth_stage2_masked]
+
+For each task T of the model it scores, with T's evaluator of the run (PQ, depth RMSE): T from
+the image alone; T after each other task O decoded first (image -> O -> T); and T given the
+oracle's code of O's ground-truth labels (image + O's code -> T). Every step decodes with
+--scheme in --steps steps (greedy). `--singles` adds single-task stage II runs of the same
+tasks, scored the same way (their own scheme if causal). Writes `chains.md` and `chains.csv`.
+"""
+
+import csv
+import functools
+import sys
+import time
+from pathlib import Path
+
+import jax
+from absl import app, flags
+
+from uvim import api, cli, stages, trainer
+from uvim.errors import UserError
+from uvim.tools import common
+
+# The evaluator type that scores each task.
+TASK_EVALUATORS = {"panoptic_segmentation": "coco_panoptic", "depth": "nyu_depth",
+                   "colorization": "psnr"}
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("workdir", None, "A multi-task stage II workdir.", required=True)
+  flags.DEFINE_string("input", None, "A split of the run's dataset, or `dataset:split`.",
+                      required=True)
+  flags.DEFINE_string("output", None, "Directory for the table.", required=True)
+  flags.DEFINE_list("singles", [], "Single-task stage II workdirs to score alongside.")
+  flags.DEFINE_string("scheme", "maskgit", "Parallel scheme of every chain step.")
+  flags.DEFINE_integer("steps", 8, "Parallel steps of every chain step.")
+
+
+def chains(names: tuple[str, ...]) -> list[tuple[str, dict]]:
+  """(row label, predict options) of every chain the study scores, target by target."""
+  rows = []
+  for target in names:
+    rows.append((f"image -> {target}", {"chain": (target,)}))
+    for other in (n for n in names if n != target):
+      rows.append((f"image -> {other} -> {target}", {"chain": (other, target)}))
+      rows.append((f"image + true {other} code -> {target}",
+                   {"chain": (target,), "given": (other,)}))
+  return rows
+
+
+def evaluator_of(config, task: str) -> str:
+  """The name of the run's evaluator that scores `task` (an oracle's task type)."""
+  kind = TASK_EVALUATORS[task]
+  for name, evaluator in config.evals:
+    if evaluator == kind:
+      return name
+  raise UserError(f"config.evals has no {kind!r} evaluator to score {task}: "
+                  f"{list(config.evals)}")
+
+
+def run(workdir: str, source: str, output: Path, *, singles: list[str], scheme: str,
+        steps: int) -> list[Path]:
+  """Scores every chain of the multi-task run, then the single-task runs; the files written."""
+  config = api.load_config(workdir)
+  if "oracles" not in config:
+    raise UserError(f"--workdir {workdir}: not a multi-task stage II run (no config.oracles)")
+  split = common.split_of(config, source)
+  stage = stages.get_stage(config)
+  image = jax.ShapeDtypeStruct((1, *stage.model.input_size, 3), "float32")
+  shapes = jax.eval_shape(stage.init_variables, jax.random.key(0), {"image": image})
+  params, _ = stage.load_init(workdir, shapes["params"], {})
+  variables = stage.variables(params, {}, stage.frozen_variables())
+  sampling = dict(scheme=scheme, steps=steps, temperature=0.0)
+  rows, start = [], time.perf_counter()
+  plan = chains(stage.names)
+  for i, (label, options) in enumerate(plan):
+    target = options["chain"][-1]
+    evaluator = evaluator_of(config, config.oracles[target].task)
+    predict = functools.partial(stage.eval_fns()["predict"], **sampling, **options)
+    metrics = _evaluate(config, predict, evaluator, split, variables)
+    rows.append({"run": Path(workdir).name, "target": target, "chain": label, **metrics})
+    print(f"{i + 1}/{len(plan)} {label}: {_headline(config, target, metrics)} "
+          f"({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
+  for single in singles:
+    model = api.load(single)
+    task = model.config.oracle.task
+    target = next((n for n in stage.names if config.oracles[n].task == task), task)
+    options = sampling if model.stage.model.masked else {"temperature": 0.0}
+    predict = functools.partial(model.stage.eval_fns()["predict"], **options)
+    metrics = _evaluate(model.config, predict, evaluator_of(model.config, task),
+                        common.split_of(model.config, source), model.variables)
+    rows.append({"run": Path(single).name, "target": target,
+                 "chain": f"image -> {target} (single-task)", **metrics})
+  return write_results(rows, config, output, f"{Path(workdir).name} on {source}")
+
+
+def _evaluate(config, predict, evaluator: str, split: str, variables) -> dict:
+  fns = {"predict": predict}
+  ev = common.make_evaluator(config, fns, split, trainer.make_mesh(config), name=evaluator)
+  return ev.run(variables)
+
+
+def _headline(config, target: str, metrics: dict) -> str:
+  metric = common.TASK_METRICS[TASK_EVALUATORS[config.oracles[target].task]]
+  return f"{metric} {metrics[metric]:.4g}"
+
+
+def write_results(rows: list[dict], config, output: Path, title: str) -> list[Path]:
+  """chains.csv (every metric) and chains.md (each target's headline metric)."""
+  output.mkdir(parents=True, exist_ok=True)
+  keys = list(dict.fromkeys(k for row in rows for k in row))
+  with open(output / "chains.csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, keys)
+    writer.writeheader()
+    writer.writerows(rows)
+  lines = [f"# Chained generation: {title}", "", "| run | chain | metric | value |",
+           "|---|---|---|---|"]
+  for row in rows:
+    metric = common.TASK_METRICS[TASK_EVALUATORS[config.oracles[row["target"]].task]]
+    lines.append(f"| {row['run']} | {row['chain']} | {metric} | {row[metric]:.4g} |")
+  (output / "chains.md").write_text("\n".join(lines) + "\n")
+  print("\n".join(lines))
+  return [output / "chains.csv", output / "chains.md"]
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli.quiet_library_logs()
+  f = flags.FLAGS
+  common.report_written(lambda: run(f.workdir, f.input, Path(f.output), singles=f.singles,
+                                    scheme=f.scheme, steps=f.steps))
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
