@@ -79,8 +79,10 @@ class Model:
     if unknown:
       raise UserError(f"unknown sampling option(s) {sorted(unknown)}; valid: {sorted(valid)}")
     if self.multitask:
-      sampling = {k: tuple(v) if k in ("chain", "given") else v for k, v in sampling.items()}
-      self.stage.chain_steps(sampling.get("chain"))  # names a task the model does not have
+      sampling = {**sampling, **{k: tuple(sampling[k]) for k in ("given",) if k in sampling}}
+      if sampling.get("chain") is not None:  # hashable (static under jit) and checked
+        sampling["chain"] = tuple((name, tuple(sorted(dict(options).items())))
+                                  for name, options in self.stage.chain_steps(sampling["chain"]))
     if temperature is None:
       temperature = 0.0 if self.multitask else self.task.DEFAULT_TEMPERATURE
     guidance = sampling.get("guidance", 1.0)
