@@ -216,12 +216,7 @@ class StageII:
 
   def frozen_shapes(self) -> dict:
     """Shapes of the oracle's {'params', 'state'}."""
-    size = self.oracle_config.input_size
-    tokens = math.prod(vit.patch_grid(size, self.oracle_config.patch_size))
-    inputs = {k: jnp.zeros((1, tokens, *shape)) for k, shape in self.oracle_config.inputs.items()}
-    return jax.eval_shape(lambda: with_state(self.oracle.init(
-        {"params": jax.random.key(0), "state": jax.random.key(1)}, inputs,
-        ctx=jnp.zeros((1, *size, 3)))))
+    return stage1_shapes(self.oracle, self.oracle_config)
 
   def frozen_variables(self) -> dict:
     """The oracle's {'params', 'state'} from `config.oracle.model_init`, checked against the
@@ -415,15 +410,7 @@ class MultiTaskStageII(StageII):
             "labels": batch[f"labels_{name}"]}
 
   def frozen_shapes(self) -> dict:
-    return {k: self._oracle_shapes(k) for k in self.names}
-
-  def _oracle_shapes(self, name: str) -> dict:
-    config = self.oracles[name]
-    tokens = math.prod(vit.patch_grid(config.input_size, config.patch_size))
-    inputs = {k: jnp.zeros((1, tokens, *shape)) for k, shape in config.inputs.items()}
-    return jax.eval_shape(lambda: with_state(self.oracles[name].init(
-        {"params": jax.random.key(0), "state": jax.random.key(1)}, inputs,
-        ctx=jnp.zeros((1, *config.input_size, 3)))))
+    return {k: stage1_shapes(self.oracles[k], self.oracle_sections[k].model) for k in self.names}
 
   def frozen_variables(self) -> dict:
     """Every oracle's {'params', 'state'}, by task name."""
@@ -433,7 +420,7 @@ class MultiTaskStageII(StageII):
         raise UserError(f"config.oracles.{name}.model_init is not set: multi-task stage II "
                          "needs a trained stage I per task")
       check_oracle_config(section, section.model_init)
-      shapes = self._oracle_shapes(name)
+      shapes = stage1_shapes(self.oracles[name], section.model)
       variables[name] = load_stage1_variables(
           section.model_init, shapes["params"], shapes["state"], self.oracles[name].scan_layers,
           f"config.oracles.{name}.model_init={section.model_init}")
@@ -563,6 +550,16 @@ class MultiTaskStageII(StageII):
     predict.__wrapped__ = self.predict_samples
 
     return {"loss": loss, "predict": predict}
+
+
+def stage1_shapes(model, model_config) -> dict:
+  """Shapes of a stage I model's {'params', 'state'}."""
+  size = model_config.input_size
+  tokens = math.prod(vit.patch_grid(size, model_config.patch_size))
+  inputs = {k: jnp.zeros((1, tokens, *shape)) for k, shape in model_config.inputs.items()}
+  return jax.eval_shape(lambda: with_state(model.init(
+      {"params": jax.random.key(0), "state": jax.random.key(1)}, inputs,
+      ctx=jnp.zeros((1, *size, 3)))))
 
 
 def _abstract_batch(task, batch_size: int, image_size, label_size) -> dict:
