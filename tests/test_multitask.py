@@ -2,11 +2,11 @@
 
 import json
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_parallel_decoding import decoder_inputs
 from test_stage2 import LM_TINY, stage2_config
 from test_trainer import TINY, tiny_config
 
@@ -130,14 +130,7 @@ def test_chains_condition_on_the_previous_steps_and_keep_given_codes(toy_data_di
   images = batch["image"]
   options = dict(scheme="maskgit", steps=3, choice_temperature=0.0)
 
-  seen = []
-
-  def record(next_fun, args, kwargs, context):
-    if context.method_name == "fill_in" and isinstance(context.module, lm.Model):
-      jax.debug.callback(lambda x: seen.append(np.asarray(x)), args[1])
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(record):
+  with decoder_inputs() as seen:
     out = stage.predict_samples(variables, batch, chain=("depth", "panoptic"), **options)
   code = np.asarray(out["code"][:, 0]) + 1  # tokens
   start = np.full(code.shape, lm.MASK)
@@ -149,8 +142,7 @@ def test_chains_condition_on_the_previous_steps_and_keep_given_codes(toy_data_di
     np.testing.assert_array_equal(inputs[:, depth], code[:, depth])
   assert (seen[0] == lm.MASK).all()
 
-  seen.clear()
-  with nn.intercept_methods(record):
+  with decoder_inputs() as seen:
     out = stage.predict_samples(variables, batch, chain=("panoptic",), given=("depth",),
                                 **options)
   truth, _ = stage.task_code(variables["oracle"], batch, "depth")

@@ -1,5 +1,6 @@
 """The masked stage II model and its parallel decoding (MaskGIT, ROAR) against brute force."""
 
+import contextlib
 import itertools
 
 import flax.linen as nn
@@ -90,11 +91,10 @@ def test_greedy_maskgit_equals_brute_force(steps, schedule, guidance):
   assert len(np.unique(want)) > 2
 
 
-@pytest.mark.parametrize("scheme", ["maskgit", "roar"])
-def test_each_step_decides_exactly_the_scheduled_tokens_and_never_changes_them(scheme):
-  """Sampled at T = 1 with choice noise; the code the decoder sees at each step is recorded."""
-  model, params, images = masked_model(seq_len=16)
-  keys = jax.random.split(jax.random.key(3), 3)
+@contextlib.contextmanager
+def decoder_inputs():
+  """A list that receives the code the masked decoder sees (`fill_in`'s tokens) at every
+  parallel step run inside, compiled or not."""
   seen = []
 
   def record(next_fun, args, kwargs, context):
@@ -103,6 +103,15 @@ def test_each_step_decides_exactly_the_scheduled_tokens_and_never_changes_them(s
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
+    yield seen
+
+
+@pytest.mark.parametrize("scheme", ["maskgit", "roar"])
+def test_each_step_decides_exactly_the_scheduled_tokens_and_never_changes_them(scheme):
+  """Sampled at T = 1 with choice noise; the code the decoder sees at each step is recorded."""
+  model, params, images = masked_model(seq_len=16)
+  keys = jax.random.split(jax.random.key(3), 3)
+  with decoder_inputs() as seen:
     tokens, _, order = decoding.sample(
         model, params, images, keys, scheme=scheme, steps=5, temperature=1.0,
         choice_temperature=4.5, num_samples=4, with_order=True)
