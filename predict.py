@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
-from uvim import api, cli, decoding, input_pipeline, visualize
+from uvim import api, cli, input_pipeline, visualize
 from uvim.errors import UserError
 
 _CONFIG = cli.define_config_flag()
@@ -34,41 +34,16 @@ _ORACLE = flags.DEFINE_string(
 _INPUT = flags.DEFINE_string("input", None, "An image file, a folder of images or a tfds split "
                              "(`dataset:split`).", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Directory to write predictions to.", required=True)
-_TEMPERATURE = flags.DEFINE_float("temperature", None, "Sampling temperature (0: argmax); "
-                                   "default: the task's (colour 1, others 0).")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1.0: all).")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Predictions per image; sample k > 0 is "
-                                    "written as `<name>_s<k>.*`.")
-_GUIDANCE = flags.DEFINE_float("guidance", 1.0, "Classifier-free guidance scale (4M's "
-                               "convention: 1 = none; needs a model trained with cond_dropout).")
-_GUIDANCE_SCHEDULE = flags.DEFINE_enum("guidance_schedule", "constant",
-                                       list(decoding.GUIDANCE_SCHEDULES),
-                                       "How the guidance scale rises from 1 over the steps.")
-_SCHEME = flags.DEFINE_enum("scheme", None, list(decoding.SCHEMES),
-                            "Decoding: ar (one token a step, causal models); maskgit or roar "
-                            "(a few parallel steps, masked models). Default: the model's.")
-_STEPS = flags.DEFINE_integer("steps", 8, "Steps of maskgit / roar.")
-_TOKEN_SCHEDULE = flags.DEFINE_enum("token_schedule", "cosine", list(decoding.TOKEN_SCHEDULES),
-                                    "Tokens decided per parallel step: MaskGIT's cosine or "
-                                    "linear.")
-_TEMPERATURE_SCHEDULE = flags.DEFINE_enum(
-    "temperature_schedule", "constant", list(decoding.TEMPERATURE_SCHEDULES),
-    "Temperature over parallel steps: constant, linear or onex (decaying).")
-_CHOICE_TEMPERATURE = flags.DEFINE_float(
-    "choice_temperature", 4.5, "maskgit: scale of the Gumbel noise on the confidence, annealed "
-    "over the steps (MaskGIT's 4.5; 0 decides the most confident tokens first, which drifts "
-    "from the random masks of training: worse on the toy tasks).")
+_SAMPLING = cli.define_sampling_flags()  # --scheme, --steps, --temperature, --num_samples...
 _CHAIN = flags.DEFINE_list("chain", None, "Multi-task models: the tasks to decode, in turn, "
                            "each conditioned on those before (default: all, in order).")
 _GIVEN = flags.DEFINE_list("given", [], "Multi-task models and a tfds --input: tasks whose code "
                            "is the oracle's code of the ground truth, a condition of the chain.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (each image also hashes its pixels).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
 _SHEET_ROWS = flags.DEFINE_integer("sheet_rows", 8, "Images on the contact sheet (0: none).")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-SHEET_SAMPLES = 2  # T = 1 samples per row of the contact sheet
+SHEET_SAMPLES = 2  # T = 1 samples per row of a single-task contact sheet
 
 
 def main(argv: list[str]) -> None:
@@ -87,21 +62,12 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("Give --workdir or --checkpoint (the trained stage II model).")
   try:
     model = api.Model(config, source)
-    chain = {}
-    if model.multitask:
-      chain = {"chain": tuple(_CHAIN.value or model.stage.names), "given": tuple(_GIVEN.value)}
-    elif _CHAIN.value or _GIVEN.value:
+    if not model.stage.multitask and (_CHAIN.value or _GIVEN.value):
       raise UserError("--chain and --given need a multi-task model (config.oracles)")
-    failures = run(model, _INPUT.value, Path(_OUTPUT.value), temperature=_TEMPERATURE.value,
-                   num_samples=_NUM_SAMPLES.value, batch_size=_BATCH_SIZE.value,
-                   sheet_rows=_SHEET_ROWS.value,
-                   sampling=dict(top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
-                                 guidance=_GUIDANCE.value,
-                                 guidance_schedule=_GUIDANCE_SCHEDULE.value,
-                                 scheme=_SCHEME.value, steps=_STEPS.value,
-                                 token_schedule=_TOKEN_SCHEDULE.value,
-                                 temperature_schedule=_TEMPERATURE_SCHEDULE.value,
-                                 choice_temperature=_CHOICE_TEMPERATURE.value, **chain))
+    options = {**_SAMPLING(), "chain": _CHAIN.value, "given": tuple(_GIVEN.value)}
+    model.options(**options)  # checked before reading any input
+    failures = run(model, _INPUT.value, Path(_OUTPUT.value), options=options,
+                   batch_size=_BATCH_SIZE.value, sheet_rows=_SHEET_ROWS.value)
   except UserError as e:
     sys.exit(f"FATAL {e}")
   if failures:
@@ -109,95 +75,92 @@ def main(argv: list[str]) -> None:
     sys.exit(1)
 
 
-def run(model: api.Model, source: str, output: Path, *, temperature: float | None,
-        num_samples: int, batch_size: int, sheet_rows: int, sampling: dict) -> list[str]:
-  """Predicts every input of `source`, writes the task's files and a contact sheet of
-  `sheet_rows` images into `output`; returns the inputs that failed. `temperature` None is the
-  task's default; `sampling` holds the other options of `api.Model.predict_batch`."""
-  output.mkdir(parents=True, exist_ok=True)
-  if model.multitask:
-    return run_chain(model, source, output, batch_size=batch_size, sheet_rows=sheet_rows,
-                     sampling=dict(sampling, temperature=temperature or 0.0))
-  config, stage = model.config, model.stage
-  predict = lambda batch, **kwargs: model.predict_batch(batch, **sampling, **kwargs)
-  categories = panoptic_categories(config, stage.task, stage.oracle_config)
-  failures: list[str] = []
-  examples = read_inputs(source, model, failures)
-  total = examples.total
-  rows, done, start = [], 0, time.perf_counter()
-  for batch_examples in batched(examples, batch_size):
-    batch = pad_batch([e["model"] for e in batch_examples], batch_size)
-    outputs = predict(batch, temperature=temperature, num_samples=num_samples)
-    want_sheet = len(rows) < sheet_rows
-    if want_sheet:
-      greedy = predict(batch, temperature=0.0, num_samples=1)
-      samples = predict(batch, temperature=1.0, num_samples=SHEET_SAMPLES)
-    for i, example in enumerate(batch_examples):
-      image, name = example["image"], example["name"]
-      for k in range(num_samples):
-        stem = output / (name if k == 0 else f"{name}_s{k}")
-        stage.task.save(take(outputs, i, k), image, stem, categories)
-      if want_sheet and len(rows) < sheet_rows:
-        truth = example.get("labels")
-        rows.append(([None if truth is None else stage.task.render_labels(truth, image)]
-                     + [model_view(example["model"]["image"], image),
-                        stage.task.render(take(greedy, i, 0), image)]
-                     + [stage.task.render(take(samples, i, k), image)
-                        for k in range(SHEET_SAMPLES)], name))
-    done += len(batch_examples)
-    show_progress(done, total, start)
-  print(file=sys.stderr)
-  if rows:
-    titles = ["ground truth", "input", "T=0", *(f"T=1 #{k + 1}" for k in range(SHEET_SAMPLES))]
-    sheet = visualize.contact_sheet([r for r, _ in rows], titles, [n[:16] for _, n in rows],
-                                    cell_size=160)
-    visualize.save_png(output / "contact_sheet.png", sheet)
-  print(f"Wrote predictions for {done} image(s) to {output}", file=sys.stderr)
-  return failures
-
-
-def run_chain(model: api.Model, source: str, output: Path, *, batch_size: int,
-              sheet_rows: int, sampling: dict) -> list[str]:
-  """`run` for a multi-task model: every task of the chain (and every given one) writes its
-  files as `<name>_<task>.*`; the contact sheet shows the input, then per task the ground
-  truth (tfds inputs) and the chain's prediction."""
-  stage = model.stage
-  if sampling["given"] and ":" not in source:
+def run(model: api.Model, source: str, output: Path, *, options: dict, batch_size: int,
+        sheet_rows: int) -> list[str]:
+  """Predicts every input of `source`, writes each task's files and a contact sheet of
+  `sheet_rows` images into `output`; returns the inputs that failed. `options` are those of
+  `api.Model.predict_batch` (sampling, `chain`, `given`). A model with several tasks writes
+  `<name>_<task>.*` for every task of the chain and every given one."""
+  stage, given = model.stage, tuple(options.get("given") or ())
+  if given and ":" not in source:
     raise UserError("--given needs a tfds --input (the ground truth of the given tasks)")
-  names = (*sampling["given"], *sampling["chain"])
-  categories = {n: panoptic_categories(model.config, stage.tasks[n],
-                                        stage.oracle_sections[n].model)
+  names = (*given, *(c if isinstance(c, str) else c[0]
+                     for c in options.get("chain") or stage.names))
+  categories = {n: model.tasks[n].categories(model.config, model.oracles[n].config)
                 for n in names}
+  sheet = ChainSheet(model, names, given) if stage.multitask else TaskSheet(model, options)
+  num_samples = options.get("num_samples", 1)
+  output.mkdir(parents=True, exist_ok=True)
   failures: list[str] = []
   examples = read_inputs(source, model, failures)
   rows, done, start = [], 0, time.perf_counter()
   for batch_examples in batched(examples, batch_size):
     batch = pad_batch([e["model"] for e in batch_examples], batch_size,
-                      [f"labels_{n}" for n in sampling["given"]])
-    outputs = model.predict_batch(batch, **sampling)
+                      [model.oracles[n].labels_key for n in given])
+    outputs = model.predict_batch(batch, **options)
+    extra = sheet.predict(batch) if len(rows) < sheet_rows else None
     for i, example in enumerate(batch_examples):
-      image, name, cells = example["image"], example["name"], [
-          model_view(example["model"]["image"], example["image"])]
       for n in names:
-        task, out = stage.tasks[n], take(outputs, i, 0)
-        task.save(out, image, output / f"{name}_{n}", categories[n])
-        truth = example["model"].get(f"labels_{n}")
-        cells += [None if truth is None else task.render_labels(truth, image),
-                  task.render(out, image)]
-      if len(rows) < sheet_rows:
-        rows.append((cells, name))
+        for k in range(num_samples):
+          stem = example["name"] + (f"_{n}" if stage.multitask else "") + (f"_s{k}" if k else "")
+          model.tasks[n].save(take(outputs, i, k), example["image"], output / stem,
+                              categories[n])
+      if extra is not None and len(rows) < sheet_rows:
+        rows.append((sheet.row(example, take(outputs, i, 0), extra, i), example["name"]))
     done += len(batch_examples)
     show_progress(done, examples.total, start)
   print(file=sys.stderr)
   if rows:
-    titles = ["input", *(t for n in names for t in (f"{n}: truth", f"{n}: "
-                                                   + ("given" if n in sampling["given"]
-                                                      else "chain")))]
-    sheet = visualize.contact_sheet([r for r, _ in rows], titles, [n[:16] for _, n in rows],
-                                    cell_size=160)
-    visualize.save_png(output / "contact_sheet.png", sheet)
+    image = visualize.contact_sheet([r for r, _ in rows], sheet.titles,
+                                    [n[:16] for _, n in rows], cell_size=160)
+    visualize.save_png(output / "contact_sheet.png", image)
   print(f"Wrote predictions for {done} image(s) to {output}", file=sys.stderr)
   return failures
+
+
+class TaskSheet:
+  """A single-task contact sheet, like the paper's Figures 7-9: ground truth | the model's
+  input | T=0 | T=1 samples (the other sampling options as given)."""
+
+  def __init__(self, model: api.Model, options: dict):
+    self.model, self.options, self.task = model, options, model.task
+    self.titles = ["ground truth", "input", "T=0",
+                   *(f"T=1 #{k + 1}" for k in range(SHEET_SAMPLES))]
+
+  def predict(self, batch: dict) -> tuple[dict, dict]:
+    options = {k: v for k, v in self.options.items() if k not in ("temperature", "num_samples")}
+    return (self.model.predict_batch(batch, **options, temperature=0.0, num_samples=1),
+            self.model.predict_batch(batch, **options, temperature=1.0,
+                                     num_samples=SHEET_SAMPLES))
+
+  def row(self, example: dict, outputs: dict, extra: tuple[dict, dict], i: int) -> list:
+    image, (greedy, samples) = example["image"], extra
+    truth = example["model"].get(self.model.stage.oracle().labels_key)
+    return ([None if truth is None else self.task.render_labels(truth, image),
+             model_view(example["model"]["image"], image),
+             self.task.render(take(greedy, i, 0), image)]
+            + [self.task.render(take(samples, i, k), image) for k in range(SHEET_SAMPLES)])
+
+
+class ChainSheet:
+  """A chain's contact sheet: the model's input, then per task the ground truth (tfds inputs)
+  and the prediction (given or decoded)."""
+
+  def __init__(self, model: api.Model, names: Sequence[str], given: Sequence[str]):
+    self.model, self.names = model, names
+    self.titles = ["input", *(t for n in names for t in (
+        f"{n}: truth", f"{n}: " + ("given" if n in given else "chain")))]
+
+  def predict(self, batch: dict) -> tuple:
+    return ()
+
+  def row(self, example: dict, outputs: dict, extra: tuple, i: int) -> list:
+    image, cells = example["image"], [model_view(example["model"]["image"], example["image"])]
+    for n in self.names:
+      task, truth = self.model.tasks[n], example["model"].get(self.model.oracles[n].labels_key)
+      cells += [None if truth is None else task.render_labels(truth, image),
+                task.render(outputs, image)]
+    return cells
 
 
 def model_view(model_image: np.ndarray, image: np.ndarray) -> np.ndarray:
@@ -292,22 +255,6 @@ def pad_batch(examples: list[dict], size: int, labels: Sequence[str] = ()) -> di
   keys = ("image", "image_ctx", *labels)
   rows = examples + [examples[-1]] * (size - len(examples))
   return {k: np.stack([r[k] for r in rows]) for k in keys if k in examples[0]}
-
-
-def panoptic_categories(config, task, oracle_config) -> list[dict]:
-  """The dataset's COCO categories when known, else ids 1..N for the N classes (none for
-  other tasks)."""
-  if task.__name__ != "uvim.tasks.panoptic":
-    return []
-  from uvim.panoptic_format import panoptic_categories as categories_of
-
-  try:
-    return categories_of(input_pipeline.get_builder(config.dataset, config.data_dir))
-  except Exception as e:  # any reason: fall back to class indices
-    logging.warning("No categories from %s (%s); category_id = class index + 1", config.dataset,
-                    e)
-    num_classes = oracle_config.inputs["semantics"][0] - 1
-    return [{"id": k + 1, "name": f"class {k + 1}", "isthing": 1} for k in range(num_classes)]
 
 
 def show_progress(done: int, total: int, start: float) -> None:

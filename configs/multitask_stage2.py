@@ -6,77 +6,104 @@ Needs a dataset with every task's labels for the same images: the built-in `toy_
 scenes carry panoptic labels and depth). Variants: smoke (the `:smoke` stage II recipe and
 budget, oracles runs/panoptic_stage1 and runs/depth_stage1), cpu (40 epochs, oracles
 runs/*_stage1_cpu). Each training example makes each task a condition (code visible) with
-probability `condition_rate`, else a target (`stages.MultiTaskStageII`). Evaluations score the
-chains image -> panoptic and image -> depth; `python -m uvim.tools.chain_study` scores the
-others (image -> depth -> panoptic, ground-truth depth code -> panoptic, ...).
+probability `condition_rate`, else a target (`stages.StageII`). Evaluations score the chains
+image -> panoptic and image -> depth; `python -m uvim.tools.chain_study` scores the others
+(image -> depth -> panoptic, ground-truth depth code -> panoptic, ...).
+
+A task is one entry of TASKS (docs/extending.md): its single-task stage II config (the oracle
+section and the evaluator), the pp ops that put its labels in `labels_<name>`, and those that
+finish them at the model's resolution; the model's sequence follows from the oracles.
 """
+
+import functools
+import operator
 
 import ml_collections as mlc
 
 from configs import common, depth_stage2, panoptic_stage2
 
-TASKS = ("depth", "panoptic")  # the sequence holds their codes in sorted order
+# name -> stage2: the task's stage II config module (its `oracle` section and evaluator
+#                 `evaluator`, scoring the chain image -> this task);
+#         labels: pp ops giving `labels_<name>` from a decoded example;
+#         finish: pp ops on the labels at the model's resolution (after flips, crops, resizes);
+#         eval_labels / eval_keep: what the evaluator's pp adds before resizing / keeps
+#         (evaluator None: no end-task evaluator, the task is scored by its loss).
+# The sequence holds the codes in the sorted order of the names.
+TASKS = {
+    "panoptic": dict(stage2=panoptic_stage2, evaluator="panoptic_val",
+                     labels='coco_panoptic|concat(["semantics","instances"], "labels_panoptic")|',
+                     finish='make_canonical(key="labels_panoptic")|',
+                     eval_labels="", eval_keep='"image/id"'),
+    "depth": dict(stage2=depth_stage2, evaluator="nyu_depth_val",
+                  labels='nyu_depth(outkey="labels_depth")|', finish="",
+                  eval_labels='copy("labels_depth", "ground_truth")|',
+                  eval_keep='"ground_truth"'),
+}
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """The multi-task stage II config (toy scenes only)."""
+  return build(TASKS, arg)
+
+
+def build(tasks: dict[str, dict], arg: str | None = None) -> mlc.ConfigDict:
+  """A stage II config over the oracles of `tasks` (entries as in TASKS)."""
   parsed = common.parse_arg(arg, smoke=False, cpu=False)
   if not (parsed.smoke or parsed.cpu):
     raise ValueError("multitask_stage2 needs a dataset with both tasks' labels: use :smoke or "
                      ":cpu (the built-in toy scenes)")
-  panoptic = panoptic_stage2.get_config(arg)
-  depth = depth_stage2.get_config(arg)
-  config = panoptic.copy_and_resolve_references()  # unlinked from the oracle's sizes
+  singles = {name: task["stage2"].get_config(arg) for name, task in tasks.items()}
+  config = next(iter(singles.values())).copy_and_resolve_references()  # unlinked from its oracle
   config.total_steps = mlc.config_dict.placeholder(int)
   config.data_dir = mlc.config_dict.placeholder(str)
   config.model_init.encoder = mlc.config_dict.placeholder(str)
   del config["oracle"]
-  config.oracles = {"panoptic": panoptic.oracle, "depth": depth.oracle}
+  config.oracles = {name: single.oracle for name, single in singles.items()}
   config.condition_rate = 0.5
-  res = panoptic.model.input_size[0]
+  res = config.model.input_size[0]
+  keys = [f"labels_{name}" for name in tasks]
+  labels = "".join(task["labels"] for task in tasks.values())
+  finish = "".join(task["finish"] for task in tasks.values())
+  keep = ", ".join(f'"{k}"' for k in ("image", "image_ctx", *keys))
   config.pp_train = (
-      'decode|coco_panoptic|concat(["semantics","instances"], "labels_panoptic")|'
-      'nyu_depth(outkey="labels_depth")|randu("fliplr")|'
-      + "".join(f'det_fliplr(key="{k}")|' for k in ("image", "labels_panoptic", "labels_depth"))
-      + 'inception_box|'
-      + "".join(f'crop_box(key="{k}")|' for k in ("image", "labels_panoptic", "labels_depth"))
-      + _resized(res) + 'make_canonical(key="labels_panoptic")|'
-      'keep("image", "image_ctx", "labels_panoptic", "labels_depth")')
-  config.pp_eval = (
-      'decode|coco_panoptic|concat(["semantics","instances"], "labels_panoptic")|'
-      f'nyu_depth(outkey="labels_depth")|{_resized(res)}make_canonical(key="labels_panoptic")|'
-      'keep("image", "image_ctx", "labels_panoptic", "labels_depth")')
+      f'decode|{labels}randu("fliplr")|'
+      + "".join(f'det_fliplr(key="{k}")|' for k in ("image", *keys)) + 'inception_box|'
+      + "".join(f'crop_box(key="{k}")|' for k in ("image", *keys))
+      + f'{_resized(res, keys)}{finish}keep({keep})')
+  config.pp_eval = f'decode|{labels}{_resized(res, keys)}{finish}keep({keep})'
 
-  config.model.num_tasks = len(TASKS)
+  config.model.num_tasks = len(tasks)
   config.model.masked = True
-  config.model.seq_len = sum(config.oracles[k].model.code_len for k in TASKS)
-  config.model.vocab_size = 1 + sum(config.oracles[k].model.dict_size for k in TASKS)
+  # References: the sequence follows the oracles' code_len and dict_size.
+  oracles = config.oracles.values()
+  config.model.seq_len = functools.reduce(operator.add, [o.model.get_ref("code_len")
+                                                         for o in oracles])
+  config.model.vocab_size = functools.reduce(operator.add, [o.model.get_ref("dict_size")
+                                                            for o in oracles], 1)
 
   # Evaluations: image -> each task. Their pp give every task's labels, so that a chain can
   # start from the oracle's code of one (`chain_study`, `predict_kwargs` given=(...)).
-  config.evals = [("val", "validation"), ("panoptic_val", "coco_panoptic"),
-                  ("nyu_depth_val", "nyu_depth")]
+  config.evals = [("val", "validation")]
   config.val.pp = config.pp_eval
   config.val.split = config.get_ref("val_split")
   config.val.log_steps = config.get_ref("log_eval_steps")
-  labels = ('coco_panoptic|concat(["semantics","instances"], "labels_panoptic")|'
-            'nyu_depth(outkey="labels_depth")|')
-  keep = '"image", "image_ctx", "labels_panoptic", "labels_depth"'
-  config.panoptic_val.pp = (f'{labels}{_resized(res)}make_canonical(key="labels_panoptic")|'
-                            f'keep({keep}, "image/id")')
-  config.panoptic_val.predict_kwargs = {"chain": ("panoptic",)}
-  config.nyu_depth_val = depth.nyu_depth_val
-  config.nyu_depth_val.pp = (f'{labels}copy("labels_depth", "ground_truth")|{_resized(res)}'
-                             f'make_canonical(key="labels_panoptic")|keep({keep}, "ground_truth")')
-  config.nyu_depth_val.predict_kwargs = {"chain": ("depth",)}
-  for name in ("panoptic_train", "panoptic_holdout"):
-    del config[name]
+  for name in ("panoptic_train", "panoptic_holdout", "panoptic_val", "nyu_depth_val"):
+    if name in config:
+      del config[name]
+  for name, task in tasks.items():
+    evaluator = task["evaluator"]
+    if evaluator is None:  # a task scored by its validation loss alone
+      continue
+    config.evals.append((evaluator, dict(singles[name].evals)[evaluator]))
+    config[evaluator] = singles[name][evaluator]
+    config[evaluator].pp = (f'{labels}{task["eval_labels"]}{_resized(res, keys)}{finish}'
+                            f'keep({keep}, {task["eval_keep"]})')
+    config[evaluator].predict_kwargs = {"chain": (name,)}
   return config
 
 
-def _resized(res: int) -> str:
-  """The pp ops that bring the image, its context copy and both labels to `res` pixels."""
+def _resized(res: int, keys: list[str]) -> str:
+  """The pp ops that bring the image, its context copy and the labels to `res` pixels."""
   return (f'resize({res}, inkey="image", outkey="image_ctx")|resize({res})|'
-          f'resize({res}, key="labels_panoptic", method="nearest")|'
-          f'resize({res}, key="labels_depth", method="nearest")|'
-          'value_range(-1, 1, key="image_ctx")|value_range(-1, 1)|')
+          + "".join(f'resize({res}, key="{k}", method="nearest")|' for k in keys)
+          + 'value_range(-1, 1, key="image_ctx")|value_range(-1, 1)|')

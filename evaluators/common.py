@@ -8,7 +8,6 @@ It computes through the model functions `fns` the stage gives it (uvim/stages.py
 """
 
 import functools
-import inspect
 from collections.abc import Callable
 
 from uvim.errors import UserError, did_you_mean
@@ -74,9 +73,9 @@ class Evaluator:
     from uvim import input_pipeline
 
     predict_kwargs = dict(options.get("predict_kwargs") or {})
-    if predict_kwargs:
-      _check_kwargs(f"config.{name}.predict_kwargs", fns["predict"], predict_kwargs)
-      fns = {**fns, "predict": functools.partial(fns["predict"], **predict_kwargs)}
+    if predict_kwargs:  # checked against the model by its stage, before the first step
+      checked = fns["options"](predict_kwargs, f"config.{name}.predict_kwargs")
+      fns = {**fns, "predict": functools.partial(fns["predict"], **checked)}
     self.config, self.mesh, self.fns = config, mesh, fns
     self.split, self.pp = options["split"], options["pp"]
     self.log_steps = options.get("log_steps")
@@ -95,16 +94,6 @@ class Evaluator:
     batches, _ = input_pipeline.eval_data(self.config, self.split, self.pp, self.batch_size,
                                           self.mesh)
     return batches
-
-
-def _check_kwargs(key: str, fn: Callable, kwargs: dict) -> None:
-  """Names a keyword argument that `fn` (or the function it declares as `__wrapped__`) does not
-  take."""
-  parameters = inspect.signature(fn).parameters
-  known = [n for n, p in parameters.items() if p.kind == p.KEYWORD_ONLY]
-  for k in kwargs:
-    if k not in known:
-      raise UserError(f"{key}: unknown option {k!r}; {did_you_mean(k, known)}valid: {known}")
 
 
 class MeanEvaluator(Evaluator):

@@ -18,7 +18,8 @@ from configs import (
     panoptic_stage2,
 )
 from pp.builder import get_preprocess_fn
-from uvim import checkpoint, cli, stages
+from uvim import checkpoint, cli
+from uvim.oracle import TRAINING_ONLY
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [panoptic_stage1, panoptic_stage2, colorization_stage1, colorization_stage2,
@@ -79,7 +80,7 @@ def test_stage2_oracle_is_the_stage1_model(stage1, stage2, workdir, variant):
   """The stage II oracle section describes exactly the model its stage I config trains, and
   `:smoke` (`:cpu`) chains to the stage I `:smoke` (`:cpu`) workdir of the README."""
   oracle, trained = stage2.get_config(variant).oracle, stage1.get_config(variant).model
-  ignore = set(stages.TRAINING_ONLY)  # training-time only
+  ignore = set(TRAINING_ONLY)  # training-time only
   mine = {k: v for k, v in oracle.model.to_dict().items() if k not in ignore}
   theirs = {k: v for k, v in trained.to_dict().items() if k not in ignore and k in mine}
   assert {k: (tuple(v) if isinstance(v, list) else v) for k, v in mine.items()} == {

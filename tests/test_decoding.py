@@ -6,8 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
 
-from uvim import decoding
+from uvim import cli, decoding
+from uvim.errors import UserError
 from uvim.models import lm
 
 
@@ -194,3 +196,39 @@ def test_condition_dropout_replaces_the_image_of_a_fraction_of_examples():
   assert 16 <= is_uncond.sum() <= 48  # ~half (binomial(64, 0.5): +-4 sd)
   evaluation = np.asarray(model.apply({"params": params}, images, targets))
   np.testing.assert_allclose(evaluation, cond, atol=1e-5)  # no dropout outside training
+
+
+def test_sampling_options_are_checked_once_with_the_option_named():
+  for options, message in [
+      (dict(temperature=-1.0), r"temperature must be >= 0 \(0: argmax\), got -1.0"),
+      (dict(num_samples=0), r"num_samples must be >= 1, got 0"),
+      (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
+      (dict(top_k=-2), r"top_k must be >= 0"),
+      (dict(steps=0), r"steps must be >= 1, got 0"),
+      (dict(scheme="beam"), r"scheme must be one of \('ar', 'maskgit', 'roar'\), got 'beam'"),
+      (dict(token_schedule="cos"), r"token_schedule must be one of"),
+      (dict(step=4), r"unknown sampling option\(s\) \['step'\]")]:
+    with pytest.raises(UserError, match=message):
+      decoding.Sampling.of(**options)
+  base = decoding.Sampling(temperature=1.0)
+  assert decoding.Sampling.of(base, top_k=3) == decoding.Sampling(temperature=1.0, top_k=3)
+  assert hash(base) == hash(decoding.Sampling(temperature=1.0))  # static under jit
+  model, _, _ = guided_model(cond_dropout=0.0)
+  with pytest.raises(UserError, match=r"guidance 2.0: this model was trained without condition "
+                     "dropout"):
+    decoding.Sampling(guidance=2.0).check(model, model.seq_len)
+  with pytest.raises(UserError, match="needs a masked stage II model"):
+    decoding.Sampling(scheme="maskgit").check(model, model.seq_len)
+
+
+def test_the_command_line_has_a_flag_per_sampling_option():
+  values = flags.FlagValues()
+  read = cli.define_sampling_flags(values)
+  assert set(values) == set(decoding.Sampling.names())
+  values(["predict.py", "--scheme=roar", "--steps=4", "--temperature=0.5", "--top_k=3"])
+  assert read() == {"scheme": "roar", "steps": 4, "temperature": 0.5, "top_k": 3}
+  sampling = decoding.Sampling.of(**read())
+  assert (sampling.choice_temperature, sampling.num_samples) == (4.5, 1)  # the defaults
+  assert "Default: 4.5" in values["choice_temperature"].help
+  with pytest.raises(flags.IllegalFlagValueError):
+    values(["predict.py", "--token_schedule=cos"])

@@ -11,7 +11,9 @@ from test_stage2 import LM_TINY, stage2_config
 from test_trainer import TINY, tiny_config
 
 from configs import depth_stage1, multitask_stage2
+from evaluators import common as evaluators_common
 from uvim import checkpoint, decoding, input_pipeline, sharding, stages, trainer
+from uvim.errors import UserError
 from uvim.models import lm
 
 
@@ -42,8 +44,8 @@ def oracles(toy_data_dir, tmp_path_factory):
   return dirs
 
 
-def multitask_config(data_dir, oracles, names=("panoptic", "depth")):
-  c = multitask_stage2.get_config("smoke")
+def multitask_config(data_dir, oracles, names=("panoptic", "depth"), tasks=None):
+  c = multitask_stage2.build(tasks or multitask_stage2.TASKS, "smoke")
   c.dataset, c.data_dir = "toy_scenes/tiny", str(data_dir)
   c.train_split, c.val_split = "train", "validation"
   c.batch_size, c.total_steps = 8, 2
@@ -53,7 +55,7 @@ def multitask_config(data_dir, oracles, names=("panoptic", "depth")):
       del c.oracles[name]
   for name, oracle in c.oracles.items():
     oracle.model.update(TINY)
-    oracle.model_init = str(oracles[name])
+    oracle.model_init = str(oracles[name if name in oracles else "depth"])
   c.model.update(LM_TINY, num_tasks=len(names), seq_len=16 * len(names),
                  vocab_size=1 + 16 * len(names))
   c.panoptic_val.split = c.nyu_depth_val.split = "validation[:4]"
@@ -145,7 +147,8 @@ def test_chains_condition_on_the_previous_steps_and_keep_given_codes(toy_data_di
   with decoder_inputs() as seen:
     out = stage.predict_samples(variables, batch, chain=("panoptic",), given=("depth",),
                                 **options)
-  truth, _ = stage.task_code(variables["oracle"], batch, "depth")
+  truth = stage.oracles["depth"].encode(variables["oracle"]["depth"], batch)[0] + stage.first_id[
+      "depth"]
   code = np.asarray(out["code"][:, 0]) + 1
   np.testing.assert_array_equal(code[:, depth], truth)  # the given code is never overwritten
   np.testing.assert_array_equal(out["code_depth"][:, 0],
@@ -171,3 +174,62 @@ def test_a_one_task_model_predicts_like_the_single_task_stage(toy_data_dir, orac
   theirs = single.predict_samples({"params": params, "oracle": oracle}, batch, **options)
   for k in ("code", "semantics", "instances"):
     np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+
+
+def test_a_multitask_evaluator_takes_every_sampling_option(trained):
+  """`predict_kwargs` of a multi-task evaluator are the sampler's options, checked against the
+  model when the evaluator is built and used by its predictions."""
+  config, workdir = trained
+  config = config.copy_and_resolve_references()
+  config.evals = [("panoptic_val", "coco_panoptic")]
+  options = dict(chain=("panoptic",), scheme="roar", temperature=1.0)
+  config.panoptic_val.predict_kwargs = options
+  stage = stages.get_stage(config)
+  params = checkpoint.load_npz(workdir / "params.npz")["params"]
+  variables = stage.variables(jitter(params), {}, stage.frozen_variables())
+  mesh = sharding.make_mesh([("data", -1)])
+  (evaluator,) = evaluators_common.from_config(config, mesh=mesh, fns=stage.eval_fns())
+  batch = first_batch(config)
+  got = evaluator.fns["predict"](variables, batch)
+  want = stage.predict_samples(variables, batch, **options)
+  greedy = stage.predict_samples(variables, batch, chain=("panoptic",))
+  np.testing.assert_array_equal(got["code"], want["code"][:, 0])
+  assert not np.array_equal(got["code"], greedy["code"][:, 0])  # the options took effect
+  assert 0 <= evaluator.run(variables)["PQ"] <= 100
+  config.panoptic_val.predict_kwargs = dict(chain=("panoptic",), scheme="ar")
+  with pytest.raises(UserError, match=r"config\.panoptic_val\.predict_kwargs: scheme 'ar' "
+                     r"needs a causal"):
+    evaluators_common.from_config(config, mesh=mesh, fns=stage.eval_fns())
+  config.panoptic_val.predict_kwargs = dict(temprature=1.0)
+  with pytest.raises(UserError, match=r"unknown sampling option\(s\) \['temprature'\]; did "
+                     r"you mean 'temperature'"):
+    evaluators_common.from_config(config, mesh=mesh, fns=stage.eval_fns())
+
+
+def test_a_third_task_is_one_entry_of_the_config(toy_data_dir, oracles):
+  """A task is an entry of the config's table: its oracle section, its labels' pp; the model's
+  sequence, vocabulary and task count follow from the oracles."""
+  far = {**multitask_stage2.TASKS["depth"], "labels": 'nyu_depth(outkey="labels_far")|',
+         "evaluator": None}
+  config = multitask_config(toy_data_dir, oracles, ("panoptic", "depth", "far"),
+                            tasks={**multitask_stage2.TASKS, "far": far})
+  assert (config.model.seq_len, config.model.vocab_size, config.model.num_tasks) == (48, 49, 3)
+  stage = stages.get_stage(config)
+  assert stage.names == ("depth", "far", "panoptic")
+  assert [stage.span(n) for n in stage.names] == [(0, 16), (16, 32), (32, 48)]
+  assert [stage.vocab(n) for n in stage.names] == [(1, 17), (17, 33), (33, 49)]
+  batch = first_batch(config)
+  variables = stage.variables(stage.init_variables(jax.random.key(0), batch)["params"], {},
+                              stage.frozen_variables())
+  loss, (metrics, _) = stage.loss(variables["params"], {}, variables["oracle"], batch,
+                                  jax.random.key(1))
+  assert loss == pytest.approx(np.log(49), rel=1e-5)  # a zero head: uniform over 49 tokens
+  assert {"loss_far", "token_accuracy_far", "far/oracle_codebook_usage"} <= set(metrics)
+  out = stage.predict_samples(variables, batch, chain=("far",), given=("depth",), steps=2)
+  depth_code = stage.oracles["depth"].encode(variables["oracle"]["depth"], batch)[0]
+  np.testing.assert_array_equal(out["code_depth"][:, 0], depth_code)
+  assert out["code_far"].shape == (4, 1, 16) and (out["code_far"] >= 0).all()
+  assert (out["code_far"] < 16).all() and {"depth", "code_logprob"} <= set(out)
+  config.model.seq_len = 32
+  with pytest.raises(UserError, match=r"config\.model\.seq_len \(32\) must be 48"):
+    stages.get_stage(config)

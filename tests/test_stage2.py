@@ -15,7 +15,7 @@ from PIL import Image
 from test_trainer import TINY, losses, tiny_config
 
 from configs import panoptic_stage2
-from uvim import api, checkpoint, input_pipeline, sharding, stages, trainer
+from uvim import api, checkpoint, decoding, input_pipeline, sharding, stages, trainer
 from uvim.errors import UserError
 from uvim.panoptic_format import rgb_to_id
 from uvim.tools import decode_study
@@ -118,11 +118,11 @@ def test_predict_path_decodes_codes_like_the_oracle_reconstructs(toy_data_dir, o
 
 def test_image_rngs_depend_on_the_image_only():
   images = jax.random.uniform(jax.random.key(0), (3, 8, 8, 3), minval=-1, maxval=1)
-  keys = jax.random.key_data(stages.image_rngs(images))
-  alone = jax.random.key_data(stages.image_rngs(images[2:3]))
+  keys = jax.random.key_data(decoding.image_rngs(images))
+  alone = jax.random.key_data(decoding.image_rngs(images[2:3]))
   np.testing.assert_array_equal(keys[2], alone[0])
   assert len({tuple(np.ravel(k)) for k in np.asarray(keys)}) == 3
-  other_seed = jax.random.key_data(stages.image_rngs(images, seed=1))
+  other_seed = jax.random.key_data(decoding.image_rngs(images, seed=1))
   assert not np.array_equal(other_seed, keys)
 
 

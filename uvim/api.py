@@ -20,7 +20,6 @@ The stage I oracle alone is a tokenizer of task outputs:
 """
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +29,14 @@ import ml_collections as mlc
 import numpy as np
 from PIL import Image
 
-from uvim import cli, decoding, models, stages, tasks
+from uvim import cli, stages
 from uvim.errors import UserError
+from uvim.oracle import Oracle
 
 
 class Model:
-  """A stage II model with its frozen oracle, ready to predict."""
+  """A stage II model with its frozen oracles, ready to predict. `tasks` are the task modules
+  by name (one for a single-task model, whose `task` it also is; None with several)."""
 
   def __init__(self, config: mlc.ConfigDict, checkpoint: str):
     if config.model_name != "proj.uvim.lm":
@@ -43,17 +44,16 @@ class Model:
                       "models ('proj.uvim.lm'), which predict from images alone")
     self.config = config
     self.stage = stages.get_stage(config)
-    # A multi-task model (config.oracles) has a task per oracle, in `tasks`, and no `task`.
-    self.multitask = isinstance(self.stage, stages.MultiTaskStageII)
-    self.tasks = self.stage.tasks if self.multitask else {}
-    self.task = None if self.multitask else self.stage.task
+    self.oracles = self.stage.oracles
+    self.tasks = {name: oracle.task for name, oracle in self.oracles.items()}
+    self.task = next(iter(self.tasks.values())) if len(self.tasks) == 1 else None
     image = jax.ShapeDtypeStruct((1, *self.stage.model.input_size, 3), np.float32)
     shapes = jax.eval_shape(self.stage.init_variables, jax.random.key(0), {"image": image})
     params, _ = self.stage.load_init(checkpoint, shapes["params"], {})
     self.variables = jax.device_put(self.stage.variables(params, {},
                                                          self.stage.frozen_variables()))
-    static = (*decoding.OPTIONS, "seed", *(("chain", "given") if self.multitask else ()))
-    self._predict = jax.jit(self.stage.predict_samples, static_argnames=static)
+    self._predict = jax.jit(self.stage.predict_samples,
+                            static_argnames=("sampling", "chain", "given"))
     self._pp = None
 
   def preprocess(self, image: np.ndarray) -> dict[str, np.ndarray]:
@@ -65,48 +65,28 @@ class Model:
     out = self._pp({"image": np.asarray(image), "image/id": 0})
     return {k: np.asarray(v) for k, v in out.items() if k in ("image", "image_ctx")}
 
-  def predict_batch(self, batch: dict[str, np.ndarray], *, temperature: float | None = None,
-                    seed: int = 0, **sampling: Any) -> dict[str, np.ndarray]:
+  def options(self, *, temperature: float | None = None, chain: Any = None,
+              **options: Any) -> dict:
+    """`predict_samples`'s checked keyword arguments for these options (`decoding.Sampling`'s
+    fields, `chain`, `given`); `temperature` None is each decoded task's own default."""
+    if temperature is not None:
+      options["temperature"] = temperature
+    else:
+      steps = [(c, {}) if isinstance(c, str) else (c[0], dict(c[1]))
+               for c in (self.stage.names if chain is None else chain)]
+      chain = [(name, {"temperature": self.tasks[name].DEFAULT_TEMPERATURE, **step})
+               if name in self.tasks else (name, step) for name, step in steps]
+    return self.stage.prediction_options({**options, "chain": chain}, "predict_batch")
+
+  def predict_batch(self, batch: dict[str, np.ndarray], **options: Any) -> dict[str, np.ndarray]:
     """Task outputs for a batch of preprocessed inputs, each (B, num_samples, ...), plus the
-    sampled `code` and its `code_logprob`. `temperature` None is the task's default;
-    `sampling` takes `decoding.sample`'s options: `num_samples`, `top_k`, `top_p`, `scheme`
-    and `steps` (`ar`, or `maskgit` / `roar` on a masked model), `guidance` (classifier-free
-    guidance's scale, 1 = none; the model needs cond_dropout), their schedules... A multi-task
-    model also takes `chain` (task names decoded in turn; default all) and `given` (tasks
-    whose code comes from `labels_<name>` in the batch): see `MultiTaskStageII`."""
-    valid = set(decoding.OPTIONS) | ({"chain", "given"} if self.multitask else set())
-    unknown = set(sampling) - valid
-    if unknown:
-      raise UserError(f"unknown sampling option(s) {sorted(unknown)}; valid: {sorted(valid)}")
-    if self.multitask:
-      sampling = {**sampling, **{k: tuple(sampling[k]) for k in ("given",) if k in sampling}}
-      if sampling.get("chain") is not None:  # hashable (static under jit) and checked
-        sampling["chain"] = tuple((name, tuple(sorted(dict(options).items())))
-                                  for name, options in self.stage.chain_steps(sampling["chain"]))
-    if temperature is None:
-      temperature = 0.0 if self.multitask else self.task.DEFAULT_TEMPERATURE
-    guidance = sampling.get("guidance", 1.0)
-    if guidance != 1.0 and not self.stage.model.cond_dropout:
-      raise UserError(f"guidance {guidance}: this model was trained without condition dropout "
-                      "(config.model.cond_dropout = 0), so it has no unconditional input")
-    masked, scheme = self.stage.model.masked, sampling.get("scheme")
-    if scheme is not None and (scheme == "ar") == masked:
-      raise UserError(f"scheme {scheme!r}: this stage II model is " + (
-          "masked (use maskgit or roar)" if masked else
-          "causal (use ar; maskgit and roar need a model trained with config.model.masked)"))
-    steps = sampling.get("steps", 8)
-    if masked and not 1 <= steps <= self.stage.model.seq_len:
-      raise UserError(f"steps {steps}: must be between 1 and the code length "
-                      f"{self.stage.model.seq_len}")
-    return jax.device_get(self._predict(self.variables, batch, temperature=temperature,
-                                        seed=seed, **sampling))
-
-  def predict(self, images: Sequence[np.ndarray], **sampling: Any) -> dict[str, np.ndarray]:
-    """Task outputs for uint8 RGB images of any sizes (see `predict_batch` for `sampling`)."""
-    inputs = [self.preprocess(image) for image in images]
-    batch = {k: np.stack([x[k] for x in inputs]) for k in inputs[0]}
-    return self.predict_batch(batch, **sampling)
-
+    sampled `code` and its `code_logprob`. `options` are `decoding.Sampling`'s fields
+    (`temperature`, None or left out: the task's default; `num_samples`, `top_k`, `top_p`,
+    `scheme` and `steps` (`ar`, or `maskgit` / `roar` on a masked model), `guidance`
+    (classifier-free guidance's scale, 1 = none; the model needs cond_dropout), their
+    schedules, `seed`), `chain` (the tasks decoded in turn; default all) and `given` (tasks
+    whose code comes from the oracle of their labels in the batch): see `StageII`."""
+    return jax.device_get(self._predict(self.variables, batch, **self.options(**options)))
 
 def load(source: str, *, checkpoint: str | None = None, oracle: str | None = None,
          overrides: dict[str, Any] | None = None) -> Model:
@@ -144,37 +124,18 @@ class Tokenizer:
     if oracle.model_name != "proj.uvim.vit":
       raise UserError(f"{checkpoint}: a tokenizer is a stage I model ('proj.uvim.vit'), not "
                       f"{oracle.model_name!r}")
-    self.config, self.task = oracle.model, tasks.get_task(oracle.task)
-    self.model = models.get_model(oracle.model_name, oracle.model)
-    self.code_side = round(self.model.code_len**0.5)
-    size = tuple(oracle.model.input_size)
-    label_shape = (1, *size, self.task.LABELS[0])
-    batch = {"labels": jax.ShapeDtypeStruct(label_shape, np.dtype(self.task.LABELS[1])),
-             "image": jax.ShapeDtypeStruct((1, *size, 3), np.float32)}
-    shapes = jax.eval_shape(lambda b: self._init(b), batch)
-    self.variables = jax.device_put(stages.load_stage1_variables(
-        checkpoint, shapes["params"], shapes["state"], self.model.scan_layers))
-    self._encode = jax.jit(self._encode_fn)
-    self._decode = jax.jit(self._decode_fn)
-
-  def _init(self, batch: dict) -> dict:
-    inputs, _ = self.task.input_pp(batch, self.config)
-    rngs = {"params": jax.random.key(0), "state": jax.random.key(1)}
-    return stages.with_state(self.model.init(rngs, inputs, ctx=batch["image"]))
-
-  def _encode_fn(self, variables: dict, labels: jax.Array, image: jax.Array) -> jax.Array:
-    inputs, _ = self.task.input_pp({"labels": labels, "image": image}, self.config)
-    _, aux = self.model.apply(variables, inputs, ctx=image, method=self.model.encode)
-    return aux["code"]
-
-  def _decode_fn(self, variables: dict, vectors: jax.Array, image: jax.Array) -> dict:
-    logits, _ = self.model.apply(variables, vectors, ctx=image, method=self.model.decode)
-    return self.task.predict_outputs(logits, self.config)
+    self.oracle = Oracle(oracle)
+    self.config, self.task, self.model = oracle.model, self.oracle.task, self.oracle.model
+    self.code_side = self.oracle.code_side
+    self.variables = jax.device_put(self.oracle.load_unchecked(checkpoint))
+    self._encode = jax.jit(lambda v, labels, image: self.oracle.encode(
+        v, {"labels": labels, "image": image})[0])
+    self._decode = jax.jit(self.oracle.decode)
 
   @property
   def codewords(self) -> np.ndarray:
     """The dictionary's words (dict_size, dim), as the decoder sees them."""
-    return np.asarray(self.model.apply(self.variables, method=self.model.codewords))
+    return np.asarray(self.oracle.codewords(self.variables))
 
   def encode(self, labels: np.ndarray, image: np.ndarray) -> np.ndarray:
     """The code (B, code_len) ints in [0, dict_size) of `labels` (and `image`, if the oracle

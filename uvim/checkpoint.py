@@ -3,6 +3,7 @@ one) and big_vision npz files (flat '/'-joined names) for released models and ex
 
 import contextlib
 import io
+import json
 import re
 import shutil
 import sys
@@ -77,6 +78,25 @@ def load_params_from_workdir(workdir: str | Path) -> dict[str, Any]:
       state=ocp.args.StandardRestore()))
   state = restored["state"]
   return {"params": state["params"], "state": state["model_state"]}
+
+
+def load_variables(path: str | Path) -> dict[str, Any]:
+  """{'params', 'state'} from a big_vision npz file or one of our training workdirs."""
+  if str(path).endswith(".npz"):
+    if not Path(path).exists():
+      raise UserError(f"Checkpoint file {path} does not exist")
+    return load_npz(path)
+  return load_params_from_workdir(path)
+
+
+def recorded_config(path: str | Path) -> tuple[dict, Path] | None:
+  """The config a checkpoint was trained with, and its file: `<workdir>/config.json`, or the
+  one next to a `params.npz` that a run exported; None for a bare (e.g. released) npz."""
+  path = Path(path)
+  config_file = path.with_name("config.json") if path.suffix == ".npz" else path / "config.json"
+  if (path.suffix == ".npz" and path.name != "params.npz") or not config_file.exists():
+    return None
+  return json.loads(config_file.read_text()), config_file
 
 
 def merge_into(init: Any, loaded: Any, source: str) -> Any:

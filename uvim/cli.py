@@ -6,9 +6,10 @@ end the program with one line that names the key and the closest valid one, not 
 """
 
 import ast
+import dataclasses
 import importlib.util
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 
 import ml_collections as mlc
@@ -27,6 +28,28 @@ def define_config_flag() -> flags.FlagHolder:
       lock_config=True)
   flags.mark_flag_as_required(CONFIG_FLAG)
   return holder
+
+
+def define_sampling_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Callable[[], dict]:
+  """A flag per `decoding.Sampling` option (its help and choices; unset by default, so that the
+  option's own default, or for `--temperature` the task's, applies); returns a function giving
+  the options set on the command line."""
+  from uvim.decoding import Sampling
+
+  holders = {}
+  for field in dataclasses.fields(Sampling):
+    default = "the model's" if field.default is None else field.default
+    if field.name == "temperature":
+      default = "the task's (colour 1, others 0)"
+    text = f"{field.metadata['help']} Default: {default}."
+    choices, kw = field.metadata["choices"], {"flag_values": flag_values}
+    if choices:
+      holders[field.name] = flags.DEFINE_enum(field.name, None, list(choices), text, **kw)
+    elif isinstance(field.default, int):
+      holders[field.name] = flags.DEFINE_integer(field.name, None, text, **kw)
+    else:
+      holders[field.name] = flags.DEFINE_float(field.name, None, text, **kw)
+  return lambda: {k: h.value for k, h in holders.items() if h.value is not None}
 
 
 def quiet_library_logs(prefixes: Sequence[str] = ("orbax", "tensorflow_datasets", "etils")) -> None:

@@ -10,6 +10,7 @@ whole code. Every image (and every sample of it) has its own random stream, so a
 not depend on what else is in the batch. Id 0 (BOS / MASK) is never emitted.
 """
 
+import dataclasses
 import math
 from typing import Any
 
@@ -18,15 +19,100 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from uvim.errors import UserError
 from uvim.models import lm
 
 SCHEMES = ("ar", "maskgit", "roar")
 TOKEN_SCHEDULES = ("cosine", "linear")
 TEMPERATURE_SCHEDULES = ("constant", "linear", "onex")
-# The keyword options of `sample` that shape the compiled loop (static under jit).
-OPTIONS = ("scheme", "steps", "token_schedule", "temperature", "temperature_schedule",
-           "choice_temperature", "top_k", "top_p", "num_samples", "guidance",
-           "guidance_schedule")
+GUIDANCE_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def _option(default: Any, help_text: str, choices: tuple[str, ...] = ()) -> Any:
+  return dataclasses.field(default=default, metadata={"help": help_text, "choices": choices})
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How stage II writes a code: every sampling option with its default, its meaning and its
+  domain, declared here once. predict.py's flags, the evaluators' `predict_kwargs`,
+  `api.Model.predict_batch` and the tools are built from it; a new option is one field (and its
+  use in `sample`). Frozen and hashable: static under `jax.jit`."""
+
+  scheme: str | None = _option(
+      None, "Decoding: ar (one token a step, causal models); maskgit or roar (a few parallel "
+      "steps, masked models). Default: the model's.", SCHEMES)
+  steps: int = _option(8, "Steps of maskgit / roar.")
+  token_schedule: str = _option(
+      "cosine", "Tokens decided per parallel step: MaskGIT's cosine or linear.", TOKEN_SCHEDULES)
+  temperature: float = _option(0.0, "Sampling temperature (0: argmax).")
+  temperature_schedule: str = _option(
+      "constant", "Temperature over parallel steps: constant, linear or onex (decaying).",
+      TEMPERATURE_SCHEDULES)
+  choice_temperature: float = _option(
+      4.5, "maskgit: scale of the Gumbel noise on the confidence, annealed over the steps "
+      "(MaskGIT's 4.5; 0 decides the most confident tokens first, which drifts from the random "
+      "masks of training: worse on the toy tasks).")
+  top_k: int = _option(0, "Sample among the k most likely tokens (0: all).")
+  top_p: float = _option(1.0, "Nucleus sampling mass (1.0: all).")
+  num_samples: int = _option(1, "Codes sampled per image.")
+  guidance: float = _option(
+      1.0, "Classifier-free guidance scale (4M's convention: 1 = none; needs a model trained "
+      "with cond_dropout).")
+  guidance_schedule: str = _option(
+      "constant", "How the guidance scale rises from 1 over the steps.", GUIDANCE_SCHEDULES)
+  seed: int = _option(0, "Sampling seed (each image also hashes its pixels).")
+
+  def __post_init__(self):
+    for f in dataclasses.fields(self):
+      value, choices = getattr(self, f.name), f.metadata["choices"]
+      if choices and value not in choices and not (value is None and f.default is None):
+        raise UserError(f"{f.name} must be one of {choices}, got {value!r}")
+    domains = {"steps": self.steps >= 1, "temperature": self.temperature >= 0,
+               "choice_temperature": self.choice_temperature >= 0, "top_k": self.top_k >= 0,
+               "top_p": 0 < self.top_p <= 1, "num_samples": self.num_samples >= 1}
+    rules = {"steps": ">= 1", "temperature": ">= 0 (0: argmax)", "choice_temperature": ">= 0",
+             "top_k": ">= 0 (0: all)", "top_p": "in (0, 1]", "num_samples": ">= 1"}
+    for name, ok in domains.items():
+      if not ok:
+        raise UserError(f"{name} must be {rules[name]}, got {getattr(self, name)!r}")
+
+  @classmethod
+  def of(cls, sampling: "Sampling | None" = None, **options: Any) -> "Sampling":
+    """`sampling` (default: the defaults) with `options` replaced; unknown names are errors."""
+    unknown = sorted(set(options) - set(cls.names()))
+    if unknown:
+      raise UserError(f"unknown sampling option(s) {unknown}; valid: {sorted(cls.names())}")
+    return dataclasses.replace(sampling or cls(), **options)
+
+  @classmethod
+  def names(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+  def scheme_of(self, model: nn.Module) -> str:
+    """The scheme, defaulting to the model's own (`ar` causal, `maskgit` masked)."""
+    return self.scheme or ("maskgit" if model.masked else "ar")
+
+  def check_model(self, model: nn.Module) -> None:
+    """The options that need something of the model: the scheme its decoder, guidance its
+    unconditional input."""
+    scheme = self.scheme_of(model)
+    if (scheme == "ar") == model.masked:
+      raise UserError(
+          f"scheme {scheme!r} needs a {'causal' if scheme == 'ar' else 'masked'} stage II model "
+          f"(config.model.masked={scheme != 'ar'}); this one is " + (
+              "masked (use maskgit or roar)" if model.masked else "causal (use ar; maskgit "
+              "and roar need a model trained with config.model.masked)"))
+    if self.guidance != 1.0 and not model.cond_dropout:
+      raise UserError(f"guidance {self.guidance}: this model was trained without condition "
+                      "dropout (config.model.cond_dropout = 0), so it has no unconditional "
+                      "input")
+
+  def check(self, model: nn.Module, code_len: int) -> None:
+    """Every option against the model, parallel steps against the `code_len` words to write."""
+    self.check_model(model)
+    if model.masked and not 1 <= self.steps <= code_len:
+      raise UserError(f"steps {self.steps}: must be between 1 and the code length {code_len}")
 
 
 def filter_logits(logits_NxV: jnp.ndarray, *, top_k: int = 0, top_p: float = 1.0) -> jnp.ndarray:
@@ -93,9 +179,6 @@ def temperatures(temperature: float, schedule: str, counts: np.ndarray) -> np.nd
                    f"got {schedule!r}")
 
 
-GUIDANCE_SCHEDULES = ("constant", "linear", "cosine")
-
-
 def guidance_scale(scale: float, schedule: str, t: jnp.ndarray, steps: int) -> jnp.ndarray:
   """The guidance scale at step t of `steps` (4M's convention: 1 = none): `constant`, or
   rising from 1 to `scale` over the steps, `linear` or `cosine` (1 + (s - 1) w, w = (t + 1) / n
@@ -115,26 +198,35 @@ def guide(logits_2NxV: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndarray:
   return uncond + scale * (cond - uncond)
 
 
-def sample(model: nn.Module, params: Any, images: jnp.ndarray, rngs_B: jax.Array, *,
-           scheme: str | None = None, steps: int = 8, token_schedule: str = "cosine",
-           temperature: float = 0.0, temperature_schedule: str = "constant",
-           choice_temperature: float = 4.5, top_k: int = 0, top_p: float = 1.0,
-           num_samples: int = 1, guidance: float = 1.0, guidance_schedule: str = "constant",
-           given: jnp.ndarray | None = None, span: tuple[int, int] | None = None,
-           vocab: tuple[int, int] | None = None, cached: bool = True,
-           with_order: bool = False) -> tuple[jnp.ndarray, ...]:
+def image_rngs(images_BxHxWxC: jnp.ndarray, seed: int = 0) -> jax.Array:
+  """One key per image, from its 8-bit content (exact integer hash): the same image gets the
+  same random stream whatever batch, device or host it is processed on."""
+  pixels = jnp.round((images_BxHxWxC + 1) * 127.5).astype(jnp.uint32)
+  pixels = pixels.reshape(len(pixels), -1)
+  weights = jnp.arange(pixels.shape[1], dtype=jnp.uint32) * jnp.uint32(2654435761) | 1
+  hashes = jnp.sum(pixels * weights, axis=1, dtype=jnp.uint32)
+  return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), hashes)
+
+
+def sample(model: nn.Module, params: Any, images: jnp.ndarray, rngs_B: jax.Array,
+           sampling: Sampling | None = None, *, given: jnp.ndarray | None = None,
+           span: tuple[int, int] | None = None, vocab: tuple[int, int] | None = None,
+           cached: bool = True, with_order: bool = False,
+           **options: Any) -> tuple[jnp.ndarray, ...]:
   """Codes for each image: (tokens (B, num_samples, L) in [1, vocab), log-probabilities of the
   sequences under the (guided) model (B, num_samples); for parallel schemes the sum, over
   steps, of each decided token's log-probability when it was decided), and with `with_order`
   the step at which each token was decided (B, num_samples, L).
 
-  `scheme`: `ar`, `maskgit` or `roar` (default: `ar` for a causal model, `maskgit` for a masked
-  one); parallel schemes take `steps` steps, `token_schedule` (`tokens_per_step`) and
+  The options are `sampling` with `options` (`Sampling`'s fields) replaced. `scheme`: `ar`,
+  `maskgit` or `roar` (default: `ar` for a causal model, `maskgit` for a masked one); parallel
+  schemes take `steps` steps, `token_schedule` (`tokens_per_step`) and
   `temperature_schedule` (`temperatures`); `maskgit` ranks positions by the untempered
   log-probability of the sampled token plus Gumbel noise of scale `choice_temperature`
   annealed linearly to 0 over the steps (MaskGIT's 4.5; at 0 the most confident go first,
   an order unlike training's random masks that measured worse on the toy tasks).
-  `rngs_B` holds one key per image (sample s of image b uses fold_in(rngs_B[b], s)).
+  `rngs_B` holds one key per image (sample s of image b uses fold_in(rngs_B[b], s)); the
+  `seed` option is the caller's (`image_rngs`).
   `guidance` is classifier-free guidance's scale s (4M's convention: 1 = none, the
   unconditional pass is skipped): logits = l_uncond + s (l_cond - l_uncond), before temperature
   and filtering, on a model trained with `cond_dropout`; the conditional and unconditional
@@ -142,43 +234,43 @@ def sample(model: nn.Module, params: Any, images: jnp.ndarray, rngs_B: jax.Array
   (the reference, for benchmarks).
 
   Parallel schemes can decode part of a code (one task's, in a multi-task model): `given`
-  (B, L) holds the tokens the decoder sees from the start (MASK where none), `span` = (first,
-  end) the positions to decode (only those that are MASK in `given`; the others never change)
-  and `vocab` = (low, high) the ids they may take.
+  (B, L), or (B, num_samples, L) per sample, holds the tokens the decoder sees from the start
+  (MASK where none), `span` = (first, end) the positions to decode (only those that are MASK
+  in `given`; the others never change) and `vocab` = (low, high) the ids they may take.
   """
-  scheme = scheme or ("maskgit" if model.masked else "ar")
-  if scheme not in SCHEMES:
-    raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+  sampling = Sampling.of(sampling, **options)
+  sampling.check_model(model)
+  scheme, num_samples = sampling.scheme_of(model), sampling.num_samples
   if scheme == "ar" and (given is not None or span or vocab):
     raise ValueError("given, span and vocab need a parallel scheme (a masked model)")
-  if (scheme == "ar") == model.masked:
-    raise ValueError(f"scheme {scheme!r} needs a {'causal' if scheme == 'ar' else 'masked'} "
-                     f"stage II model (config.model.masked={scheme != 'ar'}); this one is "
-                     f"{'masked' if model.masked else 'causal'}")
   batch = images.shape[0]
   variables = {"params": params}
   encoded = model.apply(variables, images, method=model.encode)
   encoded = jnp.repeat(encoded, num_samples, axis=0)  # (B * num_samples, P, E)
-  if guidance != 1.0:  # conditional rows, then unconditional ones
+  if sampling.guidance != 1.0:  # conditional rows, then unconditional ones
     encoded = jnp.concatenate([encoded, model.apply(variables, encoded,
                                                     method=model.encode_unconditional)])
   rngs = jax.vmap(lambda key: jax.vmap(lambda s: jax.random.fold_in(key, s))(
       jnp.arange(num_samples)))(rngs_B).reshape(-1)
-  guided = _Guided(guidance, guidance_schedule, model.seq_len if scheme == "ar" else steps)
-  filters = dict(top_k=top_k, top_p=top_p)
+  guided = _Guided(sampling.guidance, sampling.guidance_schedule,
+                   model.seq_len if scheme == "ar" else sampling.steps)
+  filters = dict(top_k=sampling.top_k, top_p=sampling.top_p)
+  temperature = sampling.temperature
   if scheme == "ar":
     tokens, logprob = _autoregressive(model, variables, encoded, rngs, guided, cached,
                                       temperature=temperature, **filters)
     order = jnp.broadcast_to(jnp.arange(model.seq_len), tokens.shape)
   else:
     first, end = span or (0, model.seq_len)
-    counts = tokens_per_step(end - first, steps, token_schedule)
-    temps = temperatures(temperature, temperature_schedule, counts)
+    counts = tokens_per_step(end - first, sampling.steps, sampling.token_schedule)
+    temps = temperatures(temperature, sampling.temperature_schedule, counts)
     start = (jnp.full((batch, model.seq_len), lm.MASK, jnp.int32) if given is None
              else jnp.asarray(given, jnp.int32))
+    start = (start.reshape(batch * num_samples, -1) if start.ndim == 3
+             else jnp.repeat(start, num_samples, axis=0))
     tokens, logprob, order = _parallel(
         model, variables, encoded, rngs, guided, scheme, counts, temps if temperature else None,
-        choice_temperature, jnp.repeat(start, num_samples, axis=0),
+        sampling.choice_temperature, start,
         (np.arange(model.seq_len) >= first) & (np.arange(model.seq_len) < end),
         vocab or (1, model.vocab_size), **filters)
   per_sample = lambda x: x.reshape(batch, num_samples, *x.shape[1:])
@@ -191,7 +283,6 @@ class _Guided:
 
   def __init__(self, scale: float, schedule: str, steps: int):
     self.scale, self.schedule, self.steps = scale, schedule, steps
-    guidance_scale(scale, schedule, jnp.zeros(()), steps)  # checks the schedule's name
 
   def twice(self, x: jnp.ndarray) -> jnp.ndarray:
     return x if self.scale == 1.0 else jnp.concatenate([x, x])

@@ -21,3 +21,16 @@ def get_model(name: str, model_config, **overrides) -> nn.Module:
     return MODELS[name](**kwargs)
   except TypeError as e:
     raise UserError(f"config.model does not fit {name!r}: {e}") from None
+
+
+# Settings of how a model computes, not what: the run's, applied to every model it builds.
+MEMORY_OPTIONS = ("dtype", "remat", "scan_layers", "attention")
+
+
+def memory_options(config) -> dict:
+  """Model overrides from the run config: `compute_dtype` (activations and matmuls; parameters
+  stay float32), `remat` (recompute each block's activations in the backward pass),
+  `scan_layers` (one `nn.scan` per stack of transformer blocks; checkpoints convert either
+  way) and `attention` (the kernel, `vit.ATTENTION`)."""
+  return {"dtype": config.compute_dtype, "remat": config.remat,
+          "scan_layers": config.scan_layers, "attention": config.attention}

@@ -4,10 +4,10 @@ The encoder sees the labels (each modality as patches, B x tokens x C x patch^2)
 context and compresses them into `code_len` discrete codes from a dictionary of `dict_size`
 words; the decoder (the "base model") predicts the labels back from the code plus the image.
 Parameter names and computation follow big_vision's UViM so that its checkpoints load. The
-dictionary is not a parameter: the `state` collection holds discounted sums (`dictionary`) and
-counts (`counts`) of the vectors assigned to each word, updated from the global batch (under
-`jax.jit` a sum over the batch axis is a sum over every device), and a word whose count falls
-below `min_count` is replaced by a split of the most used one.
+quantizer is one small interface, vectors in and (bottleneck, quantised vectors, integer code)
+out, `codewords()` and `embed(code)` between indices and vectors: `VectorQuantizer`, the
+paper's dictionary (not a parameter: discounted sums and counts in the `state` collection,
+updated from the global batch), or `ScalarQuantizer`.
 
 `dtype` is the computation dtype of the transformers, embeddings and heads (e.g. "bfloat16");
 parameters, the bottleneck, the dictionary and its updates, and the returned logits stay
@@ -96,6 +96,76 @@ def embed_ids(kernel_CxPxW: jnp.ndarray, ids_BxTxP: jnp.ndarray) -> jnp.ndarray:
   embedded = jnp.take(kernel_CxPxW.reshape(num_classes * patch, width), rows, axis=0,
                       mode="fill", fill_value=0)
   return jnp.sum(embedded, axis=-2)
+
+
+class VectorQuantizer(nn.Module):
+  """big_vision's VQ bottleneck: vectors are standardised per token and snapped to the nearest
+  word of a dictionary kept in the `state` collection (`dictionary`: discounted sums of the
+  vectors assigned to each word, `counts`: discounted counts), updated from the global batch in
+  training (under `jax.jit` a sum over the batch axis is a sum over every device); a word whose
+  count falls below `min_count` is replaced by a split of the most used one."""
+
+  dict_size: int
+  dim: int
+  momentum: float
+  min_count: float
+
+  def setup(self):
+    init = nn.initializers.normal(stddev=1 / np.sqrt(self.dict_size))
+    self.dictionary = self.variable("state", "dictionary",
+                                    lambda: init(self.make_rng("state"), (self.dict_size,
+                                                                          self.dim)))
+    self.counts = self.variable("state", "counts", jnp.ones, (self.dict_size,))
+
+  def codewords(self) -> jnp.ndarray:
+    """Discounted mean of each word's vectors, L2-normalised."""
+    e = self.dictionary.value / self.counts.value[:, None]
+    return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
+
+  def embed(self, code: jnp.ndarray) -> jnp.ndarray:
+    """The vectors of integer codes."""
+    return self.codewords()[code]
+
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> tuple[jnp.ndarray, ...]:
+    """(bottleneck (the standardised vectors), quantised vectors, code); with `train` the
+    dictionary is updated from this batch."""
+    bottleneck = jax.nn.standardize(x, axis=-1)
+    quantized, code = quantize(bottleneck, self.codewords())
+    if train:
+      self._update(bottleneck, code)
+    return bottleneck, quantized, code
+
+  def _update(self, bottleneck: jnp.ndarray, code: jnp.ndarray) -> None:
+    """EMA of counts and sums over the global batch, then split words whose count is low."""
+    flat_code = code.ravel()
+    counts = jnp.zeros(self.dict_size, jnp.float32).at[flat_code].add(1)
+    sums = jnp.zeros_like(self.dictionary.value).at[flat_code].add(
+        jax.lax.stop_gradient(bottleneck.reshape(-1, bottleneck.shape[-1])))
+    state = {"rng": self.make_rng("vqvae"),
+             "counts": self.counts.value * self.momentum + counts,
+             "dictionary": self.dictionary.value * self.momentum + sums}
+    state = jax.lax.while_loop(lambda s: jnp.any(s["counts"] < self.min_count),
+                               split_most_used_word, state)
+    self.counts.value, self.dictionary.value = state["counts"], state["dictionary"]
+
+
+class ScalarQuantizer(nn.Module):
+  """Finite scalar quantization (`uvim.models.fsq`): each of len(levels) dimensions rounded to
+  its level grid; the words are the grid's prod(levels) points. No parameters, no state."""
+
+  levels: Sequence[int]
+
+  def codewords(self) -> jnp.ndarray:
+    """The grid's points, in index order."""
+    return fsq.indices_to_codes(jnp.arange(fsq.codebook_size(self.levels)), self.levels)
+
+  def embed(self, code: jnp.ndarray) -> jnp.ndarray:
+    return fsq.indices_to_codes(code, self.levels)
+
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> tuple[jnp.ndarray, ...]:
+    """(bottleneck, quantised vectors, code)."""
+    quantized, code = fsq.quantize(x, self.levels)
+    return x, quantized, code
 
 
 class LabelEmbedding(nn.Module):
@@ -196,25 +266,19 @@ class Model(nn.Module):
         raise ValueError(f"quantizer 'fsq': dict_size ({self.dict_size}) must be the product of "
                          f"fsq_levels {tuple(self.fsq_levels)} "
                          f"({fsq.codebook_size(self.fsq_levels)})")
-      dim = len(self.fsq_levels)
+      dim, self.codebook = len(self.fsq_levels), ScalarQuantizer(tuple(self.fsq_levels))
     elif self.quantizer == "vq":
       dim = self.codeword_dim or self.width
-      init = nn.initializers.normal(stddev=1 / np.sqrt(self.dict_size))
-      self.dictionary = self.variable("state", "dictionary",
-                                      lambda: init(self.make_rng("state"), (self.dict_size, dim)))
-      self.counts = self.variable("state", "counts", jnp.ones, (self.dict_size,))
+      self.codebook = VectorQuantizer(self.dict_size, dim, self.dict_momentum, self.min_count)
     else:
       raise ValueError(f"quantizer must be 'vq' or 'fsq', got {self.quantizer!r}")
+    nn.share_scope(self, self.codebook)  # its state at the top level, as in big_vision
     self.encoder_head = nn.Dense(dim, dtype=jnp.float32)  # The bottleneck feeds the quantizer.
     self.decoder_stem = nn.Dense(self.width, dtype=dtype)
 
   def codewords(self) -> jnp.ndarray:
-    """The dictionary's words: discounted mean of their vectors, L2-normalised (FSQ: the
-    grid's points, in index order)."""
-    if self.quantizer == "fsq":
-      return fsq.indices_to_codes(jnp.arange(self.dict_size), self.fsq_levels)
-    e = self.dictionary.value / self.counts.value[:, None]
-    return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
+    """The code's words (dict_size, dim), as the decoder sees them."""
+    return self.codebook.codewords()
 
   def _resize_tokens(self, x_BxLxD: jnp.ndarray, src: Sequence[int],
                      dst: Sequence[int]) -> jnp.ndarray:
@@ -241,37 +305,16 @@ class Model(nn.Module):
       h = self._resize_tokens(h, self.grid, (self.code_side, self.code_side))
     else:
       h = jnp.einsum("btc,tn->bnc", h, self.bottleneck_downsample)
-    if self.quantizer == "fsq":
-      bottleneck = self.encoder_head(h)
-      quantized, code = fsq.quantize(bottleneck, self.fsq_levels)
-    else:
-      bottleneck = jax.nn.standardize(self.encoder_head(h), axis=-1)
-      quantized, code = quantize(bottleneck, self.codewords())
+    bottleneck, quantized, code = self.codebook(self.encoder_head(h), train=train)
     aux = {"bottleneck": bottleneck, "bottleneck_q": quantized, "code": code,
            **codebook_stats(code, self.dict_size)}
-    if train and self.quantizer == "vq":
-      self._update_dictionary(bottleneck, code)
     return quantized, aux
-
-  def _update_dictionary(self, bottleneck: jnp.ndarray, code: jnp.ndarray) -> None:
-    """EMA of counts and sums over the global batch, then split words whose count is low."""
-    flat_code = code.ravel()
-    counts = jnp.zeros(self.dict_size, jnp.float32).at[flat_code].add(1)
-    sums = jnp.zeros_like(self.dictionary.value).at[flat_code].add(
-        jax.lax.stop_gradient(bottleneck.reshape(-1, bottleneck.shape[-1])))
-    state = {"rng": self.make_rng("vqvae"),
-             "counts": self.counts.value * self.dict_momentum + counts,
-             "dictionary": self.dictionary.value * self.dict_momentum + sums}
-    state = jax.lax.while_loop(lambda s: jnp.any(s["counts"] < self.min_count),
-                               split_most_used_word, state)
-    self.counts.value, self.dictionary.value = state["counts"], state["dictionary"]
 
   def decode(self, x: jnp.ndarray, *, ctx: jnp.ndarray | None = None,
              discrete_input: bool = False, train: bool = False) -> tuple[dict, dict]:
     """Code vectors (or integer codes with `discrete_input`) + context -> logits per output."""
     if discrete_input:
-      x = (fsq.indices_to_codes(x, self.fsq_levels) if self.quantizer == "fsq"
-           else self.codewords()[x])
+      x = self.codebook.embed(x)
     if train and self.code_dropout != "none":
       mask = code_dropout_mask(self.make_rng("dropout"), x.shape[0], self.code_len,
                                self.code_dropout)

@@ -9,6 +9,8 @@ A task module provides
 and, for predict.py, on one example's numpy outputs and its uint8 image:
   render(outputs, image), render_labels(labels, image) -> uint8 pictures at the image's size
   save(outputs, image, stem, categories) -> writes the prediction files `<stem>.*`
+  categories(config, model_config) -> what `save` needs of the dataset (panoptic: its COCO
+    categories)
   DEFAULT_TEMPERATURE: the sampling temperature predict.py uses unless told otherwise
   LABELS: (channels, dtype) of the `labels` the pp gives (for shapes without data)
 """

@@ -50,6 +50,11 @@ def error_map(outputs: dict, labels: np.ndarray) -> np.ndarray:
   return (np.sqrt(np.mean(error**2, axis=-1)) / 2).astype(np.float32)
 
 
+def categories(config, model_config) -> list:
+  """What `save` needs of the dataset: nothing."""
+  return []
+
+
 def save(outputs: dict, image: np.ndarray, stem: Path, categories=None) -> None:
   """`<stem>.jpg`: the colorized image at the input's size."""
   visualize.save_jpeg(stem.with_suffix(".jpg"), render(outputs, image))

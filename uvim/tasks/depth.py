@@ -75,6 +75,11 @@ def error_map(outputs: dict, labels: np.ndarray) -> np.ndarray:
   return np.where(truth > MIN_DEPTH, np.minimum(error, 1.0), 0.0).astype(np.float32)
 
 
+def categories(config, model_config) -> list:
+  """What `save` needs of the dataset: nothing."""
+  return []
+
+
 def save(outputs: dict, image: np.ndarray, stem: Path, categories=None) -> None:
   """`<stem>.png`: 16-bit depth in millimetres at the image's size; `<stem>_preview.png`."""
   visualize.save_png(stem.with_suffix(".png"),

@@ -85,6 +85,23 @@ def error_map(outputs: dict, labels: np.ndarray) -> np.ndarray:
   return ((matched != truth) | wrong_class).astype(np.float32)
 
 
+def categories(config, model_config) -> list[dict]:
+  """What `save` writes the segments with: the dataset's COCO categories when known, else ids
+  1..N for the N classes."""
+  from absl import logging
+
+  from uvim import input_pipeline
+  from uvim.panoptic_format import panoptic_categories
+
+  try:
+    return panoptic_categories(input_pipeline.get_builder(config.dataset, config.data_dir))
+  except Exception as e:  # any reason: fall back to class indices
+    logging.warning("No categories from %s (%s); category_id = class index + 1", config.dataset,
+                    e)
+    num_classes = model_config.inputs["semantics"][0] - 1
+    return [{"id": k + 1, "name": f"class {k + 1}", "isthing": 1} for k in range(num_classes)]
+
+
 def save(outputs: dict, image: np.ndarray, stem: Path, categories: list[dict]) -> None:
   """COCO panoptic format at the image's size: `<stem>.png` (ids as RGB), `<stem>.json`
   (segments with COCO category ids), and `<stem>_overlay.png`."""

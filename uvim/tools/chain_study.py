@@ -16,10 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 from absl import app, flags
 
-from uvim import api, cli, stages, trainer
+from uvim import api, cli, trainer
 from uvim.errors import UserError
 from uvim.tools import common
 
@@ -67,18 +66,16 @@ def run(workdir: str, source: str, output: Path, *, singles: list[str], scheme: 
   if "oracles" not in config:
     raise UserError(f"--workdir {workdir}: not a multi-task stage II run (no config.oracles)")
   split = common.split_of(config, source)
-  stage = stages.get_stage(config)
-  image = jax.ShapeDtypeStruct((1, *stage.model.input_size, 3), "float32")
-  shapes = jax.eval_shape(stage.init_variables, jax.random.key(0), {"image": image})
-  params, _ = stage.load_init(workdir, shapes["params"], {})
-  variables = stage.variables(params, {}, stage.frozen_variables())
+  multitask = api.load(workdir)
+  stage, variables = multitask.stage, multitask.variables
   sampling = dict(scheme=scheme, steps=steps, temperature=0.0)
   rows, start = [], time.perf_counter()
   plan = chains(stage.names)
   for i, (label, options) in enumerate(plan):
     target = options["chain"][-1]
     evaluator = evaluator_of(config, config.oracles[target].task)
-    predict = functools.partial(stage.eval_fns()["predict"], **sampling, **options)
+    predict = functools.partial(stage.eval_fns()["predict"],
+                                **multitask.options(**sampling, **options))
     metrics = _evaluate(config, predict, evaluator, split, variables)
     rows.append({"run": Path(workdir).name, "target": target, "chain": label, **metrics})
     print(f"{i + 1}/{len(plan)} {label}: {_headline(config, target, metrics)} "
@@ -88,7 +85,7 @@ def run(workdir: str, source: str, output: Path, *, singles: list[str], scheme: 
     task = model.config.oracle.task
     target = next((n for n in stage.names if config.oracles[n].task == task), task)
     options = sampling if model.stage.model.masked else {"temperature": 0.0}
-    predict = functools.partial(model.stage.eval_fns()["predict"], **options)
+    predict = functools.partial(model.stage.eval_fns()["predict"], **model.options(**options))
     metrics = _evaluate(model.config, predict, evaluator_of(model.config, task),
                         common.split_of(model.config, source), model.variables)
     rows.append({"run": Path(single).name, "target": target,

@@ -51,14 +51,16 @@ def settings(model: api.Model, schemes: list[str], steps: list[int], guidance: l
     return [dict(scheme="ar", guidance=s) for s in scales]
   return [dict(scheme=scheme, steps=n, guidance=s,
                **({"choice_temperature": choice_temperature} if scheme == "maskgit" else {}))
-          for scheme in schemes for n in steps if n <= lm.seq_len for s in scales]
+          for scheme in schemes for n in steps if n <= model.stage.oracle().code_len
+          for s in scales]
 
 
 def images_per_second(model: api.Model, batch_size: int, sampling: dict) -> float:
   """Throughput of the compiled prediction on a batch of random images: best of 3 runs after
   compiling."""
   rng = np.random.default_rng(0)
-  sizes = {"image": model.stage.model.input_size, "image_ctx": model.stage.oracle.input_size}
+  sizes = {"image": model.stage.model.input_size,
+           "image_ctx": model.stage.oracle().config.input_size}
   batch = {k: rng.uniform(-1, 1, (batch_size, *size, 3)).astype(np.float32)
            for k, size in sizes.items()}
   model.predict_batch(batch, **sampling)
@@ -77,6 +79,10 @@ def run(runs: list[str], source: str, output: Path, *, schemes: list[str], steps
   from uvim import trainer
 
   models = {workdir: api.load(workdir) for workdir in runs}
+  several = [w for w, m in models.items() if m.task is None]
+  if several:
+    raise UserError(f"--runs: {several[0]} is a multi-task run; compare its chains with "
+                    "python -m uvim.tools.chain_study")
   kinds = {common.task_evaluator(m.config)[1] for m in models.values()}
   if len(kinds) > 1:
     raise UserError(f"--runs: the runs are scored by different evaluators {sorted(kinds)}; "
@@ -90,7 +96,7 @@ def run(runs: list[str], source: str, output: Path, *, schemes: list[str], steps
     config = model.config
     split = common.split_of(config, source)
     sampling = dict(options, temperature=model.task.DEFAULT_TEMPERATURE)
-    predict = functools.partial(model.stage.eval_fns()["predict"], **sampling)
+    predict = functools.partial(model.stage.eval_fns()["predict"], **model.options(**sampling))
     evaluator = common.make_evaluator(config, {"predict": predict}, split,
                                       trainer.make_mesh(config))
     metrics = evaluator.run(model.variables)

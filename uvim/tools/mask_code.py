@@ -29,7 +29,8 @@ from absl import app, flags
 from PIL import Image, ImageDraw
 
 from uvim import api, cli, input_pipeline, visualize
-from uvim.stages import image_rngs
+from uvim.decoding import image_rngs
+from uvim.oracle import context
 from uvim.tools import common
 
 MODES = ("zeros", "random", "same")
@@ -89,27 +90,21 @@ def masked_predict(stage, mode: str, mask_L: np.ndarray, codes: str, temperature
                    seed: int) -> Callable:
   """(variables, batch) -> the task outputs decoded from each image's masked code (and the
   `code` before masking): what the evaluators run."""
-  oracle = stage.oracle
+  oracle = stage.oracle()
 
   def predict(variables: dict, batch: dict) -> dict:
     if codes == "oracle":
-      code = stage.targets(variables["oracle"], batch)[0] - 1
+      code = oracle.encode(variables["oracle"], batch)[0]
     else:
       code = stage.predict_samples(variables, batch, temperature=temperature,
                                    seed=seed)["code"][:, 0]
-    codewords = oracle.apply(variables["oracle"], method=oracle.codewords)
+    codewords = oracle.codewords(variables["oracle"])
     # One key per image from its pixels, apart from the sampler's stream.
     rngs = jax.vmap(jax.random.fold_in, (0, None))(image_rngs(batch["image"], seed), 1)
     vectors = masked_vectors(codewords, code, jnp.asarray(mask_L), mode, rngs)
-    ctx = batch.get("image_ctx", batch["image"])
-    logits, _ = oracle.apply(variables["oracle"], vectors, ctx=ctx, method=oracle.decode)
-    return {**stage.task.predict_outputs(logits, stage.oracle_config), "code": code}
+    return {**oracle.decode(variables["oracle"], vectors, context(batch)), "code": code}
 
   return predict
-
-
-
-
 
 
 def code_image(code_L: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -131,9 +126,6 @@ def outline(image: np.ndarray, code_side: int, side: int) -> np.ndarray:
   ImageDraw.Draw(pil).rectangle([left, top, width - 1, height - 1], outline=(255, 230, 0),
                                  width=max(1, height // 64))
   return np.asarray(pil)
-
-
-
 
 def sheets(outputs: dict, batch: dict, task, code_side: int, sides: list[int],
            count: int) -> list[np.ndarray]:
@@ -182,9 +174,6 @@ def write_results(rows: list[dict], metric: str, output: Path, title: str) -> li
   plt.close(fig)
   return [output / "masking.md", output / "masking.csv", output / "masking.png"]
 
-
-
-
 def run(config, checkpoint: str, source: str, output: Path, *, codes: str, steps: int,
         sheet_count: int, temperature: float | None, seed: int) -> list[Path]:
   """Masks, decodes and scores every mode and region size; the files written."""
@@ -193,8 +182,8 @@ def run(config, checkpoint: str, source: str, output: Path, *, codes: str, steps
   model = api.Model(config, checkpoint)
   stage, split = model.stage, common.split_of(config, source)
   mesh = trainer.make_mesh(config)
-  temperature = stage.task.DEFAULT_TEMPERATURE if temperature is None else temperature
-  code_side = round(stage.oracle.code_len ** 0.5)
+  temperature = model.task.DEFAULT_TEMPERATURE if temperature is None else temperature
+  code_side = stage.oracle().code_side
   # Oracle codes need labels, which panoptic's evaluator pp leaves out (it reads its own).
   labelled_pp = config.pp_eval if codes == "oracle" else None
   sides = region_sides(code_side, steps)
@@ -209,7 +198,7 @@ def run(config, checkpoint: str, source: str, output: Path, *, codes: str, steps
     batch = jax.device_get(next(iter(batches)))
     outputs = {m: {s: jax.device_get(jax.jit(p)(model.variables, batch)) for s, p in ps.items()}
                for m, ps in predicts.items()}
-    for i, sheet in enumerate(sheets(outputs, batch, stage.task, code_side, sides,
+    for i, sheet in enumerate(sheets(outputs, batch, model.task, code_side, sides,
                                      sheet_count)):
       written.append(visualize.save_png(output / f"sheet_{i}.png", sheet))
   rows, start, done = [], time.perf_counter(), 0

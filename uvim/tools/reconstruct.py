@@ -20,6 +20,7 @@ import numpy as np
 from absl import app, flags
 
 from uvim import api, cli, input_pipeline, stages, visualize
+from uvim.oracle import context
 from uvim.tools import common
 
 
@@ -88,7 +89,7 @@ def run(config: mlc.ConfigDict, checkpoint: str, source: str, output: Path,
   codes, rows = [], []
   for batch in batches:
     batch = jax.device_get(batch)
-    ctx = batch.get("image_ctx", batch["image"])
+    ctx = context(batch)
     code = tokenizer.encode(batch["labels"], ctx)
     codes.append(code[batch[input_pipeline.MASK_KEY]])
     if len(rows) < sheet_rows:
@@ -96,9 +97,9 @@ def run(config: mlc.ConfigDict, checkpoint: str, source: str, output: Path,
       for i in range(min(sheet_rows - len(rows), int(batch[input_pipeline.MASK_KEY].sum()))):
         image = common.to_uint8(batch["image"][i])
         one = {k: v[i] for k, v in outputs.items()}
-        rows.append([stage.task.render_labels(batch["labels"][i], image), image,
-                     stage.task.render(one, image),
-                     error_image(stage.task.error_map(one, batch["labels"][i]),
+        rows.append([tokenizer.task.render_labels(batch["labels"][i], image), image,
+                     tokenizer.task.render(one, image),
+                     error_image(tokenizer.task.error_map(one, batch["labels"][i]),
                                  image.shape[:2])])
   use = word_use(np.concatenate(codes), tokenizer.model.dict_size)
   counts = use.pop("counts")
