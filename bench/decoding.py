@@ -158,5 +158,6 @@ if __name__ == "__main__":
   flags.DEFINE_list("steps", ["1", "4", "8"], "Steps of the parallel decoders.")
   flags.DEFINE_string("plot", None, "Write a PNG of seconds per image against steps here.")
   flags.DEFINE_integer("repeats", 2, "Timed calls per figure (the best is kept).")
-  flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0: greedy).")
+  flags.DEFINE_float("temperature", decoding.Sampling.temperature,
+                     "Sampling temperature (0: greedy).")
   app.run(main)

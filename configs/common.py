@@ -143,6 +143,10 @@ def stage2_from_stage1(stage1: mlc.ConfigDict, arg: mlc.ConfigDict, oracle_init:
   the parsed `smoke`, `cpu` and `singlehost` switches."""
   toy = arg.smoke or arg.cpu
   config = mlc.ConfigDict(stage1.to_dict())
+  # to_dict drops the placeholders' types: `--config.total_steps=0` must still parse.
+  for key, kind in (("total_steps", int), ("data_dir", str)):
+    config[key] = mlc.config_dict.placeholder(kind)
+    config[key] = stage1[key]
   task, oracle_model = config.task, stage1.model
   del config["task"], config["grad_clip_norm"]  # stage II trains without clipping
   config.pp_predict = predict_pp

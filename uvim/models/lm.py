@@ -282,8 +282,8 @@ class Model(nn.Module):
   # training example hiding a cosine-scheduled fraction of its code, at least `min_mask_ratio`.
   masked: bool = False
   min_mask_ratio: float = 0.1
-  # Several tasks' codes in one sequence (`stages.MultiTaskStageII`): `seq_len` is num_tasks
-  # codes of seq_len / num_tasks tokens, each with the same positions plus a learned
+  # Several tasks' codes in one sequence (`stages.StageII` over several oracles): `seq_len` is
+  # num_tasks codes of seq_len / num_tasks tokens, each with the same positions plus a learned
   # `task_embedding` of its task.
   num_tasks: int = 1
   dtype: str = "float32"  # Computation dtype; parameters and the returned logits are float32.

@@ -14,6 +14,7 @@ import csv
 import functools
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from absl import app, flags
@@ -27,14 +28,13 @@ TASK_EVALUATORS = {"panoptic_segmentation": "coco_panoptic", "depth": "nyu_depth
                    "colorization": "psnr"}
 
 
-def define_flags() -> None:
+def define_flags() -> Callable[[], dict]:
   flags.DEFINE_string("workdir", None, "A multi-task stage II workdir.", required=True)
   flags.DEFINE_string("input", None, "A split of the run's dataset, or `dataset:split`.",
                       required=True)
   flags.DEFINE_string("output", None, "Directory for the table.", required=True)
   flags.DEFINE_list("singles", [], "Single-task stage II workdirs to score alongside.")
-  flags.DEFINE_string("scheme", "maskgit", "Parallel scheme of every chain step.")
-  flags.DEFINE_integer("steps", 8, "Parallel steps of every chain step.")
+  return cli.define_sampling_flags()  # the sampler's options, for every chain step
 
 
 def chains(names: tuple[str, ...]) -> list[tuple[str, dict]]:
@@ -59,16 +59,17 @@ def evaluator_of(config, task: str) -> str:
                   f"{list(config.evals)}")
 
 
-def run(workdir: str, source: str, output: Path, *, singles: list[str], scheme: str,
-        steps: int) -> list[Path]:
-  """Scores every chain of the multi-task run, then the single-task runs; the files written."""
+def run(workdir: str, source: str, output: Path, *, singles: list[str],
+        sampling: dict) -> list[Path]:
+  """Scores every chain of the multi-task run, then the single-task runs, with the sampler's
+  `sampling` options (`decoding.Sampling`'s fields; temperature: each task's default); the
+  files written."""
   config = api.load_config(workdir)
   if "oracles" not in config:
     raise UserError(f"--workdir {workdir}: not a multi-task stage II run (no config.oracles)")
   split = common.split_of(config, source)
   multitask = api.load(workdir)
   stage, variables = multitask.stage, multitask.variables
-  sampling = dict(scheme=scheme, steps=steps, temperature=0.0)
   rows, start = [], time.perf_counter()
   plan = chains(stage.names)
   for i, (label, options) in enumerate(plan):
@@ -84,7 +85,8 @@ def run(workdir: str, source: str, output: Path, *, singles: list[str], scheme: 
     model = api.load(single)
     task = model.config.oracle.task
     target = next((n for n in stage.names if config.oracles[n].task == task), task)
-    options = sampling if model.stage.model.masked else {"temperature": 0.0}
+    options = sampling if model.stage.model.masked else {
+        k: v for k, v in sampling.items() if k in ("temperature", "seed")}
     predict = functools.partial(model.stage.eval_fns()["predict"], **model.options(**options))
     metrics = _evaluate(model.config, predict, evaluator_of(model.config, task),
                         common.split_of(model.config, source), model.variables)
@@ -128,9 +130,9 @@ def main(argv: list[str]) -> None:
   cli.quiet_library_logs()
   f = flags.FLAGS
   common.report_written(lambda: run(f.workdir, f.input, Path(f.output), singles=f.singles,
-                                    scheme=f.scheme, steps=f.steps))
+                                    sampling=SAMPLING()))
 
 
 if __name__ == "__main__":
-  define_flags()
+  SAMPLING = define_flags()
   app.run(main)

@@ -22,7 +22,7 @@ import matplotlib
 import numpy as np
 from absl import app, flags
 
-from uvim import api, cli
+from uvim import api, cli, decoding
 from uvim.errors import UserError
 from uvim.tools import common
 
@@ -38,7 +38,8 @@ def define_flags() -> None:
   flags.DEFINE_list("schemes", ["maskgit", "roar"], "Parallel schemes for masked models.")
   flags.DEFINE_list("steps", ["1", "2", "4", "8", "16"], "Step counts of parallel schemes.")
   flags.DEFINE_list("guidance", ["1"], "Guidance scales (models trained with cond_dropout).")
-  flags.DEFINE_float("choice_temperature", 4.5, "maskgit's confidence noise (see predict.py).")
+  flags.DEFINE_float("choice_temperature", decoding.Sampling.choice_temperature,
+                     "maskgit's confidence noise (see predict.py).")
   flags.DEFINE_integer("speed_batch", 32, "Images per timed prediction (0: no timing).")
 
 

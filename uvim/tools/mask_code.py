@@ -28,8 +28,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image, ImageDraw
 
-from uvim import api, cli, input_pipeline, visualize
-from uvim.decoding import image_rngs
+from uvim import api, cli, decoding, input_pipeline, visualize
 from uvim.oracle import context
 from uvim.tools import common
 
@@ -50,8 +49,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("sheets", 4, "Images drawn as Figure 10 sheets.")
   flags.DEFINE_float("temperature", None, "Stage II sampling temperature; default the "
                      "task's (colour 1, others 0).")
-  flags.DEFINE_integer("seed", 0, "Seed of the random words (each image also hashes its "
-                       "pixels).")
+  flags.DEFINE_integer("seed", decoding.Sampling.seed, "Seed of the sampler and the random "
+                       "words (each image also hashes its pixels).")
 
 
 def region_sides(code_side: int, steps: int) -> list[int]:
@@ -100,7 +99,8 @@ def masked_predict(stage, mode: str, mask_L: np.ndarray, codes: str, temperature
                                    seed=seed)["code"][:, 0]
     codewords = oracle.codewords(variables["oracle"])
     # One key per image from its pixels, apart from the sampler's stream.
-    rngs = jax.vmap(jax.random.fold_in, (0, None))(image_rngs(batch["image"], seed), 1)
+    rngs = jax.vmap(jax.random.fold_in, (0, None))(
+        decoding.image_rngs(batch["image"], seed), 1)
     vectors = masked_vectors(codewords, code, jnp.asarray(mask_L), mode, rngs)
     return {**oracle.decode(variables["oracle"], vectors, context(batch)), "code": code}
 
