@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
-from uvim import api, cli, input_pipeline, visualize
+from uvim import api, cli, decoding, input_pipeline, visualize
 from uvim.errors import UserError
 
 _CONFIG = cli.define_config_flag()
@@ -35,6 +35,8 @@ _INPUT = flags.DEFINE_string("input", None, "An image file, a folder of images o
                              "(`dataset:split`).", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Directory to write predictions to.", required=True)
 _SAMPLING = cli.define_sampling_flags()  # --scheme, --steps, --temperature, --num_samples...
+for _name in decoding.Sampling.names():
+  flags.declare_key_flag(_name)  # listed by --help
 _CHAIN = flags.DEFINE_list("chain", None, "Multi-task models: the tasks to decode, in turn, "
                            "each conditioned on those before (default: all, in order).")
 _GIVEN = flags.DEFINE_list("given", [], "Multi-task models and a tfds --input: tasks whose code "

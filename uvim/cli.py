@@ -38,7 +38,7 @@ def define_sampling_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Callab
 
   holders = {}
   for field in dataclasses.fields(Sampling):
-    default = "the model's" if field.default is None else field.default
+    default = "the model's (ar causal, maskgit masked)" if field.default is None else field.default
     if field.name == "temperature":
       default = "the task's (colour 1, others 0)"
     text = f"{field.metadata['help']} Default: {default}."

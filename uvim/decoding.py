@@ -41,7 +41,7 @@ class Sampling:
 
   scheme: str | None = _option(
       None, "Decoding: ar (one token a step, causal models); maskgit or roar (a few parallel "
-      "steps, masked models). Default: the model's.", SCHEMES)
+      "steps, masked models).", SCHEMES)
   steps: int = _option(8, "Steps of maskgit / roar.")
   token_schedule: str = _option(
       "cosine", "Tokens decided per parallel step: MaskGIT's cosine or linear.", TOKEN_SCHEDULES)

@@ -25,7 +25,7 @@ from absl import logging
 
 from uvim import checkpoint, models, tasks
 from uvim.errors import UserError
-from uvim.models import vit
+from uvim.models import vit, vqvae
 
 # Stage I settings that only act in training: an oracle may differ in them from its run.
 TRAINING_ONLY = ("code_dropout", "dict_momentum", "min_count", "dropout")
@@ -54,7 +54,7 @@ class Oracle:
   @property
   def code_side(self) -> int:
     """The side of the code's square grid (words in raster order)."""
-    return math.isqrt(self.model.code_len)
+    return vqvae.grid_side(self.model.code_len)
 
   def inputs(self, batch: dict) -> tuple[dict, jnp.ndarray, dict]:
     """The model inputs of a batch: the task's label patches, the context image (`image_ctx`,

@@ -208,7 +208,7 @@ class StageII:
     if not self.multitask:
       return lm.training_mask(rng, batch, self.model.seq_len, self.model.min_mask_ratio)
     role_rng, pick_rng, mask_rng = jax.random.split(rng, 3)
-    num_tasks, code_len = len(self.names), self.model.seq_len // len(self.names)
+    num_tasks, code_len = len(self.names), self.oracle().code_len
     condition = jax.random.bernoulli(role_rng, self.condition_rate, (batch, num_tasks))
     pick = jax.random.randint(pick_rng, (batch, 1), 0, num_tasks) == jnp.arange(num_tasks)
     condition = condition & ~(jnp.all(condition, axis=1, keepdims=True) & pick)

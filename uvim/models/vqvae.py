@@ -39,6 +39,11 @@ SPLIT_PERTURBATION = 0.001  # A split word is the most used one times uniform(1 
 GATHER_MIN_CLASSES = 32
 
 
+def grid_side(code_len: int) -> int:
+  """The side of the square grid a code of `code_len` words covers (raster order)."""
+  return round(code_len**0.5)
+
+
 def quantize(x_BxKxD: jnp.ndarray, codewords_NxD: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
   """Nearest codeword (squared Euclidean) of each vector, with a straight-through gradient."""
   dist = (jnp.sum(x_BxKxD**2, -1, keepdims=True) - 2 * x_BxKxD @ codewords_NxD.T
@@ -228,7 +233,7 @@ class Model(nn.Module):
   def setup(self):
     self.grid = vit.patch_grid(self.input_size, self.patch_size)
     num_tokens = int(np.prod(self.grid))
-    self.code_side = round(self.code_len**0.5)
+    self.code_side = grid_side(self.code_len)
     if self.bottleneck_resize and self.code_side**2 != self.code_len:
       raise ValueError(f"bottleneck_resize needs a square code_len, got {self.code_len}")
     if self.code_dropout not in ("none", "random", "prefix"):

@@ -29,6 +29,7 @@ from absl import app, flags
 from PIL import Image, ImageDraw
 
 from uvim import api, cli, decoding, input_pipeline, visualize
+from uvim.models import vqvae
 from uvim.oracle import context
 from uvim.tools import common
 
@@ -109,7 +110,7 @@ def masked_predict(stage, mode: str, mask_L: np.ndarray, codes: str, temperature
 
 def code_image(code_L: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   """A code as a grid of colours (a hue per word id), at `size` (uint8 RGB)."""
-  side = round(len(code_L) ** 0.5)
+  side = vqvae.grid_side(len(code_L))
   hue = (np.asarray(code_L).reshape(side, side) * 0.618034) % 1.0
   hsv = np.stack([hue, np.full_like(hue, 0.65), np.full_like(hue, 0.95)], -1)
   rgb = np.asarray(Image.fromarray((hsv * 255).astype(np.uint8), "HSV").convert("RGB"))
