@@ -115,7 +115,7 @@ class Sampling:
       raise UserError(f"steps {self.steps}: must be between 1 and the code length {code_len}")
 
 
-def filter_logits(logits_NxV: jnp.ndarray, *, top_k: int = 0, top_p: float = 1.0) -> jnp.ndarray:
+def filter_logits(logits_NxV: jnp.ndarray, *, top_k: int, top_p: float) -> jnp.ndarray:
   """Sets to -inf the logits outside the `top_k` most likely, then those outside the smallest
   set whose probability (renormalised after top-k) reaches `top_p`. 0 / 1.0 disable them."""
   if top_k:
@@ -132,8 +132,7 @@ def filter_logits(logits_NxV: jnp.ndarray, *, top_k: int = 0, top_p: float = 1.0
 
 
 def choose_tokens(logits_Nx_xV: jnp.ndarray, rngs_N: jax.Array, *,
-                  temperature: float | jnp.ndarray, top_k: int = 0,
-                  top_p: float = 1.0) -> jnp.ndarray:
+                  temperature: float | jnp.ndarray, top_k: int, top_p: float) -> jnp.ndarray:
   """One token per row (and position, for (N, L, V) logits): argmax at a Python temperature 0,
   else a sample of softmax(logits / T) after top-k / top-p filtering, from the row's key. BOS /
   MASK (id 0) is never chosen."""
@@ -144,7 +143,7 @@ def choose_tokens(logits_Nx_xV: jnp.ndarray, rngs_N: jax.Array, *,
   return jax.vmap(jax.random.categorical)(rngs_N, logits_Nx_xV)
 
 
-def tokens_per_step(length: int, steps: int, schedule: str = "cosine") -> np.ndarray:
+def tokens_per_step(length: int, steps: int, schedule: str) -> np.ndarray:
   """How many tokens each of `steps` parallel steps decodes (summing to `length`): after step t
   a fraction gamma((t + 1) / steps) stays masked, gamma = MaskGIT's cos(pi/2 r) (`cosine`: few
   tokens first, many last) or 1 - r (`linear`), and every step decodes at least one."""
