@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from uvim import cli, stages
+from uvim.decoding import Sampling
 from uvim.errors import UserError
 from uvim.oracle import Oracle
 
@@ -72,11 +73,17 @@ class Model:
     if temperature is not None:
       options["temperature"] = temperature
     else:
-      steps = [(c, {}) if isinstance(c, str) else (c[0], dict(c[1]))
-               for c in (self.stage.names if chain is None else chain)]
-      chain = [(name, {"temperature": self.tasks[name].DEFAULT_TEMPERATURE, **step})
-               if name in self.tasks else (name, step) for name, step in steps]
+      chain = [self._at_task_temperature(step)
+               for step in (self.stage.names if chain is None else chain)]
     return self.stage.prediction_options({**options, "chain": chain}, "predict_batch")
+
+  def _at_task_temperature(self, step: Any) -> tuple[str, Any]:
+    """A chain step (name, or (name, options)) sampled at its task's default temperature
+    unless its options say otherwise."""
+    name, options = (step, {}) if isinstance(step, str) else step
+    if isinstance(options, Sampling) or name not in self.tasks:
+      return name, options
+    return name, {"temperature": self.tasks[name].DEFAULT_TEMPERATURE, **options}
 
   def predict_batch(self, batch: dict[str, np.ndarray], **options: Any) -> dict[str, np.ndarray]:
     """Task outputs for a batch of preprocessed inputs, each (B, num_samples, ...), plus the
