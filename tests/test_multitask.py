@@ -230,6 +230,10 @@ def test_a_third_task_is_one_entry_of_the_config(toy_data_dir, oracles):
   np.testing.assert_array_equal(out["code_depth"][:, 0], depth_code)
   assert out["code_far"].shape == (4, 1, 16) and (out["code_far"] >= 0).all()
   assert (out["code_far"] < 16).all() and {"depth", "code_logprob"} <= set(out)
+  unstated = config.copy_and_resolve_references()
+  del unstated.model["seq_len"], unstated.model["vocab_size"], unstated.model["num_tasks"]
+  model = stages.get_stage(unstated).model  # the oracles say what the config does not
+  assert (model.seq_len, model.vocab_size, model.num_tasks) == (48, 49, 3)
   config.model.seq_len = 32
   with pytest.raises(UserError, match=r"config\.model\.seq_len \(32\) must be 48"):
     stages.get_stage(config)

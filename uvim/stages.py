@@ -121,25 +121,21 @@ class StageII:
     self.condition_rate = config.get("condition_rate", 0.5)
     sizes = [o.dict_size for o in self.oracles.values()]
     self.first_id = dict(zip(self.names, 1 + np.cumsum([0, *sizes[:-1]]), strict=True))
-    self.model = models.get_model(config.model_name, config.model,
-                                  **models.memory_options(config))
-    self._check_model(config)
-
-  def _check_model(self, config) -> None:
-    """The model's sequence shape against the one its oracles imply."""
     lens = {k: o.code_len for k, o in self.oracles.items()}
     if self.multitask and len(set(lens.values())) != 1:
       raise UserError(f"config.oracles: every oracle's model.code_len must be the same, got "
                       f"{lens}")
-    sizes = [o.dict_size for o in self.oracles.values()]
-    oracle = "config.oracles" if self.multitask else "config.oracle.model"
-    expected = {"seq_len": (sum(lens.values()), f"the code_len of {oracle}"),
-                "vocab_size": (1 + sum(sizes), f"{oracle}.dict_size + 1" if not self.multitask
-                               else f"1 + the dict_size of every oracle {sizes}"),
-                "num_tasks": (len(self.names) if self.multitask else 1, "the number of oracles")}
+    # What the oracles imply of the model, and why; a config may state it (the paper's do).
+    source = "config.oracles" if self.multitask else "config.oracle.model"
+    implied = {"seq_len": (sum(lens.values()), f"the code_len of {source}"),
+               "vocab_size": (1 + sum(sizes), f"1 + the dict_size of {source} {sizes}"),
+               "num_tasks": (len(self.names) if self.multitask else 1, "one per oracle")}
     if self.multitask:
-      expected["masked"] = (True, "a multi-task model (chains decode in any order)")
-    for key, (value, why) in expected.items():
+      implied["masked"] = (True, "a multi-task model (chains decode in any order)")
+    unstated = {k: v for k, (v, _) in implied.items() if k not in config.model}
+    self.model = models.get_model(config.model_name, config.model, **unstated,
+                                  **models.memory_options(config))
+    for key, (value, why) in implied.items():
       if getattr(self.model, key) != value:
         raise UserError(f"config.model.{key} ({getattr(self.model, key)}) must be {value}, "
                         f"{why}")
