@@ -20,6 +20,7 @@ The stage I oracle alone is a tokenizer of task outputs:
 """
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,12 @@ class Model:
     schedules, `seed`), `chain` (the tasks decoded in turn; default all) and `given` (tasks
     whose code comes from the oracle of their labels in the batch): see `StageII`."""
     return jax.device_get(self._predict(self.variables, batch, **self.options(**options)))
+
+  def predict(self, images: Sequence[np.ndarray], **options: Any) -> dict[str, np.ndarray]:
+    """Task outputs for uint8 RGB images of any sizes (see `predict_batch` for `options`)."""
+    inputs = [self.preprocess(image) for image in images]
+    batch = {k: np.stack([x[k] for x in inputs]) for k in inputs[0]}
+    return self.predict_batch(batch, **options)
 
 def load(source: str, *, checkpoint: str | None = None, oracle: str | None = None,
          overrides: dict[str, Any] | None = None) -> Model:
