@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uvim.errors import UserError
+from uvim.errors import UserError, did_you_mean
 from uvim.models import lm
 
 SCHEMES = ("ar", "maskgit", "roar")
@@ -82,7 +82,8 @@ class Sampling:
     """`sampling` (default: the defaults) with `options` replaced; unknown names are errors."""
     unknown = sorted(set(options) - set(cls.names()))
     if unknown:
-      raise UserError(f"unknown sampling option(s) {unknown}; valid: {sorted(cls.names())}")
+      raise UserError(f"unknown sampling option(s) {unknown}; "
+                      f"{did_you_mean(unknown[0], cls.names())}valid: {sorted(cls.names())}")
     return dataclasses.replace(sampling or cls(), **options)
 
   @classmethod

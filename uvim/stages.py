@@ -269,11 +269,6 @@ class StageII:
     """`options` (Sampling's fields, `chain`, `given`) checked against this model, as the
     keyword arguments of `predict_samples` (hashable: static under jit); errors name `where`."""
     options = dict(options)
-    unknown = sorted(set(options) - {*Sampling.names(), "chain", "given"})
-    if unknown:
-      known = [*Sampling.names(), "chain", "given"]
-      raise UserError(f"{where}: unknown sampling option(s) {unknown}; "
-                      f"{did_you_mean(unknown[0], known)}valid: {known}")
     chain, given = options.pop("chain", None), tuple(options.pop("given", ()))
     try:
       sampling = Sampling.of(**options)
