@@ -63,12 +63,14 @@ def main(argv: list[str]) -> None:
   if not source:
     raise app.UsageError("Give --workdir or --checkpoint (the trained stage II model).")
   try:
+    inputs = check_input_and_output(_INPUT.value, Path(_OUTPUT.value), config.data_dir)
+    decoding.Sampling.of(**_SAMPLING())  # the options' domains, before the model loads
     model = api.Model(config, source)
     if not model.stage.multitask and (_CHAIN.value or _GIVEN.value):
       raise UserError("--chain and --given need a multi-task model (config.oracles)")
     options = {**_SAMPLING(), "chain": _CHAIN.value, "given": tuple(_GIVEN.value)}
     model.options(**options)  # checked before reading any input
-    failures = run(model, _INPUT.value, Path(_OUTPUT.value), options=options,
+    failures = run(model, inputs, Path(_OUTPUT.value), options=options,
                    batch_size=_BATCH_SIZE.value, sheet_rows=_SHEET_ROWS.value)
   except UserError as e:
     sys.exit(f"FATAL {e}")
@@ -77,14 +79,52 @@ def main(argv: list[str]) -> None:
     sys.exit(1)
 
 
-def run(model: api.Model, source: str, output: Path, *, options: dict, batch_size: int,
-        sheet_rows: int) -> list[str]:
-  """Predicts every input of `source`, writes each task's files and a contact sheet of
+def check_input_and_output(source: str, output: Path,
+                           data_dir: str | None = None) -> "str | list[Path]":
+  """The image files of `--input` (a file or a folder), or the tfds split it names (checked to
+  exist in `data_dir`, and to hold examples), after
+  checking that `--output` can hold the predictions without touching an input: it must not be
+  an existing file, nor a folder that holds an input (its files would be overwritten, and read
+  as inputs by the next run)."""
+  if output.exists() and not output.is_dir():
+    raise UserError(f"--output {output} is a file; give a folder for the predictions")
+  path = Path(source)
+  if not (path.is_dir() or path.is_file()):
+    if ":" not in source:
+      raise UserError(f"--input {source}: no such file or folder (a tfds split is written "
+                      "`dataset:split`, e.g. toy_scenes/medium:train[:8])")
+    dataset, split = split_source(source)
+    input_pipeline.num_examples(input_pipeline.get_builder(dataset, data_dir, "--input"), split,
+                               "--input")
+    return source
+  files = [path] if path.is_file() else sorted(
+      p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+  if not files:
+    raise UserError(f"--input {path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+  if output.exists() and any(f.parent.resolve() == output.resolve() for f in files):
+    raise UserError(f"--output {output} holds the --input images: predictions would overwrite "
+                    "them and be read as inputs next time; give another folder")
+  return files
+
+
+def output_names(files: Sequence[Path]) -> list[str]:
+  """A distinct file-name stem per input: its stem, or, where inputs share one (a.png, a.jpg),
+  its name with the suffix's dot as '_' (a_png, a_jpg)."""
+  stems = [f.stem for f in files]
+  names = [s if stems.count(s) == 1 else f.name.replace(".", "_") for s, f in
+           zip(stems, files, strict=True)]
+  return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+
+
+def run(model: api.Model, source: "str | list[Path]", output: Path, *, options: dict,
+        batch_size: int, sheet_rows: int) -> list[str]:
+  """Predicts every input of `source` (image files, or a tfds split `dataset:split`), writes
+  each task's files and a contact sheet of
   `sheet_rows` images into `output`; returns the inputs that failed. `options` are those of
   `api.Model.predict_batch` (sampling, `chain`, `given`). A model with several tasks writes
   `<name>_<task>.*` for every task of the chain and every given one."""
   stage, given = model.stage, tuple(options.get("given") or ())
-  if given and ":" not in source:
+  if given and not isinstance(source, str):
     raise UserError("--given needs a tfds --input (the ground truth of the given tasks)")
   names = (*given, *(c if isinstance(c, str) else c[0]
                      for c in options.get("chain") or stage.names))
@@ -188,38 +228,35 @@ class Inputs:
     return self.iterator
 
 
-def read_inputs(source: str, model: api.Model, failures: list[str]) -> Inputs:
-  """Files, a folder, or a tfds split; unreadable files are appended to `failures`."""
+def read_inputs(source: "str | list[Path]", model: api.Model, failures: list[str]) -> Inputs:
+  """Image files or a tfds split; unreadable files are appended to `failures`."""
   from pp.builder import get_preprocess_fn
 
   config = model.config
-  path = Path(source)
-  if path.is_dir() or path.is_file():
-    files = [path] if path.is_file() else sorted(
-        p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-      raise app.UsageError(f"No images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {path}")
-    return Inputs(_file_examples(files, model.preprocess, failures), len(files))
-  if ":" not in source:
-    raise app.UsageError(f"--input {source}: no such file or folder (a tfds split is written "
-                         "`dataset:split`, e.g. toy_scenes/medium:train[:8])")
-  colon = source.split("[", 1)[0].rindex(":")  # the split's slice may hold colons too
-  dataset, split = source[:colon], source[colon + 1:]
+  if not isinstance(source, str):
+    return Inputs(_file_examples(source, model.preprocess, failures), len(source))
+  dataset, split = split_source(source)
   builder = input_pipeline.get_builder(dataset, config.data_dir)
   pp = get_preprocess_fn(config.pp_eval, config.pp_modules)
   total = input_pipeline.num_examples(builder, split, "--input")
   return Inputs(_tfds_examples(builder, split, pp), total)
 
 
+def split_source(source: str) -> tuple[str, str]:
+  """'dataset:split' -> (dataset, split); the split's slice may hold colons too."""
+  colon = source.split("[", 1)[0].rindex(":")
+  return source[:colon], source[colon + 1:]
+
+
 def _file_examples(files: list[Path], preprocess, failures: list[str]) -> Iterator[dict]:
-  for file in files:
+  for file, name in zip(files, output_names(files), strict=True):
     try:
       image = api.read_image(file)
     except Exception as e:  # any unreadable file is reported and skipped
       logging.error("Cannot read %s: %s", file, e)
       failures.append(f"{file}: {e}")
       continue
-    yield {"name": file.stem, "image": image,
+    yield {"name": name, "image": image,
            "model": preprocess(image)}
 
 

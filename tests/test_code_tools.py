@@ -43,7 +43,8 @@ def test_tokenizer_round_trip_is_the_trainers_eval_path(toy_data_dir, oracle_wor
   np.testing.assert_allclose(tok.embed(code)[0, 3],
                              words[code[0, 3]] / np.linalg.norm(words[code[0, 3]]), rtol=1e-6)
   # The same model from its exported big_vision npz; an npz of another model is refused.
-  with pytest.raises(UserError, match=r"params\.npz does not fit the model: missing"):
+  with pytest.raises(UserError, match=r"config.oracle.model differs from the config "
+                                      r".*params\.npz was trained with"):
     api.load_tokenizer("configs/panoptic_stage1.py:smoke",
                        checkpoint=str(oracle_workdir / "params.npz"))
   for leaf_a, leaf_b in zip(jax.tree.leaves(tok.variables), jax.tree.leaves(
@@ -158,3 +159,40 @@ def test_error_maps_flag_what_is_wrong():
   color = np.zeros((1, 2, 3))
   error = colorization.error_map({"color": np.array([[[1.0, 1, 1], [0, 0, 2]]])}, color)
   np.testing.assert_allclose(error, [[0.5, np.sqrt(4 / 3) / 2]])
+
+
+def test_tools_check_their_flags_before_any_work(toy_data_dir, oracle_workdir,  # noqa: F811
+                                                 stage2_workdir, tmp_path, monkeypatch):  # noqa: F811
+  """Each mistake is one line naming the flag, before a model loads or a split is encoded:
+  loading anything would fail these (`api.Tokenizer` / `api.Model` are replaced to say so)."""
+  stage1 = tiny_config(toy_data_dir)
+  stage2 = stage2_config(toy_data_dir, oracle_workdir)
+  a_file = tmp_path / "taken"
+  a_file.write_text("keep me")
+
+  def reconstruct_run(source, output):
+    return reconstruct.run(stage1, str(oracle_workdir), source, output, sheet_rows=0)
+
+  def mask_run(source, output):
+    return mask_code.run(stage2, str(stage2_workdir), source, output, codes="stage2",
+                         steps=2, sheet_count=0, temperature=0.0, seed=0)
+
+  for run in (reconstruct_run, mask_run):
+    with monkeypatch.context() as m:
+      m.setattr(api, "Tokenizer", None)
+      m.setattr(api, "Model", None)
+      with pytest.raises(UserError, match=rf"^--output {a_file} is a file"):
+        run("validation[:4]", a_file)
+      with pytest.raises(UserError, match=r"^--input='validaton\[:4\]': .*splits \['train', "
+                                          r"'validation'\]"):
+        run("validaton[:4]", tmp_path / "out")
+      with pytest.raises(UserError, match=r"^--input='validation\[:0\]' has no examples"):
+        run("validation[:0]", tmp_path / "out")
+      with pytest.raises(UserError, match=r"^Unknown dataset 'toy_scene' \(--input\)"):
+        run("toy_scene:validation", tmp_path / "out")
+  assert a_file.read_text() == "keep me"
+  # A stage I run given where a stage II is expected (and the reverse): one line.
+  with pytest.raises(UserError, match=r"is a stage I 'proj.uvim.vit' run .*not the stage II"):
+    api.Model(stage2, str(oracle_workdir))
+  with pytest.raises(UserError, match=r"is a stage II 'proj.uvim.lm' run .*not the stage I"):
+    api.load_tokenizer("configs/panoptic_stage1.py:smoke", checkpoint=str(stage2_workdir))

@@ -19,7 +19,7 @@ from configs import (
 )
 from pp.builder import get_preprocess_fn
 from uvim import checkpoint, cli
-from uvim.oracle import TRAINING_ONLY
+from uvim.models import TRAINING_ONLY
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [panoptic_stage1, panoptic_stage2, colorization_stage1, colorization_stage2,

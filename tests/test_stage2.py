@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -178,6 +179,8 @@ def test_predict_cli_writes_files_at_the_input_size(toy_data_dir, oracle_workdir
   Image.fromarray(rng.integers(0, 255, (33, 33, 4), np.uint8)).save(images / "rgba.png")
   (images / "broken.jpg").write_bytes(b"not an image")
   (images / "notes.txt").write_text("ignored")
+  for suffix in ("png", "jpg"):  # one stem, two inputs: two sets of files
+    Image.fromarray(rng.integers(0, 255, (20, 30, 3), np.uint8)).save(images / f"same.{suffix}")
   common = [sys.executable, "predict.py", "--config", "configs/panoptic_stage2.py:smoke",
             f"--config.data_dir={toy_data_dir}", "--config.dataset=toy_scenes/tiny",
             *(f"--config.oracle.model.{k}={v}" for k, v in TINY.items()),
@@ -196,6 +199,15 @@ def test_predict_cli_writes_files_at_the_input_size(toy_data_dir, oracle_workdir
     assert all(s["area"] == np.sum(ids == s["id"]) for s in info)
     assert np.asarray(Image.open(out / f"{name}_overlay.png")).shape == (*size, 3)
   assert (out / "contact_sheet.png").is_file()
+  assert {"same_png.png", "same_jpg.png"} <= {p.name for p in out.iterdir()}
+
+  # An --output that holds the inputs would overwrite them (same.png) and feed the outputs to
+  # the next run: refused before the model loads, nothing written.
+  before = sorted(images.iterdir())
+  result = subprocess.run([*common, f"--input={images}", f"--output={images}"], cwd=ROOT,
+                          capture_output=True, text=True)
+  assert result.returncode == 1 and sorted(images.iterdir()) == before
+  assert f"FATAL --output {images} holds the --input images" in result.stderr
 
   out = tmp_path / "tfds"
   result = subprocess.run([*common, "--input=toy_scenes/tiny:validation[:3]",
@@ -331,3 +343,24 @@ def test_a_masked_stage2_trains_evaluates_and_predicts_in_parallel(toy_data_dir,
     model.predict_batch(batch, steps=17)
   with pytest.raises(UserError, match="unknown sampling option"):
     model.predict_batch(batch, step=4)
+  # The checkpoint records a masked model: a config that says causal cannot run its weights.
+  with pytest.raises(UserError, match=r"config.model differs .*masked false here, true there"):
+    api.Model(stage2_config(toy_data_dir, oracle_workdir), str(workdir))
+
+
+def test_a_resume_that_would_change_the_data_stream_is_refused(toy_data_dir, oracle_workdir,
+                                                               tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(oracle_workdir, workdir)
+  recorded = (workdir / "config.json").read_text()
+  for key, value in (("batch_size", 16), ("seed", 1), ("train_split", "train[:32]")):
+    config = tiny_config(toy_data_dir, total_steps=4, evals=[], **{key: value})
+    with pytest.raises(UserError, match=rf"another data stream \({key} "):
+      trainer.train_and_evaluate(config, workdir)
+    assert (workdir / "config.json").read_text() == recorded
+  # A change that keeps the stream (a longer run, another lr) resumes; the config it replaces
+  # is kept.
+  trainer.train_and_evaluate(tiny_config(toy_data_dir, total_steps=5, evals=[], lr=1e-4),
+                             workdir)
+  assert (workdir / "config.step_4.json").read_text() == recorded
+  assert json.loads((workdir / "config.json").read_text())["lr"] == 1e-4

@@ -28,9 +28,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from uvim import cli, stages
+from uvim import workdir as workdir_lib
 from uvim.decoding import Sampling
 from uvim.errors import UserError
 from uvim.oracle import Oracle
@@ -141,7 +142,7 @@ class Tokenizer:
     self.oracle = Oracle(oracle)
     self.config, self.task, self.model = oracle.model, self.oracle.task, self.oracle.model
     self.code_side = self.oracle.code_side
-    self.variables = jax.device_put(self.oracle.load_unchecked(checkpoint))
+    self.variables = jax.device_put(self.oracle.load(checkpoint))
     self._encode = jax.jit(lambda v, labels, image: self.oracle.encode(
         v, {"labels": labels, "image": image})[0])
     self._decode = jax.jit(self.oracle.decode)
@@ -192,16 +193,18 @@ def load_config(source: str) -> mlc.ConfigDict:
   """The config of a workdir (`config.json`) or of a config file (`path.py[:arg]`)."""
   recorded = Path(source, "config.json")
   if recorded.exists():
-    return mlc.ConfigDict(json.loads(recorded.read_text()))
+    return mlc.ConfigDict(workdir_lib.resolve_paths(json.loads(recorded.read_text()), source))
   if not Path(source.partition(":")[0]).is_file():
     raise UserError(f"{source}: neither a training workdir (with config.json) nor a config file")
   return cli.load_config(source)
 
 
 def read_image(path: str | Path) -> np.ndarray:
-  """An image file as uint8 RGB (H, W, 3). 16-bit and 32-bit grayscale are scaled by their bit
-  depth, not clipped; palette, grayscale and RGBA images are converted."""
-  with Image.open(path) as f:
+  """An image file as uint8 RGB (H, W, 3), upright as viewers show it (the EXIF orientation of
+  phone photos applied). 16-bit and 32-bit grayscale are scaled by their bit depth, not
+  clipped; palette, grayscale and RGBA images are converted."""
+  with Image.open(path) as opened:
+    f = ImageOps.exif_transpose(opened)
     if f.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
       return gray_to_rgb8(np.asarray(f), f.mode, str(path))
     return np.asarray(f.convert("RGB"))

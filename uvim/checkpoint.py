@@ -99,9 +99,48 @@ def recorded_config(path: str | Path) -> tuple[dict, Path] | None:
   return json.loads(config_file.read_text()), config_file
 
 
+def check_recorded_model(path: str, model: Any, *, model_name: str, key: str,
+                         task: str | None = None, implied: dict | None = None) -> None:
+  """Refuses to load `path` into `model` (the `model_name` model of config section `key`, for
+  `task`) when the config `path` records was another kind of model, task, or had other
+  settings that act at inference: parameters of equal shapes cannot show those (a masked
+  decoder run as a causal one, another code_len...). `implied` fills settings the recorded
+  config left to be derived (stage II's seq_len...). A bare npz records nothing: a warning
+  says so."""
+  from uvim import models
+
+  if not Path(path).exists():
+    raise UserError(f"{key}.model_init={path}: no such file or folder (a relative path is read "
+                    f"from {Path.cwd()})")
+  recorded = recorded_config(path)
+  if recorded is None:
+    logging.warning("%s.model_init=%s records no config: settings its parameters do not show "
+                    "are taken from %s.model unverified.", key, path, key)
+    return
+  saved, config_file = recorded
+  if saved.get("model_name") != model_name:
+    kinds = {"proj.uvim.vit": "stage I", "proj.uvim.lm": "stage II"}
+    raise UserError(f"{key}.model_init={path} is a {kinds.get(saved.get('model_name'), '')} "
+                    f"{saved.get('model_name')!r} run ({config_file}), not the "
+                    f"{kinds.get(model_name, '')} {model_name!r} model {key} describes")
+  if task is not None and saved.get("task", task) != task:
+    raise UserError(f"{key}.task is {task!r}, but {path} was trained for {saved.get('task')!r} "
+                    f"({config_file})")
+  theirs_config = {**{k: v for k, v in (implied or {}).items() if k not in saved["model"]},
+                   **saved["model"]}
+  ours = models.inference_settings(model)
+  theirs = models.inference_settings(models.get_model(model_name, theirs_config))
+  differ = [f"{k} {ours[k]} here, {theirs[k]} there" for k in ours if ours[k] != theirs[k]]
+  if differ:
+    raise UserError(f"{key}.model differs from the config {path} was trained with "
+                    f"({config_file}): {'; '.join(differ)}. Set --{key}.model.<key> to its "
+                    "values.")
+
+
 def merge_into(init: Any, loaded: Any, source: str) -> Any:
   """`loaded` in the structure and dtypes of `init` (arrays or shapes); names missing or
   mismatched keys."""
+  check_same_model(init, loaded, source)
   want, have = leaves_by_name(init), flatten(loaded)
   missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
   wrong = sorted(k for k in want.keys() & have.keys() if want[k].shape != have[k].shape)
@@ -112,6 +151,16 @@ def merge_into(init: Any, loaded: Any, source: str) -> Any:
   leaves = [have[k].astype(want[k].dtype) for k in want]
   return jax.tree.unflatten(jax.tree.structure(init), leaves)
 
+
+def check_same_model(init: Any, loaded: Any, source: str) -> None:
+  """One line when `loaded` holds under half of the parameter names of `init`: the checkpoint
+  of another model (a stage I given for a stage II, or the reverse), not a near miss."""
+  want, have = set(leaves_by_name(init)), set(flatten(loaded))
+  if len(want & have) * 2 < len(want):
+    raise UserError(f"{source} is not a checkpoint of this model: it holds {len(want & have)} "
+                    f"of its {len(want)} parameters (and {len(have - want)} others, e.g. "
+                    f"{sorted(have - want)[:2]}); a stage I checkpoint given for stage II, or "
+                    "the reverse?")
 
 
 # Scanned block name (`scan_layers`: parameters stacked on a leading depth axis) -> the name of

@@ -34,12 +34,13 @@ class DatasetNotPreparedError(UserError):
   """A catalog dataset that is not in the data dir; says how to prepare it."""
 
 
-def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+def get_builder(name: str, data_dir: str | None = None,
+                key: str = "config.dataset") -> tfds.core.DatasetBuilder:
   """The prepared tfds builder for `name` (e.g. 'toy_scenes', 'coco/2017_panoptic').
 
   The built-in `toy_scenes` is generated on first use. Nothing is ever downloaded: a catalog
   dataset missing from `data_dir` (default: $TFDS_DATA_DIR or ~/tensorflow_datasets) raises an
-  error that says how to prepare it.
+  error that says how to prepare it. Errors name `key`, where the name came from.
   """
   from uvim import datasets  # Registers the local builders.
 
@@ -48,7 +49,7 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
   except tfds.core.registered.DatasetNotFoundError:
     base = name.split("/")[0].split(":")[0]
     hint = did_you_mean(base, tfds.list_builders())
-    raise UserError(f"Unknown dataset {name!r} (config.dataset): {hint}built in: 'toy_scenes', "
+    raise UserError(f"Unknown dataset {name!r} ({key}): {hint}built in: 'toy_scenes', "
                     "'coco_panoptic_folder', others are tfds catalog names") from None
   if builder.is_prepared():
     return builder
@@ -64,7 +65,7 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
            f".download_and_prepare()\" (for COCO downloaded by hand, use the "
            f"'coco_panoptic_folder' dataset instead)")
   raise DatasetNotPreparedError(
-      f"Dataset {name!r} is not prepared in {builder.data_dir}. Point config.data_dir or "
+      f"Dataset {name!r} ({key}) is not prepared in {builder.data_dir}. Point config.data_dir or "
       f"$TFDS_DATA_DIR at the directory that holds it, or {how}.")
 
 

@@ -11,24 +11,17 @@ checkpoint was trained with). A config section holds `task`, `model_name`, `mode
 `model_init`: a stage I config itself, or a stage II config's `oracle` / `oracles.<name>`.
 """
 
-import dataclasses
-import json
 import math
-from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
-from absl import logging
 
 from uvim import checkpoint, models, tasks
 from uvim.errors import UserError
 from uvim.models import vit, vqvae
-
-# Stage I settings that only act in training: an oracle may differ in them from its run.
-TRAINING_ONLY = ("code_dropout", "dict_momentum", "min_count", "dropout")
 
 
 class Oracle:
@@ -100,35 +93,11 @@ class Oracle:
             "state": checkpoint.merge_into(shapes["state"], tree.get("state", {}), source)}
 
   def check_recorded_config(self, path: str) -> None:
-    """Compares the section (model_name, task, model) with the config `path` was trained with.
-    Shapes are checked when parameters load; this catches what they cannot show (code_len,
-    bottleneck, context flags...). A bare npz records nothing: a warning says so."""
-    recorded = checkpoint.recorded_config(path)
-    if recorded is None:
-      logging.warning("%s.model_init=%s records no config: settings its parameters do not "
-                      "show (code_len, bottleneck_resize, with_*_ctx) are taken from %s.model "
-                      "unverified.", self.key, path, self.key)
-      return
-    saved, config_file = recorded
-    if saved.get("model_name") != self.section.model_name:
-      raise UserError(f"{self.key}.model_init={path} is a {saved.get('model_name')!r} run "
-                      f"({config_file}), not a stage I oracle ({self.section.model_name!r})")
-    if saved.get("task") != self.section.task:
-      raise UserError(f"{self.key}.task is {self.section.task!r}, but the oracle {path} was "
-                      f"trained for {saved.get('task')!r} ({config_file})")
-    ours, theirs = self._settings(self.config), self._settings(saved["model"])
-    differ = [f"{k} {ours[k]} here, {theirs[k]} there" for k in ours if ours[k] != theirs[k]]
-    if differ:
-      raise UserError(f"{self.key}.model differs from the config the oracle was trained with "
-                      f"({config_file}): {'; '.join(differ)}. Set --{self.key}.model.<key> to "
-                      "its values.")
-
-  def _settings(self, model_config) -> dict[str, str]:
-    """The model's settings that act at inference, as canonical JSON."""
-    model = models.get_model(self.section.model_name, mlc.ConfigDict(model_config))
-    return {f.name: _plain(getattr(model, f.name)) for f in dataclasses.fields(model)
-            if f.init and f.name not in ("parent", "name", *TRAINING_ONLY,
-                                         *models.MEMORY_OPTIONS)}
+    """Compares the section (model_name, task, model) with the config `path` was trained with:
+    shapes are checked when parameters load; this catches what they cannot show (code_len,
+    bottleneck, context flags...)."""
+    checkpoint.check_recorded_model(path, self.model, model_name=self.section.model_name,
+                                    key=self.key, task=self.section.task)
 
   def encode(self, variables: dict, batch: dict) -> tuple[jnp.ndarray, dict]:
     """The code (B, code_len) of the batch's labels (eval mode: no dictionary update) and
@@ -169,12 +138,3 @@ def context(batch: dict) -> jnp.ndarray:
 def with_state(variables: dict) -> dict:
   """Stage I variables with a `state` collection (empty for FSQ, which has no dictionary)."""
   return {"state": {}, **variables}
-
-
-def _plain(value: Any) -> str:
-  """A setting as canonical JSON (tuples as lists, mappings sorted), for comparing."""
-  def convert(v):
-    if isinstance(v, Mapping):
-      return {str(k): convert(x) for k, x in v.items()}
-    return [convert(x) for x in v] if isinstance(v, list | tuple) else v
-  return json.dumps(convert(value), sort_keys=True)

@@ -85,7 +85,8 @@ class StageI:
     }
 
   def load_init(self, model_init: str, params, model_state):
-    loaded = self.oracle.load_unchecked(model_init)
+    """The parameters of a stage I run (npz or workdir), checked against its recorded config."""
+    loaded = self.oracle.load(model_init)
     return loaded["params"], loaded["state"]
 
 
@@ -132,7 +133,8 @@ class StageII:
                "num_tasks": (len(self.names) if self.multitask else 1, "one per oracle")}
     if self.multitask:
       implied["masked"] = (True, "a multi-task model (chains decode in any order)")
-    unstated = {k: v for k, (v, _) in implied.items() if k not in config.model}
+    self.implied = {k: v for k, (v, _) in implied.items()}
+    unstated = {k: v for k, v in self.implied.items() if k not in config.model}
     self.model = models.get_model(config.model_name, config.model, **unstated,
                                   **models.memory_options(config))
     for key, (value, why) in implied.items():
@@ -357,7 +359,11 @@ class StageII:
   def load_init(self, model_init: Any, params, model_state):
     """A whole stage II model (npz or workdir), or `{'encoder': ViT name or npz}`."""
     if isinstance(model_init, str):
+      checkpoint.check_recorded_model(model_init, self.model, model_name="proj.uvim.lm",
+                                      key="config", implied=self.implied)
       tree = checkpoint.load_variables(model_init)
+      loaded = checkpoint.in_layout(tree["params"], self.model.scan_layers)
+      checkpoint.check_same_model(params, loaded, model_init)
       learned = "pos_embedding_decoder" in tree["params"]
       if learned != (self.model.posemb_type == "learn"):
         raise UserError(f"{model_init} has {'learned' if learned else 'no learned'} position "
@@ -369,7 +375,6 @@ class StageII:
         raise UserError(f"{model_init} was trained {'with' if guided else 'without'} condition "
                          "dropout (a learned no-image input); set config.model.cond_dropout "
                          f"{'> 0 (e.g. 0.1)' if guided else 'to 0'}")
-      loaded = checkpoint.in_layout(tree["params"], self.model.scan_layers)
       return checkpoint.merge_into(params, loaded, model_init), model_state
     unknown = set(model_init) - {"encoder"}
     if unknown:

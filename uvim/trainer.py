@@ -9,6 +9,7 @@ would have, bit for bit.
 
 import dataclasses
 import json
+import shutil
 import signal
 import threading
 import time
@@ -42,8 +43,11 @@ KNOWN_KEYS = {
     "grad_clip_norm", "lr_mults", "evals", "mesh", "oracle", "grad_accum_steps",
     "compute_dtype", "remat", "scan_layers", "attention", "oracles", "condition_rate",
 }
-# Keys that must not change when a run resumes from its workdir.
+# Keys that must not change when a run resumes from its workdir: the model and its optimizer,
 RESUME_KEYS = ("task", "model_name", "model", "optax_name", "optax", "oracle", "oracles")
+# and the training data stream, whose position a resume takes as step x batch_size.
+DATA_STREAM_KEYS = ("dataset", "train_split", "pp_train", "pp_modules", "batch_size",
+                    "shuffle_buffer_size", "seed")
 
 
 @flax.struct.dataclass
@@ -155,10 +159,12 @@ def train_step(state: TrainState, batch: dict, frozen: Any, *, stage, tx, lr_fn,
   return new_state, metrics
 
 
-def _compare_configs(saved: dict, current: dict) -> list[str]:
-  """Dotted keys under RESUME_KEYS whose values differ."""
-  a, b = (checkpoint.flatten_json({k: d.get(k) for k in RESUME_KEYS}) for d in (saved, current))
-  return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+def _compare_configs(saved: dict, current: dict, keys=None) -> dict[str, tuple]:
+  """{dotted key: (saved value, current value)} of the keys under `keys` (default all) whose
+  values differ."""
+  a, b = (checkpoint.flatten_json({k: v for k, v in d.items() if keys is None or k in keys})
+          for d in (saved, current))
+  return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
 
 def state_init_fn(init_variables: Callable, tx) -> Callable[[jax.Array], TrainState]:
@@ -233,18 +239,33 @@ def training_length(config: mlc.ConfigDict) -> tuple[int, int]:
 
 
 def record_config(config: mlc.ConfigDict, workdir: Path, is_main: bool) -> None:
-  """Writes `<workdir>/config.json`, after refusing a workdir that holds a checkpoint of a
-  different model (RESUME_KEYS), before anything else is written."""
+  """Writes `<workdir>/config.json` (its checkpoint paths relative to the workdir), before
+  anything else is written, after refusing to resume a checkpoint with another model
+  (RESUME_KEYS) or another data stream (DATA_STREAM_KEYS). Other changes (lr, evals, length)
+  are allowed; the config they replace is kept as `config.step_<N>.json`."""
   path = workdir / "config.json"
   current = json.loads(config.to_json_best_effort())
-  has_checkpoint = checkpoint.manager(workdir).latest_step() is not None  # on every host
-  if has_checkpoint and path.exists():
-    differ = _compare_configs(json.loads(path.read_text()), current)
-    if differ:
-      raise UserError(f"{workdir} holds a checkpoint of a different config (keys {differ}); "
+  latest = checkpoint.manager(workdir).latest_step()  # on every host
+  if latest is not None and path.exists():
+    saved = workdir_lib.resolve_paths(json.loads(path.read_text()), workdir)
+    changed = _compare_configs(saved, workdir_lib.absolute_paths(current))
+    model = [k for k in changed if k.split(".")[0] in RESUME_KEYS]
+    if model:
+      raise UserError(f"{workdir} holds a checkpoint of a different config (keys {model}); "
                       "use another --workdir or restore the config.")
+    data = [f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in changed
+            if k.split(".")[0] in DATA_STREAM_KEYS]
+    if data:
+      raise UserError(f"{workdir} holds a checkpoint of step {latest} trained on another data "
+                      f"stream ({'; '.join(data)}): resumed, it would repeat or skip examples "
+                      "(the position is step x batch_size) or change their order. Restore those "
+                      "keys, or train in another --workdir.")
+    if changed and is_main:
+      shutil.copyfile(path, workdir / f"config.step_{latest}.json")
+      logging.info("Resuming at step %d with changed keys %s; the earlier config is kept in "
+                   "config.step_%d.json.", latest, sorted(changed), latest)
   if is_main:
-    path.write_text(json.dumps(current, indent=2))
+    path.write_text(json.dumps(workdir_lib.record_paths(current, workdir), indent=2))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,12 +1,17 @@
-"""What a run keeps in its workdir besides checkpoints: the lock and `metrics.jsonl`.
+"""What a run keeps in its workdir besides checkpoints: the lock, `metrics.jsonl`, and the paths
+its `config.json` records.
 
 The lock (`<workdir>/LOCK`, an fcntl lock plus who holds it) stops a second run from writing
 into a workdir that a live run uses; the kernel drops it when the holder dies, even by kill -9,
 so a crashed run never leaves a stale lock. `metrics.jsonl` holds one JSON object per logged
 step; a line that cannot be read (a run killed mid-write, a full disk) is named and set aside
-in `metrics.jsonl.damaged`, never dropped silently.
+in `metrics.jsonl.damaged` by the run that writes the file (readers skip it), never dropped
+silently. The checkpoints a config loads (`model_init`, `oracle.model_init`,
+`oracles.<task>.model_init`) are recorded relative to the workdir, so a folder of runs can move
+(a sweep copied back from a cluster) and a workdir loads from any current folder.
 """
 
+import copy
 import fcntl
 import json
 import os
@@ -65,9 +70,24 @@ class WorkdirLock:
     self.release()
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-  """The records of a `metrics.jsonl`; damaged lines are moved to `<path>.damaged` with a
-  warning that names the file and line (the file is rewritten without them)."""
+def lock_holder(workdir: str | Path) -> str | None:
+  """Who holds the lock of `workdir` (a live train.py), or None when nobody does."""
+  path = Path(workdir) / LOCK_FILE
+  if not path.exists():
+    return None
+  with open(path) as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+      return f.read().strip() or "another process"
+    fcntl.flock(f, fcntl.LOCK_UN)
+  return None
+
+
+def read_metrics(path: str | Path, repair: bool = False) -> list[dict[str, Any]]:
+  """The records of a `metrics.jsonl`; damaged lines are skipped with a warning that names the
+  file and line. With `repair` (only the run that writes the file: readers would race with
+  its appends) they are moved to `<path>.damaged` and the file is rewritten without them."""
   path = Path(path)
   if not path.exists():
     return []
@@ -83,9 +103,9 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
       records.append(record)
     except ValueError as e:
       damaged.append(line)
-      logging.warning("%s line %d is damaged (%s); moved to %s.damaged", path, number, e,
-                      path.name)
-  if damaged:
+      logging.warning("%s line %d is damaged (%s); %s", path, number, e,
+                      f"moved to {path.name}.damaged" if repair else "skipped")
+  if damaged and repair:
     with open(path.with_name(path.name + ".damaged"), "a") as f:
       f.writelines(f"{line}\n" for line in damaged)
     write_metrics(path, records)
@@ -113,8 +133,49 @@ class JsonlWriter:
       def keep(r):
         return r["step"] < start or (r["step"] == start and
                                      ("training_loss" in r or not rerun_evals_at_start))
-      write_metrics(path, [r for r in read_metrics(path) if keep(r)])
+      write_metrics(path, [r for r in read_metrics(path, repair=True) if keep(r)])
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     with open(self.path, "a") as f:
       f.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+
+
+def _model_init_nodes(config: dict) -> list[dict]:
+  """The sections of a config (as a dict) that may hold a `model_init` path."""
+  sections = [config, config.get("oracle"), *(config.get("oracles") or {}).values()]
+  return [s for s in sections if isinstance(s, dict) and isinstance(s.get("model_init"), str)
+          and s["model_init"]]
+
+
+def record_paths(config: dict, workdir: str | Path) -> dict:
+  """`config` with its existing `model_init` paths relative to `workdir`, as config.json holds
+  them."""
+  config = copy.deepcopy(config)
+  for node in _model_init_nodes(config):
+    if Path(node["model_init"]).exists():
+      node["model_init"] = os.path.relpath(Path(node["model_init"]).resolve(),
+                                           Path(workdir).resolve())
+  return config
+
+
+def resolve_paths(config: dict, workdir: str | Path) -> dict:
+  """`config` as recorded in `workdir/config.json`, with its `model_init` paths absolute:
+  relative to the workdir, or, as earlier versions recorded them, to the current folder."""
+  config = copy.deepcopy(config)
+  for node in _model_init_nodes(config):
+    path = Path(node["model_init"])
+    if not path.is_absolute():
+      for base in (Path(workdir), Path.cwd()):
+        if (base / path).exists():
+          node["model_init"] = str((base / path).resolve())
+          break
+  return config
+
+
+def absolute_paths(config: dict) -> dict:
+  """`config` with its existing `model_init` paths absolute (to compare with a recorded one)."""
+  config = copy.deepcopy(config)
+  for node in _model_init_nodes(config):
+    if Path(node["model_init"]).exists():
+      node["model_init"] = str(Path(node["model_init"]).resolve())
+  return config

@@ -9,7 +9,8 @@ The runs are the config file's `get_sweep(add)` points (one run without it, or w
 --ignore_get_sweep) crossed with each `--grid`; each trains in
 `<workdir>/<config name>/<overrides>`. Rerunning the command resumes unfinished runs and skips
 finished ones. `--then` trains the second config on each finished run
-(its `oracle.model_init`, and `oracle.model.*` = the run's `model.*` overrides). `--emit
+(its `oracle.model_init`, and `oracle.model.*` = the run's `model.*` overrides), with the fixed
+overrides of `--then_set key=value`. `--emit
 commands|slurm` writes the runs for a cluster instead of running them. Details: docs/sweeps.md.
 """
 
@@ -31,6 +32,8 @@ def run_parser() -> argparse.ArgumentParser:
   p.add_argument("--ignore_get_sweep", action="store_true",
                  help="run the --grid alone, not crossed with the config's get_sweep")
   p.add_argument("--then", help="a config trained on each run (a stage II on each stage I)")
+  p.add_argument("--then_set", action="append", default=[], metavar="KEY=VALUE",
+                 help="a fixed override of every --then run, e.g. total_steps=200 (repeatable)")
   p.add_argument("--parallel", type=int, default=1, help="runs at a time on this machine")
   p.add_argument("--gpus_per_run", type=int, default=0,
                  help="give each parallel slot its own GPUs (CUDA_VISIBLE_DEVICES)")
@@ -67,7 +70,8 @@ def main(argv: list[str]) -> int:
     print("wrote", *map(str, paths), sep="\n  ")
     return 0
   args = run_parser().parse_args(argv)
-  runs = plan.plan(args.workdir, args.config, args.grid, args.then, not args.ignore_get_sweep)
+  runs = plan.plan(args.workdir, args.config, args.grid, args.then, not args.ignore_get_sweep,
+                   args.then_set)
   print(f"[sweep] {len(runs)} runs in {args.workdir}:",
         *(f"{r.stage}/{r.name}" for r in runs), sep="\n  ")
   if args.emit:

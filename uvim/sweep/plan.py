@@ -14,6 +14,7 @@ import hashlib
 import inspect
 import itertools
 import json
+import os
 import re
 import shlex
 from pathlib import Path
@@ -49,14 +50,24 @@ class Run:
   def command(self, python: str = "python", train_py: str | Path = TRAIN_PY) -> str:
     return shlex.join(self.argv(python, train_py))
 
-  def to_json(self) -> dict[str, Any]:
-    return dict(stage=self.stage, config=self.config, name=self.name, overrides=self.overrides,
-                workdir=str(self.workdir), after=str(self.after) if self.after else None)
+  def to_json(self, sweep_dir: Path) -> dict[str, Any]:
+    """The run as `sweep.json` records it: its workdirs relative to `sweep_dir` (a sweep folder
+    can move), a chained run's oracle path left to `after`."""
+    def relative(path):
+      return os.path.relpath(path, sweep_dir) if path else None
+    overrides = {k: v for k, v in self.overrides.items() if not (self.after and
+                                                                 k == CHAIN_INIT_KEY)}
+    return dict(stage=self.stage, config=self.config, name=self.name, overrides=overrides,
+                workdir=relative(self.workdir), after=relative(self.after))
 
   @classmethod
-  def from_json(cls, d: dict[str, Any]) -> "Run":
-    return cls(stage=d["stage"], config=d["config"], name=d["name"], overrides=d["overrides"],
-               workdir=Path(d["workdir"]), after=Path(d["after"]) if d["after"] else None)
+  def from_json(cls, d: dict[str, Any], sweep_dir: Path) -> "Run":
+    """A run of `sweep.json` in `sweep_dir` (paths relative to it, or absolute as earlier
+    versions recorded them)."""
+    after = Path(sweep_dir, d["after"]) if d["after"] else None
+    overrides = {**d["overrides"], **({CHAIN_INIT_KEY: str(after)} if after else {})}
+    return cls(stage=d["stage"], config=d["config"], name=d["name"], overrides=overrides,
+               workdir=Path(sweep_dir, d["workdir"]), after=after)
 
 
 def flag_text(value: Any) -> str:
@@ -179,9 +190,10 @@ def chained_overrides(point: dict[str, Any], first_workdir: Path) -> dict[str, A
   return {**oracle, CHAIN_INIT_KEY: str(first_workdir)}
 
 
-def make_runs(sweep_dir: Path, spec: str, points: list[dict[str, Any]],
-              then: str | None) -> list[Run]:
-  """The runs of a sweep: one per point of `spec`, then (chained) one per point of `then`."""
+def make_runs(sweep_dir: Path, spec: str, points: list[dict[str, Any]], then: str | None,
+              then_set: dict[str, Any] | None = None) -> list[Run]:
+  """The runs of a sweep: one per point of `spec`, then (chained) one per point of `then`, each
+  with the fixed overrides `then_set`."""
   stages = [stage_name(spec)] + ([stage_name(then)] if then else [])
   if len(set(stages)) < len(stages):
     stages = [f"{s}_{i}" for i, s in enumerate(stages, 1)]
@@ -189,23 +201,43 @@ def make_runs(sweep_dir: Path, spec: str, points: list[dict[str, Any]],
             for name, point in zip(point_names(points), points, strict=True)]
   if not then:
     return firsts
-  seconds = [Run(stages[1], then, r.name, chained_overrides(r.overrides, r.workdir),
+  seconds = [Run(stages[1], then, r.name, {**(then_set or {}),
+                                            **chained_overrides(r.overrides, r.workdir)},
                  sweep_dir / stages[1] / r.name, after=r.workdir) for r in firsts]
   return firsts + seconds
 
 
+def parse_sets(specs: list[str]) -> dict[str, Any]:
+  """`--then_set key=value` flags -> {key: value} (values parsed as `--grid` values)."""
+  sets: dict[str, Any] = {}
+  for spec in specs:
+    key, sep, text = spec.partition("=")
+    if not key.strip() or not sep:
+      raise UserError(f"--then_set {spec!r}: expected key=value (e.g. --then_set "
+                      "total_steps=200)")
+    if key.startswith(CHAIN_ORACLE_PREFIX) or key == CHAIN_INIT_KEY:
+      raise UserError(f"--then_set {key}: the chained run takes its oracle from the run it "
+                      "follows; set the first stage's model.* instead")
+    sets[key.strip()] = parse_value(text)
+  return sets
+
+
 def plan(sweep_dir: Path, spec: str, grid_specs: list[str], then: str | None,
-         use_get_sweep: bool = True) -> list[Run]:
+         use_get_sweep: bool = True, then_set: list[str] = ()) -> list[Run]:
   """Expands and checks the sweep, and records it in `<sweep_dir>/sweep.json` (merged with the
   runs an earlier, compatible command planned there)."""
   grid = parse_grid(grid_specs)
+  fixed = parse_sets(list(then_set))
+  if fixed and not then:
+    raise UserError("--then_set needs --then (the chained config it applies to)")
   with _naming("--config", spec):
     points = expand(spec, grid, use_get_sweep)
     check_overrides(spec, points, "--grid/get_sweep")
-  runs = make_runs(sweep_dir, spec, points, then)
+  runs = make_runs(sweep_dir, spec, points, then, fixed)
   if then:
     with _naming("--then", then):
-      check_overrides(then, [r.overrides for r in runs if r.after], f"--then {then}")
+      check_overrides(then, [r.overrides for r in runs if r.after],
+                      f"--then {then} (--then_set)")
   return record(sweep_dir, spec, then, runs)
 
 
@@ -231,13 +263,13 @@ def record(sweep_dir: Path, spec: str, then: str | None, runs: list[Run]) -> lis
       raise UserError(f"{sweep_dir} holds a sweep of --config {saved['config']}"
                       f"{' --then ' + saved['then'] if saved['then'] else ''}, not of "
                       f"--config {spec}{' --then ' + then if then else ''}; use another --workdir")
-    earlier = [Run.from_json(r) for r in saved["runs"]]
+    earlier = [Run.from_json(r, sweep_dir) for r in saved["runs"]]
   new_dirs = {r.workdir for r in runs}
   merged = [r for r in earlier if r.workdir not in new_dirs] + runs
   sweep_dir.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(PLAN_FILE + ".tmp")
-  tmp.write_text(json.dumps(dict(config=spec, then=then, runs=[r.to_json() for r in merged]),
-                            indent=2))
+  runs_json = [r.to_json(sweep_dir) for r in merged]
+  tmp.write_text(json.dumps(dict(config=spec, then=then, runs=runs_json), indent=2))
   tmp.replace(path)
   return runs
 
@@ -259,4 +291,4 @@ def load(sweep_dir: Path) -> list[Run]:
   if not path.exists():
     raise UserError(f"{sweep_dir} holds no {PLAN_FILE}: not a sweep directory (run "
                     "`python -m uvim.sweep --config ... --workdir DIR` first)")
-  return [Run.from_json(r) for r in json.loads(path.read_text())["runs"]]
+  return [Run.from_json(r, sweep_dir) for r in json.loads(path.read_text())["runs"]]

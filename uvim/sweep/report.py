@@ -9,7 +9,6 @@ training curves of every run.
 
 import csv
 import dataclasses
-import fcntl
 import json
 import math
 import re
@@ -83,25 +82,12 @@ def state_of(workdir: Path, records: list[dict]) -> str:
   no record of why), or not started."""
   if runner.is_finished(workdir):
     return "finished"
-  if is_locked(workdir / workdir_lib.LOCK_FILE):
+  if workdir_lib.lock_holder(workdir):
     return "running"
   tried = runner.attempts(workdir)
   if tried and tried[-1]["exit"] not in STOPPED_EXITS:
     return "failed"
   return "stopped" if records or tried else "not started"
-
-
-def is_locked(path: Path) -> bool:
-  """Whether a live train.py holds the workdir lock at `path`."""
-  if not path.exists():
-    return False
-  with open(path) as f:
-    try:
-      fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-      return True
-    fcntl.flock(f, fcntl.LOCK_UN)
-  return False
 
 
 def train_seconds(workdir: Path, records: list[dict]) -> float | None:

@@ -4,11 +4,15 @@ A finished run (its workdir holds the `params.npz` train.py writes last) is skip
 run is started, and train.py resumes it from its last checkpoint. A run that fails is reported
 with the last line of its log and the others go on; runs chained to it are not started. Ctrl-C
 or SIGTERM is passed to every run once (each saves a checkpoint and stops) and the sweep ends
-after they have; the same command then carries on. Each run's output goes to
+after they have; the same command then carries on. A run dies with the sweep, even a sweep
+killed by `kill -9` (Linux: a parent-death signal, SIGTERM, so it saves and stops), and a rerun
+that finds a run's workdir still in use (its train.py saving, or run by another sweep) waits
+for it to end instead of failing it. Each run's output goes to
 `<workdir>/train.log`; its attempts (start, seconds, exit status) to `<workdir>/sweep_run.json`.
 """
 
 import contextlib
+import ctypes
 import dataclasses
 import json
 import os
@@ -19,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from uvim import workdir as workdir_lib
@@ -27,6 +32,7 @@ from uvim.sweep.plan import Run
 LOG_FILE = "train.log"
 ATTEMPTS_FILE = "sweep_run.json"
 DONE = ("finished", "skipped")  # a run in one of these states has its params.npz
+PR_SET_PDEATHSIG = 1  # prctl(2)
 EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception|Interrupt|Exit)(: |$)")
 
 
@@ -59,6 +65,7 @@ class Sweep:
     self.jobs: dict[Path, Job] = {}
     self.seconds: dict[Path, float] = {}  # finished in this sweep: how long they took
     self.stopping: int | None = None
+    self.busy: set[Path] = set()  # waiting runs whose workdir another process holds
 
   def step(self) -> bool:
     """Collects ended jobs and starts what may start; whether anything changed."""
@@ -79,7 +86,7 @@ class Sweep:
           self.status[run.workdir] = "not started"
           self.echo(f"not starting {self.label(run)}: {self.label_of(run.after)} {needed}")
           changed = True
-        elif needed in DONE and len(self.jobs) < self.parallel:
+        elif needed in DONE and len(self.jobs) < self.parallel and self._free(run):
           self._start(run)
           changed = True
     return changed
@@ -99,6 +106,18 @@ class Sweep:
   def label_of(self, workdir: Path) -> str:
     return next(self.label(r) for r in self.runs if r.workdir == workdir)
 
+  def _free(self, run: Run) -> bool:
+    """Whether the run's workdir is free; says once when another process (a run of a killed
+    sweep finishing its save, another sweep) holds it."""
+    holder = workdir_lib.lock_holder(run.workdir)
+    if holder is None:
+      self.busy.discard(run.workdir)
+      return True
+    if run.workdir not in self.busy:
+      self.busy.add(run.workdir)
+      self.echo(f"waiting for {self.label(run)}: its workdir is in use ({holder})")
+    return False
+
   def _start(self, run: Run) -> None:
     run.workdir.mkdir(parents=True, exist_ok=True)
     log_path = run.workdir / LOG_FILE
@@ -113,7 +132,8 @@ class Sweep:
       log.flush()
       # A session of its own: a terminal's Ctrl-C reaches the sweep, which passes it on once.
       process = subprocess.Popen(run.argv(self.python), stdout=log, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+                                 stdin=subprocess.DEVNULL, start_new_session=True, env=env,
+                                 preexec_fn=partial(die_with_parent, os.getpid()))
     self.jobs[run.workdir] = Job(run, process, time.monotonic(), slot)
     self.status[run.workdir] = "running"
     self.echo(f"started {self.label(run)} (log: {log_path})")
@@ -175,6 +195,15 @@ class Sweep:
 
   def stage_of(self, workdir: Path) -> str:
     return next(r.stage for r in self.runs if r.workdir == workdir)
+
+
+def die_with_parent(parent: int) -> None:
+  """In a run's process before train.py starts: asks Linux to send it SIGTERM when the sweep
+  dies (it saves a checkpoint and stops), and stops it if the sweep is already gone."""
+  if sys.platform.startswith("linux"):
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+  if os.getppid() != parent:
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def training_progress(workdir: Path) -> tuple[float, float] | None:

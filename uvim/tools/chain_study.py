@@ -67,7 +67,10 @@ def run(workdir: str, source: str, output: Path, *, singles: list[str],
   config = api.load_config(workdir)
   if "oracles" not in config:
     raise UserError(f"--workdir {workdir}: not a multi-task stage II run (no config.oracles)")
-  split = common.split_of(config, source)
+  split = common.input_split(config, source)
+  common.prepare_output(output)
+  for single in singles:
+    common.input_split(api.load_config(single), source)
   multitask = api.load(workdir)
   stage, variables = multitask.stage, multitask.variables
   rows, start = [], time.perf_counter()
@@ -108,7 +111,6 @@ def _headline(config, target: str, metrics: dict) -> str:
 
 def write_results(rows: list[dict], config, output: Path, title: str) -> list[Path]:
   """chains.csv (every metric) and chains.md (each target's headline metric)."""
-  output.mkdir(parents=True, exist_ok=True)
   keys = list(dict.fromkeys(k for row in rows for k in row))
   with open(output / "chains.csv", "w", newline="") as f:
     writer = csv.DictWriter(f, keys)

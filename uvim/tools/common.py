@@ -21,6 +21,29 @@ def split_of(config, source: str) -> str:
   return source
 
 
+def input_split(config, source: str, flag: str = "--input") -> str:
+  """`split_of`, checked before any work: the dataset is prepared and the split exists and
+  holds examples (errors name `flag`)."""
+  from uvim import input_pipeline
+
+  split = split_of(config, source)
+  builder = input_pipeline.get_builder(config.dataset, config.data_dir, flag)
+  input_pipeline.num_examples(builder, split, flag)
+  return split
+
+
+def prepare_output(output: Path, flag: str = "--output") -> Path:
+  """Creates a tool's output folder before any work: an existing file there, or a folder that
+  cannot be made, is a UserError naming `flag`."""
+  if output.exists() and not output.is_dir():
+    raise UserError(f"{flag} {output} is a file; give a folder for the results")
+  try:
+    output.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"{flag} {output}: {e.strerror}") from None
+  return output
+
+
 def task_evaluator(config) -> tuple[str, str]:
   """(name, type) of the config's end-task evaluator (PQ, depth metrics or PSNR)."""
   for name, kind in config.evals:

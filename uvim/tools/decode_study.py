@@ -79,6 +79,9 @@ def run(runs: list[str], source: str, output: Path, *, schemes: list[str], steps
   written."""
   from uvim import trainer
 
+  common.prepare_output(output)
+  for workdir in runs:
+    common.input_split(api.load_config(workdir), source)
   models = {workdir: api.load(workdir) for workdir in runs}
   several = [w for w, m in models.items() if m.task is None]
   if several:
@@ -91,7 +94,6 @@ def run(runs: list[str], source: str, output: Path, *, schemes: list[str], steps
   metric = common.TASK_METRICS[kinds.pop()]
   plan = [(workdir, model, options) for workdir, model in models.items()
           for options in settings(model, schemes, steps, guidance, choice_temperature)]
-  output.mkdir(parents=True, exist_ok=True)
   rows, start = [], time.perf_counter()
   for i, (workdir, model, options) in enumerate(plan):
     config = model.config

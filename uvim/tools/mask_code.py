@@ -180,8 +180,10 @@ def run(config, checkpoint: str, source: str, output: Path, *, codes: str, steps
   """Masks, decodes and scores every mode and region size; the files written."""
   from uvim import trainer
 
+  split = common.input_split(config, source)
+  common.prepare_output(output)
   model = api.Model(config, checkpoint)
-  stage, split = model.stage, common.split_of(config, source)
+  stage = model.stage
   mesh = trainer.make_mesh(config)
   temperature = model.task.DEFAULT_TEMPERATURE if temperature is None else temperature
   code_side = stage.oracle().code_side
@@ -191,7 +193,6 @@ def run(config, checkpoint: str, source: str, output: Path, *, codes: str, steps
   metric = common.TASK_METRICS[common.task_evaluator(config)[1]]
   predicts = {mode: {s: masked_predict(stage, mode, masked_region(code_side, s), codes,
                                        temperature, seed) for s in sides} for mode in MODES}
-  output.mkdir(parents=True, exist_ok=True)
   written = []
   if sheet_count:  # the validation pp: images and labels at the model's resolution
     batches, _ = input_pipeline.eval_data(config, split, config.pp_eval, config.batch_size,

@@ -77,7 +77,8 @@ def run(config: mlc.ConfigDict, checkpoint: str, source: str, output: Path,
   """Scores, draws and counts the round trip of `source`; the files written."""
   from uvim import trainer
 
-  split = common.split_of(config, source)
+  split = common.input_split(config, source)
+  common.prepare_output(output)
   oracle = mlc.ConfigDict(dict(task=config.task, model_name=config.model_name,
                                model=config.model))
   tokenizer = api.Tokenizer(oracle, checkpoint)
@@ -104,7 +105,6 @@ def run(config: mlc.ConfigDict, checkpoint: str, source: str, output: Path,
   use = word_use(np.concatenate(codes), tokenizer.model.dict_size)
   counts = use.pop("counts")
 
-  output.mkdir(parents=True, exist_ok=True)
   title = f"{config.task} oracle, {config.dataset}:{split}"
   summary = {"metrics": metrics, "code": use, "split": split, "dataset": config.dataset,
              "checkpoint": checkpoint, "images": int(sum(len(c) for c in codes))}
