@@ -13,12 +13,25 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Repeated runs of the same step (resume tests, subprocesses) reuse compiled executables.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/uvim-tests-jax-cache")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# The tests' models are tiny: compiling them with XLA's full optimisation costs more than it
+# saves (a third of the suite's time on a cold cache). The learning test, which trains for
+# minutes, runs train.py without this (see test_learning.py).
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 tf.config.set_visible_devices([], "GPU")
+
+
+# Longest first: the learning test trains for minutes in its own processes; started last, the
+# whole suite would wait for it.
+FIRST = ("tests/test_learning.py::",)
+
+
+def pytest_collection_modifyitems(config, items):
+  items.sort(key=lambda item: not item.nodeid.startswith(FIRST))
 
 
 def _to_numpy(tree):

@@ -24,9 +24,10 @@ STAGE2_STEPS, STAGE2_PQ_THINGS_FLOOR = None, 15
 
 def train(config: str, workdir: Path, data_dir: Path, steps: int | None,
           *overrides: str) -> dict:
-  """Runs train.py as a user would (one CPU device; `steps` None: the config's length);
-  returns its PQ metrics at the end."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  """Runs train.py as a user would (one CPU device, XLA's full optimisation; `steps` None: the
+  config's length); returns its PQ metrics at the end."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "JAX_DISABLE_MOST_OPTIMIZATIONS")}
   length = [f"--config.total_steps={steps}"] if steps else []
   args = [sys.executable, "train.py", "--config", config, "--workdir", str(workdir),
           f"--config.data_dir={data_dir}", *length,

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from test_trainer import TINY
 
+from uvim import api
 from uvim.errors import UserError
 from uvim.sweep import __main__ as sweep_main
 from uvim.sweep import emit, plan, report, runner
@@ -198,7 +199,8 @@ def test_a_failed_run_stops_only_its_chain_and_a_rerun_skips_finished_ones(toy_d
   good1, good2 = sweep_dir / "tiny_stage1/code_len=16", sweep_dir / "tiny_stage2/code_len=16"
   assert (good1 / "params.npz").exists() and (good2 / "params.npz").exists()
   chained = json.loads((good2 / "config.json").read_text())
-  assert chained["oracle"]["model_init"] == str(good1)
+  assert chained["oracle"]["model_init"] == "../../tiny_stage1/code_len=16"  # relative: movable
+  assert api.load_config(str(good2)).oracle.model_init == str(good1.resolve())
   assert chained["oracle"]["model"]["code_len"] == chained["model"]["seq_len"] == 16
 
   # The report's values are the runs' own.

@@ -283,7 +283,7 @@ def restore_latest_intact(
 
 
 @contextlib.contextmanager
-def _abandoned_reads_quiet(settle_s: float = 0.5, most_s: float = 10.0):
+def _abandoned_reads_quiet():
   """Drops what orbax's abandoned reads print when a restore fails on a damaged file: hundreds
   of tracebacks from its closed event loop while they settle, and one per unfinished read
   coroutine whenever orbax lets go of it (then a hook drops those, for the rest of the run).
@@ -293,13 +293,18 @@ def _abandoned_reads_quiet(settle_s: float = 0.5, most_s: float = 10.0):
     yield
   except Exception:
     _drop_unfinished_orbax_coroutines()
-    start, size = time.monotonic(), -1
-    while sys.stderr.tell() != size and time.monotonic() - start < most_s:
-      size = sys.stderr.tell()
-      time.sleep(settle_s)
+    _settle(sys.stderr)
     raise
   finally:
     sys.stderr = stderr
+
+
+def _settle(buffer: io.StringIO, settle_s: float = 0.5, most_s: float = 10.0) -> None:
+  """Waits until nothing more is written to `buffer` (orbax's threads winding down)."""
+  start, size = time.monotonic(), -1
+  while buffer.tell() != size and time.monotonic() - start < most_s:
+    size = buffer.tell()
+    time.sleep(settle_s)
 
 
 def _drop_unfinished_orbax_coroutines() -> None:
@@ -325,8 +330,16 @@ def finish_saves(manager: ocp.CheckpointManager) -> None:
     manager.wait_until_finished()
     manager.check_for_errors()
   except Exception as e:
-    with contextlib.suppress(Exception):  # the first error is the one to report
-      manager.close()  # stops orbax's threads, which would otherwise fail noisily at exit
+    # Stops orbax's threads; their writes in flight then fail on its closed event loop, with a
+    # traceback each (hundreds): the first error, raised below, is the one to report.
+    stderr, sys.stderr = sys.stderr, io.StringIO()
+    try:
+      _drop_unfinished_orbax_coroutines()
+      with contextlib.suppress(Exception):
+        manager.close()
+      _settle(sys.stderr)
+    finally:
+      sys.stderr = stderr
     raise CheckpointSaveError(f"Saving a checkpoint to {manager.directory} failed: "
                               f"{_first_line(e)}") from e
 
