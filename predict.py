@@ -4,12 +4,14 @@ r"""Predicts panoptic segmentation, depth or colour for images with a trained UV
       --input photos/ --output predictions/
 
 `--input` is an image file, a folder of images, or a tfds split (`toy_scenes/medium:train[:8]`,
-whose ground truth then appears on the contact sheet). Each image is converted to RGB, resized
-for the model and its prediction resized back; the task writes its files per image (panoptic:
-COCO PNG + JSON + overlay; depth: 16-bit PNG in mm + preview; colour: JPEG), and
+whose ground truth then appears on the contact sheet). Each image is read upright (its EXIF
+orientation applied), converted to RGB, resized for the model and its prediction resized back;
+the task writes its files per image (panoptic: COCO PNG + JSON + overlay; depth: 16-bit PNG
+in mm + preview; colour: JPEG), and
 `contact_sheet.png` shows, like the paper's Figures 7-9: ground truth | the model's input |
-T=0 | T=1 samples.
-An unreadable file is reported and skipped; the exit status is then non-zero.
+T=0 | T=1 samples. Files are named after their input (`a.png`, `a.jpg`: `a_png.*`, `a_jpg.*`);
+an `--output` that holds the inputs is refused, before the model loads. An unreadable file is
+reported and skipped; the exit status is then non-zero.
 """
 
 import sys
