@@ -204,6 +204,9 @@ def test_a_multitask_evaluator_takes_every_sampling_option(trained):
   with pytest.raises(UserError, match=r"unknown sampling option\(s\) \['temprature'\]; did "
                      r"you mean 'temperature'"):
     evaluators_common.from_config(config, mesh=mesh, fns=stage.eval_fns())
+  config.panoptic_val.predict_kwargs = dict(chain=())  # `--chain=` (an IndexError before)
+  with pytest.raises(UserError, match=r"predict_kwargs: chain is empty: name the task"):
+    evaluators_common.from_config(config, mesh=mesh, fns=stage.eval_fns())
 
 
 def test_a_third_task_is_one_entry_of_the_config(toy_data_dir, oracles):

@@ -265,6 +265,8 @@ class StageII:
         raise UserError(f"chain step {name!r}: num_samples and seed are the whole chain's")
       step.check(self.model, self.oracles[name].code_len)
       steps.append((name, step))
+    if not steps:
+      raise UserError(f"chain is empty: name the task(s) to decode, of {self.names}")
     return tuple(steps)
 
   def prediction_options(self, options: Mapping[str, Any], where: str) -> dict:

@@ -79,6 +79,10 @@ def run(runs: list[str], source: str, output: Path, *, schemes: list[str], steps
   written."""
   from uvim import trainer
 
+  if not runs:
+    raise UserError("--runs: give at least one stage II workdir")
+  if not (schemes and steps and guidance):
+    raise UserError("--schemes, --steps and --guidance each need at least one value")
   common.prepare_output(output)
   for workdir in runs:
     common.input_split(api.load_config(workdir), source)
