@@ -71,3 +71,27 @@ def toy_data_dir(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp("tfds")
   tfds.builder("toy_scenes/tiny", data_dir=data_dir).download_and_prepare()
   return data_dir
+
+
+@pytest.fixture(scope="session")
+def oracle_workdir(toy_data_dir, tmp_path_factory):
+  """A tiny panoptic stage I run (4 steps), shared by the stage II and code-tool tests."""
+  from test_trainer import tiny_config
+
+  from uvim import trainer
+
+  workdir = tmp_path_factory.mktemp("stage1")
+  trainer.train_and_evaluate(tiny_config(toy_data_dir, total_steps=4, evals=[]), workdir)
+  return workdir
+
+
+@pytest.fixture(scope="session")
+def stage2_workdir(toy_data_dir, oracle_workdir, tmp_path_factory):
+  """A tiny stage II run (4 steps) on `oracle_workdir`."""
+  from test_stage2 import stage2_config
+
+  from uvim import trainer
+
+  workdir = tmp_path_factory.mktemp("stage2")
+  trainer.train_and_evaluate(stage2_config(toy_data_dir, oracle_workdir), workdir)
+  return workdir

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from test_stage2 import oracle_workdir, stage2_config, stage2_workdir  # noqa: F401  (fixtures)
+from test_stage2 import stage2_config
 from test_trainer import tiny_config
 
 from uvim import api, input_pipeline, stages, trainer
@@ -21,7 +21,7 @@ def first_batch(config, pp):
   return jax.device_get(next(iter(batches)))
 
 
-def test_tokenizer_round_trip_is_the_trainers_eval_path(toy_data_dir, oracle_workdir):  # noqa: F811
+def test_tokenizer_round_trip_is_the_trainers_eval_path(toy_data_dir, oracle_workdir):
   config = tiny_config(toy_data_dir)
   batch = first_batch(config, config.pp_eval)
   tok = api.load_tokenizer(str(oracle_workdir))
@@ -62,7 +62,7 @@ def test_masked_regions_grow_from_the_bottom_right():
 
 
 @pytest.fixture(scope="module")
-def stage2_model(stage2_workdir, toy_data_dir, oracle_workdir):  # noqa: F811
+def stage2_model(stage2_workdir, toy_data_dir, oracle_workdir):
   config = stage2_config(toy_data_dir, oracle_workdir)
   return config, api.Model(config, str(stage2_workdir))
 
@@ -118,7 +118,7 @@ def test_nothing_masked_is_the_unmasked_prediction_in_every_mode(stage2_model):
 
 @pytest.mark.slow
 def test_mask_code_reports_figure_10_and_its_0_percent_row_is_the_trainers_pq(
-    stage2_model, stage2_workdir, tmp_path):  # noqa: F811
+    stage2_model, stage2_workdir, tmp_path):
   config, _ = stage2_model
   written = mask_code.run(config, str(stage2_workdir), "validation[:8]", tmp_path, codes="stage2",
                           steps=3, sheet_count=2, temperature=None, seed=0)
@@ -161,8 +161,8 @@ def test_error_maps_flag_what_is_wrong():
   np.testing.assert_allclose(error, [[0.5, np.sqrt(4 / 3) / 2]])
 
 
-def test_tools_check_their_flags_before_any_work(toy_data_dir, oracle_workdir,  # noqa: F811
-                                                 stage2_workdir, tmp_path, monkeypatch):  # noqa: F811
+def test_tools_check_their_flags_before_any_work(toy_data_dir, oracle_workdir,
+                                                 stage2_workdir, tmp_path, monkeypatch):
   """Each mistake is one line naming the flag, before a model loads or a split is encoded:
   loading anything would fail these (`api.Tokenizer` / `api.Model` are replaced to say so)."""
   stage1 = tiny_config(toy_data_dir)

@@ -25,13 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 LM_TINY = dict(num_layers=1, num_heads=2, mlp_dim=64, emb_dim=32)
 
 
-@pytest.fixture(scope="module")
-def oracle_workdir(toy_data_dir, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("stage1")
-  trainer.train_and_evaluate(tiny_config(toy_data_dir, total_steps=4, evals=[]), workdir)
-  return workdir
-
-
 def stage2_config(data_dir, oracle_workdir, **overrides):
   c = panoptic_stage2.get_config("smoke")
   c.dataset, c.data_dir = "toy_scenes/tiny", str(data_dir)
@@ -51,13 +44,6 @@ def final_metrics(workdir) -> dict:
   """The metrics a run logged at its last step."""
   lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
   return {k: v for x in lines if x["step"] == lines[-1]["step"] for k, v in x.items()}
-
-
-@pytest.fixture(scope="module")
-def stage2_workdir(toy_data_dir, oracle_workdir, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("stage2")
-  trainer.train_and_evaluate(stage2_config(toy_data_dir, oracle_workdir), workdir)
-  return workdir
 
 
 @pytest.mark.slow
