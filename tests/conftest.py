@@ -12,7 +12,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Repeated runs of the same step (resume tests, subprocesses) reuse compiled executables.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/uvim-tests-jax-cache")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # The tests' models are tiny: compiling them with XLA's full optimisation costs more than it
 # saves (a third of the suite's time on a cold cache). The learning test, which trains for
 # minutes, runs train.py without this (see test_learning.py).
@@ -25,13 +25,20 @@ import tensorflow as tf
 tf.config.set_visible_devices([], "GPU")
 
 
-# Longest first: the learning test trains for minutes in its own processes; started last, the
-# whole suite would wait for it.
-FIRST = ("tests/test_learning.py::",)
-
-
 def pytest_collection_modifyitems(config, items):
-  items.sort(key=lambda item: not item.nodeid.startswith(FIRST))
+  """Longest first, so that two workers end together: the learning test (minutes, in its own
+  processes), the multi-device group (one worker runs it whole), then the other slow tests that
+  share no module fixture (moving those would set their module's fixtures up twice)."""
+  def order(item) -> int:
+    if item.nodeid.startswith("tests/test_learning.py::"):
+      return 0
+    if item.get_closest_marker("xdist_group"):
+      return 1
+    fixtures = item._fixtureinfo.name2fixturedefs.values()
+    shares_module = any(d[-1].scope == "module" for d in fixtures)
+    return 2 if item.get_closest_marker("slow") and not shares_module else 3
+
+  items.sort(key=order)
 
 
 def _to_numpy(tree):
