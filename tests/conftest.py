@@ -12,7 +12,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Repeated runs of the same step (resume tests, subprocesses) reuse compiled executables.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/uvim-tests-jax-cache")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # The tests' models are tiny: compiling them with XLA's full optimisation costs more than it
 # saves (a third of the suite's time on a cold cache). The learning test, which trains for
 # minutes, runs train.py without this (see test_learning.py).
@@ -26,19 +26,10 @@ tf.config.set_visible_devices([], "GPU")
 
 
 def pytest_collection_modifyitems(config, items):
-  """Longest first, so that two workers end together: the learning test (minutes, in its own
-  processes), the multi-device group (one worker runs it whole), then the other slow tests that
-  share no module fixture (moving those would set their module's fixtures up twice)."""
-  def order(item) -> int:
-    if item.nodeid.startswith("tests/test_learning.py::"):
-      return 0
-    if item.get_closest_marker("xdist_group"):
-      return 1
-    fixtures = item._fixtureinfo.name2fixturedefs.values()
-    shares_module = any(d[-1].scope == "module" for d in fixtures)
-    return 2 if item.get_closest_marker("slow") and not shares_module else 3
-
-  items.sort(key=order)
+  """The learning test first: it trains for minutes in its own processes, and started late the
+  whole suite would wait for it. (Moving more slow tests forward made the suite slower: they
+  then compete with it for the cores.)"""
+  items.sort(key=lambda item: not item.nodeid.startswith("tests/test_learning.py::"))
 
 
 def _to_numpy(tree):

@@ -124,7 +124,7 @@ def test_a_killed_sweep_takes_its_runs_down_with_a_checkpoint(tmp_path):
   parent = subprocess.Popen([sys.executable, "-c", PARENT, child_code], stdout=subprocess.PIPE,
                             text=True, cwd=Path(__file__).resolve().parents[1])
   child = int(parent.stdout.readline())
-  time.sleep(1.0)  # the child installs its handler
+  assert parent.stdout.readline() == "ready\n"  # the child (same stdout) has its handler
   parent.kill()
   parent.wait()
   deadline = time.monotonic() + 30
