@@ -14,10 +14,6 @@ from uvim.errors import UserError
 from uvim.tasks import colorization, depth, panoptic
 from uvim.tools import mask_code, reconstruct
 
-# One worker runs the whole module: its loaded stage II model (module fixtures) are then built once.
-pytestmark = pytest.mark.xdist_group("code_tools")
-
-
 
 def first_batch(config, pp):
   mesh = trainer.make_mesh(config)

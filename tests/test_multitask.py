@@ -16,11 +16,6 @@ from uvim import checkpoint, decoding, input_pipeline, sharding, stages, trainer
 from uvim.errors import UserError
 from uvim.models import lm
 
-# One worker runs the whole module: its tiny oracles and multi-task run (module fixtures)
-# are then built once.
-pytestmark = pytest.mark.xdist_group("multitask")
-
-
 
 def first_batch(config, size=4) -> dict:
   """The first `size` validation examples through the config's eval pp, as numpy."""

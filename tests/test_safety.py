@@ -128,7 +128,7 @@ def test_a_killed_sweep_takes_its_runs_down_with_a_checkpoint(tmp_path):
   parent.kill()
   parent.wait()
   deadline = time.monotonic() + 30
-  while not marker.exists() and time.monotonic() < deadline:
+  while not (marker.exists() and marker.read_text()) and time.monotonic() < deadline:
     time.sleep(0.1)
   assert marker.read_text() == f"saved at signal {signal.SIGTERM}"
   deadline = time.monotonic() + 10
