@@ -28,6 +28,20 @@ TOY_NUM_CLASSES = 8
 TOY_MAX_SEGMENTS = 16
 
 
+def panoptic_instances(ids: str, toy: bool, patch_size: int) -> dict:
+  """The panoptic stage I settings of an instance-id rule (`uvim.tasks.panoptic.INSTANCE_IDS`):
+  `instance_ids` and the `instances` input. Raster ids need a slot per segment (COCO: 100, 98
+  at most in train); location ids one per grid cell and void: 8x8 on the toy scenes (a cell per
+  code word), 10x10 on COCO."""
+  if ids == "raster":
+    slots = TOY_MAX_SEGMENTS if toy else 100
+  elif ids == "location":
+    slots = (8 if toy else 10) ** 2 + 1
+  else:
+    raise ValueError(f"Config arg 'ids' must be 'raster' or 'location', got {ids!r}")
+  return {"instance_ids": ids, "instances": (slots, patch_size**2)}
+
+
 def parse_arg(arg: str | None, **spec: Any) -> mlc.ConfigDict:
   """Parses a config's `:arg` string, e.g. `smoke,res=128`, against `spec` (name=default).
 

@@ -9,6 +9,8 @@ Variants (after `:`, comma-separated):
   singlehost  batch 128 for 100 epochs, for one 8-accelerator host (the original reports
               67.8 PQ on the holdout with it, against 75.7 for the full config).
   res=N       input and label resolution (default 512; 64 with smoke).
+  ids=RULE    how the oracle numbers instances: raster (default, the paper's) or location
+              (the grid cell of each instance's centre; see docs/decoding.md).
 """
 
 import ml_collections as mlc
@@ -18,7 +20,7 @@ from configs import common
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """The stage I panoptic config."""
-  arg = common.parse_arg(arg, smoke=False, cpu=False, singlehost=False, res=0)
+  arg = common.parse_arg(arg, smoke=False, cpu=False, singlehost=False, res=0, ids="raster")
   toy = arg.smoke or arg.cpu  # the built-in toy scenes
   res = arg.res or (64 if toy else 512)
   patch_size = 8 if toy else 16
@@ -76,9 +78,11 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   config.model.with_decoder_ctx = True
   config.model.code_dropout = "random"
   config.model.bottleneck_resize = True
+  instances = common.panoptic_instances(arg.ids, toy, patch_size)
+  config.model.instance_ids = instances["instance_ids"]
   config.model.inputs = {
       "semantics": (133 + 1, patch_size**2),  # +1 for the void label.
-      "instances": (100, patch_size**2),  # COCO: actually 98 train / 78 validation.
+      "instances": instances["instances"],
   }
   config.model.outputs = config.model.inputs
 
@@ -127,7 +131,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     config.model.with_encoder_ctx = False
     config.model.inputs = {
         "semantics": (common.TOY_NUM_CLASSES + 1, patch_size**2),
-        "instances": (common.TOY_MAX_SEGMENTS, patch_size**2),
+        "instances": instances["instances"],
     }
     config.model.outputs = config.model.inputs
     for name in ("panoptic_train", "panoptic_holdout", "panoptic_val"):

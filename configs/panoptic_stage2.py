@@ -11,6 +11,7 @@ Variants (after `:`, comma-separated):
   singlehost  batch 32 for 50 epochs, for one 8-accelerator host (the original reports 39.4 PQ
               on the holdout with it, against 43.7 for the full config).
   res=N       image and label resolution (default 512; 64 with smoke).
+  ids=RULE    the oracle's instance-id rule (panoptic_stage1.py): raster (default) or location.
 """
 
 import ml_collections as mlc
@@ -20,7 +21,7 @@ from configs import common
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """The stage II panoptic config."""
-  arg = common.parse_arg(arg, smoke=False, cpu=False, singlehost=False, res=0)
+  arg = common.parse_arg(arg, smoke=False, cpu=False, singlehost=False, res=0, ids="raster")
   toy = arg.smoke or arg.cpu  # the built-in toy scenes
   res = label_res = arg.res or (64 if toy else 512)
   patch_size = label_patch_size = 8 if toy else 16
@@ -100,9 +101,11 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   common.set_quantizer(config.oracle.model)
   config.oracle.model.with_encoder_ctx = True
   config.oracle.model.with_decoder_ctx = True
+  instances = common.panoptic_instances(arg.ids, toy, label_patch_size)
+  config.oracle.model.instance_ids = instances["instance_ids"]
   config.oracle.model.inputs = {
       "semantics": (133 + 1, label_patch_size**2),  # +1 for the void label.
-      "instances": (100, label_patch_size**2),  # COCO: actually 98 train / 78 validation.
+      "instances": instances["instances"],
   }
   config.oracle.model.outputs = config.oracle.model.inputs
 
@@ -151,7 +154,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     config.oracle.model.with_encoder_ctx = False
     config.oracle.model.inputs = {
         "semantics": (common.TOY_NUM_CLASSES + 1, label_patch_size**2),
-        "instances": (common.TOY_MAX_SEGMENTS, label_patch_size**2),
+        "instances": instances["instances"],
     }
     config.oracle.model.outputs = config.oracle.model.inputs
     for name in ("panoptic_train", "panoptic_holdout", "panoptic_val"):
