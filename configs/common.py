@@ -25,21 +25,24 @@ LM_MODELS = {
 # The built-in `toy_scenes` dataset (uvim/datasets): its panoptic classes (stuff and things)
 # and the most segments a scene can have.
 TOY_NUM_CLASSES = 8
+TOY_THING_CLASSES = 5  # classes 0..4 are things, as COCO's 80 things come first
 TOY_MAX_SEGMENTS = 16
 
 
 def panoptic_instances(ids: str, toy: bool, patch_size: int) -> dict:
   """The panoptic stage I settings of an instance-id rule (`uvim.tasks.panoptic.INSTANCE_IDS`):
-  `instance_ids` and the `instances` input. Raster ids need a slot per segment (COCO: 100, 98
-  at most in train); location ids one per grid cell and void: 8x8 on the toy scenes (a cell per
-  code word), 10x10 on COCO."""
+  `instance_ids`, `thing_classes` and the `instances` input. Raster ids need a slot per
+  segment (COCO: 100, 98 at most in train); location ids one per offset in a window of R
+  patches each way, and void: R = 3 on the toy scenes (things span at most 4 patches), 7 on
+  COCO (+-112 pixels at 16 px patches)."""
   if ids == "raster":
     slots = TOY_MAX_SEGMENTS if toy else 100
   elif ids == "location":
-    slots = (8 if toy else 10) ** 2 + 1
+    slots = (2 * (3 if toy else 7) + 1) ** 2 + 1
   else:
     raise ValueError(f"Config arg 'ids' must be 'raster' or 'location', got {ids!r}")
-  return {"instance_ids": ids, "instances": (slots, patch_size**2)}
+  things = 0 if ids == "raster" else TOY_THING_CLASSES if toy else 80  # location ids only
+  return {"instance_ids": ids, "thing_classes": things, "instances": (slots, patch_size**2)}
 
 
 def parse_arg(arg: str | None, **spec: Any) -> mlc.ConfigDict:

@@ -80,6 +80,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   config.model.bottleneck_resize = True
   instances = common.panoptic_instances(arg.ids, toy, patch_size)
   config.model.instance_ids = instances["instance_ids"]
+  config.model.thing_classes = instances["thing_classes"]
   config.model.inputs = {
       "semantics": (133 + 1, patch_size**2),  # +1 for the void label.
       "instances": instances["instances"],

@@ -103,6 +103,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   config.oracle.model.with_decoder_ctx = True
   instances = common.panoptic_instances(arg.ids, toy, label_patch_size)
   config.oracle.model.instance_ids = instances["instance_ids"]
+  config.oracle.model.thing_classes = instances["thing_classes"]
   config.oracle.model.inputs = {
       "semantics": (133 + 1, label_patch_size**2),  # +1 for the void label.
       "instances": instances["instances"],

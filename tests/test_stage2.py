@@ -226,7 +226,8 @@ def test_gradient_accumulation_matches_the_full_batch(toy_data_dir, oracle_workd
 
 
 @pytest.mark.parametrize("key, value", [("code_len", 4), ("bottleneck_resize", False),
-                                        ("with_decoder_ctx", False)])
+                                        ("with_decoder_ctx", False),
+                                        ("instance_ids", "location")])
 def test_an_oracle_setting_its_parameters_cannot_show_is_compared_with_its_run(
     toy_data_dir, oracle_workdir, tmp_path, key, value):
   """Parameter shapes do not depend on these settings: the oracle's recorded config (its

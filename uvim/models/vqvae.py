@@ -225,9 +225,10 @@ class Model(nn.Module):
   with_decoder_ctx: bool = True
   code_dropout: str = "none"  # "none", "random" (random positions) or "prefix"
   bottleneck_resize: bool = True
-  # How the panoptic task numbers the instances it feeds and predicts (`tasks.panoptic`): kept
-  # with the model because a code is only readable under the rule it was trained with.
+  # How the panoptic task numbers the instances it feeds and predicts (`tasks.panoptic`), and
+  # its things: kept with the model, since a code only reads under the rule it was trained with.
   instance_ids: str = "raster"
+  thing_classes: int = 0
   dtype: str = "float32"
   remat: bool = False
   scan_layers: bool = False

@@ -21,12 +21,16 @@ from uvim.tasks import common
 
 LABELS = (2, "int32")  # (semantic class + 1, instance id) per pixel
 DEFAULT_TEMPERATURE = 0.0
-# How the oracle numbers the instances (the model's `instance_ids`): "raster", the labels' own
-# canonical ids (1..N by centre of mass, top to bottom, as in the original); "location", the
-# cell of a square grid over the image that holds the instance's centre, so that an id depends
-# on where its instance is, not on every instance above it (which an any-order decoder cannot
-# count). Ids are only names: PQ, predictions and outputs do not depend on the rule.
+# How the oracle numbers the instances (the model's `instance_ids`). "raster": the labels' own
+# canonical ids (1..N by centre of mass, top to bottom, as in the original), so an id depends on
+# every instance above it, which a left-to-right decoder reads off its prefix and an any-order
+# decoder cannot count. "location": each thing instance is named by the patch of its centre,
+# and each pixel is labelled with where that patch lies from its own patch (an offset within a
+# window), so a patch's labels, and its code word, describe its surroundings alone; stuff
+# (classes after the `thing_classes` things) is named by its class. Ids are only names:
+# predictions are instance maps under either rule, and PQ does not depend on it.
 INSTANCE_IDS = ("raster", "location")
+TIE_BIAS = 1e-6  # far above float32 error on distances < 2, far below a patch's squared side
 
 
 def input_pp(batch: dict, model_config) -> tuple[dict, dict]:
@@ -35,11 +39,9 @@ def input_pp(batch: dict, model_config) -> tuple[dict, dict]:
   num_classes = model_config.inputs["semantics"][0]
   num_slots = model_config.inputs["instances"][0]
   semantics, instances = labels[..., 0], labels[..., 1]
-  rule = model_config.get("instance_ids", "raster")
-  if rule not in INSTANCE_IDS:
-    raise ValueError(f"instance_ids must be one of {INSTANCE_IDS}, got {rule!r}")
-  if rule == "location":
-    instances = location_ids(instances, num_slots)
+  if instance_rule(model_config) == "location":
+    instances = location_offsets(location_cells(semantics, instances, model_config),
+                                 model_config)
   inputs = {
       "semantics": common.class_patches(semantics, model_config.patch_size),
       "instances": common.class_patches(instances, model_config.patch_size),
@@ -49,56 +51,108 @@ def input_pp(batch: dict, model_config) -> tuple[dict, dict]:
   return inputs, stats
 
 
-TIE_BIAS = 1e-6  # far above float32 error on distances < 2, far below a cell's squared side
+def instance_rule(model_config) -> str:
+  """The model's `instance_ids`, checked against what the rule needs."""
+  rule = model_config.get("instance_ids", "raster")
+  if rule not in INSTANCE_IDS:
+    raise ValueError(f"config.model.instance_ids must be one of {INSTANCE_IDS}, got {rule!r}")
+  if rule == "location":
+    if not model_config.get("thing_classes"):
+      raise ValueError("config.model.instance_ids='location' needs config.model.thing_classes "
+                       "(classes 0..thing_classes-1 are things, as in COCO)")
+    offset_window(model_config)
+  return rule
 
 
-def location_side(num_slots: int) -> int:
-  """Cells per side of the location-id grid: the largest square that fits the slots after
-  void (slot 0)."""
-  return math.isqrt(num_slots - 1)
+def offset_window(model_config) -> int:
+  """R: location labels are offsets in [-R, R]^2 patches, one slot each after void, so the
+  `instances` input has (2R + 1)^2 + 1 slots."""
+  num_slots = model_config.inputs["instances"][0]
+  window = (math.isqrt(num_slots - 1) - 1) // 2
+  if (2 * window + 1) ** 2 + 1 != num_slots:
+    raise ValueError(f"config.model.inputs.instances has {num_slots} slots: location ids need "
+                     "(2R + 1)^2 + 1 (an offset window of R patches each way, and void), e.g. "
+                     "50 for R = 3")
+  return window
 
 
-def location_ids(instances_BxHxW: jnp.ndarray, num_slots: int) -> jnp.ndarray:
-  """Renumbers instances by location: id 1 + c for the cell c (raster order on a
-  `location_side` grid) nearest the instance's centre of mass among those still free (ties:
-  the lower cell), larger instances choosing first (ties: the lower input id). Ids 0 (void)
-  and < 0 (unlabelled) stay; input ids >= num_slots, and instances beyond the number of
-  cells, become num_slots (out of range: an all-zero input, no loss, counted by
-  `input_pp`)."""
+def location_cells(semantics_BxHxW: jnp.ndarray, instances_BxHxW: jnp.ndarray,
+                   model_config) -> jnp.ndarray:
+  """Each thing pixel's instance named by a patch: 1 + the index (raster order) of the patch
+  nearest the instance's centre of mass among those still free (ties: the lower patch), larger
+  instances choosing first (ties: the lower input id). Stuff and void pixels get 0,
+  unlabelled ones (< 0) stay; things beyond the number of patches get patches + 1."""
+  grid = common.grid_of(model_config)
+  num_cells = grid[0] * grid[1]
   _, height, width = instances_BxHxW.shape
-  side = location_side(num_slots)
   rows, cols = jnp.meshgrid((jnp.arange(height) + 0.5) / height, (jnp.arange(width) + 0.5) / width,
                             indexing="ij")
   pixel_yx = jnp.stack([rows.ravel(), cols.ravel()], -1)  # (HW, 2) in [0, 1)
-  cell = (jnp.arange(side) + 0.5) / side
-  cell_yx = jnp.stack(jnp.meshgrid(cell, cell, indexing="ij"), -1).reshape(-1, 2)  # (C, 2)
+  cell_yx = jnp.stack(jnp.meshgrid((jnp.arange(grid[0]) + 0.5) / grid[0],
+                                   (jnp.arange(grid[1]) + 0.5) / grid[1], indexing="ij"),
+                      -1).reshape(-1, 2)  # (cells, 2)
+  overflow = num_cells + 1
 
-  def one(ids_HxW):
-    ids = ids_HxW.ravel()
-    index = jnp.where((ids > 0) & (ids < num_slots), ids, 0)  # segment 0 collects the rest
-    area = jax.ops.segment_sum(jnp.ones_like(pixel_yx[:, 0]), index, num_slots)
-    centre = jax.ops.segment_sum(pixel_yx, index, num_slots) / jnp.maximum(area, 1)[:, None]
-    # Squared distances (slots, C); TIE_BIAS x cell index settles ties (symmetric layouts are
-    # common) the same way on every platform, whatever the float rounding.
-    dist = jnp.sum((centre[:, None] - cell_yx[None]) ** 2, -1) + TIE_BIAS * jnp.arange(len(cell_yx))
+  def one(semantics, ids):
+    semantics, ids = semantics.ravel(), ids.ravel()
+    thing = (semantics >= 1) & (semantics <= model_config.thing_classes) & (ids > 0)
+    index = jnp.where(thing & (ids <= num_cells), ids, 0)  # segment 0 collects the rest
+    area = jax.ops.segment_sum(jnp.ones_like(pixel_yx[:, 0]), index, overflow)
+    centre = jax.ops.segment_sum(pixel_yx, index, overflow) / jnp.maximum(area, 1)[:, None]
+    # Squared distances (segments, cells); TIE_BIAS x cell index settles ties (symmetric
+    # layouts are common) the same way on every platform, whatever the float rounding.
+    dist = (jnp.sum((centre[:, None] - cell_yx[None]) ** 2, -1)
+            + TIE_BIAS * jnp.arange(num_cells))
     area = area.at[0].set(0)
     order = jnp.argsort(-area, stable=True)
 
     def choose(k, state):
-      taken, new = state
+      taken, cell_of = state
       s = order[k]
-      free = jnp.where(taken, jnp.inf, dist[s])
-      c = jnp.argmin(free)
+      c = jnp.argmin(jnp.where(taken, jnp.inf, dist[s]))
       fits = (area[s] > 0) & ~taken[c]
-      new = new.at[s].set(jnp.where(fits, c + 1, num_slots))
-      return taken.at[c].set(taken[c] | fits), new
+      return taken.at[c].set(taken[c] | fits), cell_of.at[s].set(jnp.where(fits, c + 1, overflow))
 
-    init = (jnp.zeros(len(cell_yx), bool), jnp.full(num_slots, num_slots, ids.dtype))
-    _, new = jax.lax.fori_loop(0, num_slots, choose, init)
-    renumbered = jnp.where(ids >= num_slots, num_slots, new[index])
-    return jnp.where(ids > 0, renumbered, ids).reshape(ids_HxW.shape)
+    init = (jnp.zeros(num_cells, bool), jnp.full(overflow, overflow, ids.dtype))
+    _, cell_of = jax.lax.fori_loop(0, overflow, choose, init)
+    cells = jnp.where(thing, jnp.where(ids > num_cells, overflow, cell_of[index]), 0)
+    return jnp.where(ids < 0, ids, cells)
 
-  return jax.vmap(one)(jnp.asarray(instances_BxHxW))
+  cells = jax.vmap(one)(jnp.asarray(semantics_BxHxW), jnp.asarray(instances_BxHxW))
+  return cells.reshape(instances_BxHxW.shape)
+
+
+def _pixel_cells(shape: tuple[int, int], model_config) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """The (row, column) of the patch each pixel of an (H, W) map lies in."""
+  p, q = model_config.patch_size
+  return jnp.arange(shape[0])[:, None] // p, jnp.arange(shape[1])[None, :] // q
+
+
+def location_offsets(cells_BxHxW: jnp.ndarray, model_config) -> jnp.ndarray:
+  """Patch names (`location_cells`) -> slots: 1 + the offset, within the window, of the named
+  patch from the pixel's own; 0 and < 0 stay; offsets beyond the window, and things that got
+  no patch, become the slot count (out of range)."""
+  window, grid = offset_window(model_config), common.grid_of(model_config)
+  span, num_slots = 2 * window + 1, model_config.inputs["instances"][0]
+  row, col = _pixel_cells(cells_BxHxW.shape[1:], model_config)
+  named = cells_BxHxW > 0
+  dy = (cells_BxHxW - 1) // grid[1] - row
+  dx = (cells_BxHxW - 1) % grid[1] - col
+  inside = (jnp.abs(dy) <= window) & (jnp.abs(dx) <= window) & (cells_BxHxW <= grid[0] * grid[1])
+  slots = jnp.where(inside, 1 + (dy + window) * span + (dx + window), num_slots)
+  return jnp.where(named, slots, cells_BxHxW)
+
+
+def location_instances(slots_BxHxW: jnp.ndarray, model_config) -> jnp.ndarray:
+  """The inverse of `location_offsets`: each pixel's named patch (1 + index), 0 for slot 0 and
+  for offsets that point outside the image."""
+  window, grid = offset_window(model_config), common.grid_of(model_config)
+  span = 2 * window + 1
+  row, col = _pixel_cells(slots_BxHxW.shape[1:], model_config)
+  y = row + (slots_BxHxW - 1) // span - window
+  x = col + (slots_BxHxW - 1) % span - window
+  inside = (slots_BxHxW > 0) & (y >= 0) & (y < grid[0]) & (x >= 0) & (x < grid[1])
+  return jnp.where(inside, 1 + y * grid[1] + x, 0)
 
 
 def loss_fn(logits: dict, batch: dict, model_config) -> tuple[jnp.ndarray, dict]:
@@ -110,17 +164,24 @@ def loss_fn(logits: dict, batch: dict, model_config) -> tuple[jnp.ndarray, dict]
 
 
 def predict_outputs(logits: dict, model_config) -> dict:
-  """{'semantics', 'instances'}: (B, H, W) int32 maps, one class per instance."""
+  """{'semantics', 'instances'}: (B, H, W) int32 maps, one class per instance (location ids:
+  instances are named by patch, 1 + its index, and stuff by its class with instance 0)."""
   grid = common.grid_of(model_config)
   semantic = common.unpatchify(logits["semantics"], model_config.patch_size, grid)
   instance = common.unpatchify(logits["instances"], model_config.patch_size, grid)
   instances = jnp.argmax(instance, axis=-1)
-  membership = jax.nn.one_hot(instances, instance.shape[-1], dtype=semantic.dtype)
-  class_logits = jnp.einsum("bhwn,bhwc->bnc", membership, semantic)
-  class_of_instance = jnp.argmax(class_logits, axis=-1)  # (B, slots)
-  semantics = jnp.take_along_axis(class_of_instance, instances.reshape(len(instances), -1), 1)
-  return {"semantics": semantics.reshape(instances.shape).astype(jnp.int32),
-          "instances": instances.astype(jnp.int32)}
+  location = instance_rule(model_config) == "location"
+  num_instances = instance.shape[-1]
+  if location:
+    instances, num_instances = location_instances(instances, model_config), math.prod(grid) + 1
+  flat = instances.reshape(len(instances), -1)
+  class_logits = jax.vmap(lambda s, i: jax.ops.segment_sum(s, i, num_instances))(
+      semantic.reshape(*flat.shape, -1), flat)  # summed over each instance's pixels
+  class_of_instance = jnp.argmax(class_logits, axis=-1)  # (B, instances)
+  semantics = jnp.take_along_axis(class_of_instance, flat, 1).reshape(instances.shape)
+  if location:  # stuff (instance 0): each pixel's own class
+    semantics = jnp.where(instances > 0, semantics, jnp.argmax(semantic, axis=-1))
+  return {"semantics": semantics.astype(jnp.int32), "instances": instances.astype(jnp.int32)}
 
 
 def render(outputs: dict, image: np.ndarray) -> np.ndarray:
