@@ -9,8 +9,10 @@ Variants (after `:`, comma-separated):
   singlehost  batch 128 for 100 epochs, for one 8-accelerator host (the original reports
               67.8 PQ on the holdout with it, against 75.7 for the full config).
   res=N       input and label resolution (default 512; 64 with smoke).
-  ids=RULE    how the oracle numbers instances: raster (default, the paper's) or location
-              (the grid cell of each instance's centre; see docs/decoding.md).
+  ids=RULE    how the oracle numbers instances: raster (the paper's, by centre of mass top to
+              bottom; the default of the full-size variants) or location (each thing by the
+              patch of its centre, as an offset from each pixel's patch; the default of smoke
+              and cpu, see docs/decoding.md#instance-ids).
 """
 
 import ml_collections as mlc
@@ -20,7 +22,7 @@ from configs import common
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """The stage I panoptic config."""
-  arg = common.parse_arg(arg, smoke=False, cpu=False, singlehost=False, res=0, ids="raster")
+  arg = common.parse_arg(arg, smoke=False, cpu=False, singlehost=False, res=0, ids="")
   toy = arg.smoke or arg.cpu  # the built-in toy scenes
   res = arg.res or (64 if toy else 512)
   patch_size = 8 if toy else 16

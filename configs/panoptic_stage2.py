@@ -11,7 +11,8 @@ Variants (after `:`, comma-separated):
   singlehost  batch 32 for 50 epochs, for one 8-accelerator host (the original reports 39.4 PQ
               on the holdout with it, against 43.7 for the full config).
   res=N       image and label resolution (default 512; 64 with smoke).
-  ids=RULE    the oracle's instance-id rule (panoptic_stage1.py): raster (default) or location.
+  ids=RULE    the oracle's instance-id rule (panoptic_stage1.py): raster, or location (the
+              default of smoke and cpu).
 """
 
 import ml_collections as mlc
@@ -21,7 +22,7 @@ from configs import common
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """The stage II panoptic config."""
-  arg = common.parse_arg(arg, smoke=False, cpu=False, singlehost=False, res=0, ids="raster")
+  arg = common.parse_arg(arg, smoke=False, cpu=False, singlehost=False, res=0, ids="")
   toy = arg.smoke or arg.cpu  # the built-in toy scenes
   res = label_res = arg.res or (64 if toy else 512)
   patch_size = label_patch_size = 8 if toy else 16
