@@ -146,19 +146,21 @@ def plot(rows: list[dict], metric: str, output: Path, title: str) -> Path:
     groups.setdefault((row["run"], row["scheme"], row["guidance"]), []).append(row)
   parallel_steps = sorted({r["steps"] for r in rows if r["scheme"] != "ar"}) or [1]
   scales = sorted({r["guidance"] for r in rows})
-  colors = dict(zip(scales, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
-  runs = {r["run"] for r in rows}
+  runs = list(dict.fromkeys(r["run"] for r in rows))
+  palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  pairs = [(run, scale) for run in runs for scale in scales]  # a colour per run and scale
+  colors = {pair: palette[i % len(palette)] for i, pair in enumerate(pairs)}
   styles = {"maskgit": "o-", "roar": "s:"}
   for (name, scheme, scale), group in groups.items():
     label = (f"{name} " if len(runs) > 2 else "") + f"{scheme}" + (
         f", guidance {scale:g}" if len(scales) > 1 else "")
     for ax, key in zip(axes, keys, strict=True):
       if scheme == "ar":
-        ax.axhline(group[0][key], linestyle="--", color=colors[scale],
+        ax.axhline(group[0][key], linestyle="--", color=colors[name, scale],
                    label=f"{label} ({group[0]['steps']} steps)")
       else:
         ax.plot([r["steps"] for r in group], [r[key] for r in group], styles.get(scheme, "o-"),
-                color=colors[scale], label=label)
+                color=colors[name, scale], label=label)
   for ax, key in zip(axes, keys, strict=True):
     ax.set_xscale("log", base=2)
     ax.set_xticks(parallel_steps, [str(s) for s in parallel_steps])
