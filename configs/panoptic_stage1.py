@@ -4,8 +4,10 @@ r"""UViM stage I (restricted oracle) for COCO panoptic segmentation: the paper's
 
 Variants (after `:`, comma-separated):
   smoke       tiny model on the built-in `toy_scenes` data; ~3 minutes on a 2-core CPU to
-              PQ 71.6 (things 59.5, stuff 91.9) on the toy validation split.
-  cpu         the smoke recipe for 40 epochs (~30 minutes): PQ 82.7 (things 75.3).
+              PQ 67.0 (things 51.2, stuff 93.4) on the toy validation split (ids=raster:
+              71.6, things 59.5, stuff 91.9, but its stage II reaches 14 PQ less).
+  cpu         the smoke recipe for 40 epochs (~30 minutes): PQ 82.7 (things 75.3) with
+              ids=raster (location ids not measured at this length).
   singlehost  batch 128 for 100 epochs, for one 8-accelerator host (the original reports
               67.8 PQ on the holdout with it, against 75.7 for the full config).
   res=N       input and label resolution (default 512; 64 with smoke).

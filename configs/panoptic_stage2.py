@@ -5,9 +5,10 @@ r"""UViM stage II (language model over guiding codes) for COCO panoptic: the pap
 
 Variants (after `:`, comma-separated):
   smoke       tiny model on the built-in `toy_scenes` data, using the stage I `:smoke` run in
-              runs/panoptic_stage1 as its oracle; ~4.5 minutes on a 2-core CPU to PQ 46.1
-              (things 25.5, stuff 80.4) from greedy codes.
-  cpu         the smoke recipe for 40 epochs, oracle runs/panoptic_stage1_cpu.
+              runs/panoptic_stage1 as its oracle; ~4.5 minutes on a 2-core CPU to PQ 60.4
+              (things 40.8, stuff 92.9) from greedy codes (ids=raster: 46.1, things 25.5).
+  cpu         the smoke recipe for 40 epochs, oracle runs/panoptic_stage1_cpu (PQ 71.2 with
+              ids=raster; location ids not measured at this length).
   singlehost  batch 32 for 50 epochs, for one 8-accelerator host (the original reports 39.4 PQ
               on the holdout with it, against 43.7 for the full config).
   res=N       image and label resolution (default 512; 64 with smoke).
