@@ -211,6 +211,7 @@ def set_decoder_options(model: mlc.ConfigDict) -> None:
   # steps (predict.py --scheme maskgit|roar --steps N); False: the paper's causal decoder.
   model.masked = False
   model.min_mask_ratio = 0.1  # the fewest tokens a masked training example hides
+  model.neighbour_tokens = False  # masked: each position sees its grid neighbours' tokens
 
 
 def apply_toy_stage2(config: mlc.ConfigDict, cpu: bool) -> None:

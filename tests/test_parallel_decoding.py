@@ -245,3 +245,66 @@ def test_training_mask_hides_a_cosine_scheduled_fraction():
   exact = np.clip(np.ceil(np.maximum(np.cos(np.pi / 2 * r), 0.25) * 16), 1, 16)
   assert abs(count.mean() - exact.mean()) < 5 * exact.std() / np.sqrt(len(count))
   assert np.abs(hidden.mean(0) - hidden.mean()).max() < 0.02  # positions uniformly
+
+
+def neighbour_model(num_tasks=1, side=3, seed=0):
+  """A small masked model whose positions see their grid neighbours' tokens, with a random
+  (not zero) neighbour kernel; `num_tasks` codes of side x side tokens."""
+  seq_len = num_tasks * side * side
+  model = lm.Model(patches={"size": (8, 8)}, num_heads=2, num_layers=1, mlp_dim=16, emb_dim=8,
+                   vocab_size=7, seq_len=seq_len, input_size=(24, 24), masked=True,
+                   neighbour_tokens=True, num_tasks=num_tasks)
+  images = jax.random.normal(jax.random.key(seed), (2, 24, 24, 3))
+  params = model.init(jax.random.key(seed + 1), images,
+                      jnp.zeros((2, seq_len), jnp.int32))["params"]
+  params["decoder"]["NeighbourTokens"]["kernel"] = jax.random.normal(jax.random.key(seed + 2),
+                                                                     (3, 3, 8, 8))
+  return model, params, images
+
+
+@pytest.mark.parametrize("num_tasks", [1, 2])
+def test_neighbour_tokens_add_each_grid_neighbours_embedding_through_its_kernel_tap(num_tasks):
+  model, params, _ = neighbour_model(num_tasks)
+  side, seq_len = 3, model.seq_len
+  tokens = np.array(jax.random.randint(jax.random.key(5), (2, seq_len), 0, 7))
+  pos = np.zeros((1, seq_len, 8), np.float32)
+  got = np.asarray(model.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(pos),
+                               method=lambda m, t, p: m.decoder._embed(t, p, neighbours=True)))
+  table = np.asarray(params["decoder"]["EmbedTargets"]["embedding"])
+  kernel = np.asarray(params["decoder"]["NeighbourTokens"]["kernel"])
+  want = table[tokens].copy()
+  for b, task, i, j in itertools.product(range(2), range(num_tasks), range(side), range(side)):
+    at = task * side * side + i * side + j
+    for di, dj in itertools.product((-1, 0, 1), (-1, 0, 1)):
+      if 0 <= i + di < side and 0 <= j + dj < side:  # never across a code's edge or task
+        neighbour = tokens[b, task * side * side + (i + di) * side + j + dj]
+        want[b, at] += table[neighbour] @ kernel[di + 1, dj + 1]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_neighbour_tokens_start_as_the_plain_decoder_and_cache_like_training():
+  model, params, images = neighbour_model(side=2)
+  tokens = np.array([[0, 3, 5, 0], [2, 0, 0, 6]])
+  encoded = model.apply({"params": params}, images, method=model.encode)
+  cache = model.apply({"params": params}, encoded, method=model.init_cache)
+  np.testing.assert_allclose(
+      model.apply({"params": params}, cache, jnp.asarray(tokens), method=model.fill_in),
+      full_logits(model, params, images, tokens), atol=1e-5)
+  # Freshly initialised, the path is zero: the plain masked decoder's logits exactly.
+  fresh = model.init(jax.random.key(3), images, jnp.asarray(tokens))["params"]
+  plain = lm.Model(**{**{f: getattr(model, f) for f in ("patches", "num_heads", "num_layers",
+                                                        "mlp_dim", "emb_dim", "vocab_size",
+                                                        "seq_len", "input_size", "masked")}})
+  without = {k: v for k, v in fresh.items()}
+  without["decoder"] = {k: v for k, v in fresh["decoder"].items() if k != "NeighbourTokens"}
+  np.testing.assert_array_equal(model.apply({"params": fresh}, images, jnp.asarray(tokens)),
+                                plain.apply({"params": without}, images, jnp.asarray(tokens)))
+
+
+def test_neighbour_tokens_need_a_masked_model_and_a_square_code():
+  images = jnp.zeros((1, 16, 16, 3))
+  for kw in (dict(masked=False, seq_len=4), dict(masked=True, seq_len=6)):
+    model = lm.Model(patches={"size": (8, 8)}, num_heads=2, num_layers=1, mlp_dim=16,
+                     emb_dim=8, vocab_size=7, input_size=(16, 16), neighbour_tokens=True, **kw)
+    with pytest.raises(ValueError, match="neighbour_tokens needs a masked model and a square"):
+      model.init(jax.random.key(0), images, jnp.zeros((1, kw["seq_len"]), jnp.int32))

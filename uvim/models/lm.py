@@ -177,9 +177,16 @@ class Decoder(nn.Module):
   remat: bool = False  # Rematerialises the blocks in `__call__`; `step` is left as it is.
   scan_layers: bool = False  # One scanned `EncDecBlock` (stacked parameters) for all layers.
   attention: str = "einsum"  # vit.ATTENTION
+  # (tasks, rows, columns) of the code grid(s) when the bidirectional decoder adds to each
+  # position its grid neighbours' tokens (`neighbour_tokens`); None: no such path.
+  neighbour_grid: tuple[int, int, int] | None = None
 
   def setup(self):
     dtype = jnp.dtype(self.dtype)
+    if self.neighbour_grid:
+      # Zero-initialised: the model starts as the plain decoder and learns what to take.
+      self.NeighbourTokens = nn.Conv(self.emb_dim, (3, 3), padding="SAME", use_bias=False,
+                                     kernel_init=nn.initializers.zeros, dtype=dtype)
     self.EmbedTargets = nn.Embed(self.vocab_size, self.emb_dim, dtype=dtype,
                                  embedding_init=nn.initializers.normal(stddev=1.0))
     # `deterministic` (argument 4, counting the module) is a Python bool: static under remat.
@@ -203,9 +210,18 @@ class Decoder(nn.Module):
                    split_rngs={"params": True, "dropout": True}, in_axes=in_axes,
                    length=self.num_layers)(self.blocks, carry, *xs)
 
-  def _embed(self, tokens_BxL: jnp.ndarray, pos_emb_1xLxE: jnp.ndarray) -> jnp.ndarray:
-    """Token plus position embeddings, in the computation dtype."""
-    return (self.EmbedTargets(tokens_BxL.astype(jnp.int32)) + pos_emb_1xLxE).astype(self.dtype)
+  def _embed(self, tokens_BxL: jnp.ndarray, pos_emb_1xLxE: jnp.ndarray,
+             neighbours: bool = False) -> jnp.ndarray:
+    """Token plus position embeddings, in the computation dtype; with `neighbours` (the
+    bidirectional decoder of a model with `neighbour_grid`) plus a 3x3 convolution of the token
+    embeddings over each code's grid: every position sees the tokens around it directly, as
+    the causal decoder's shifted input shows it the previous one."""
+    tokens = self.EmbedTargets(tokens_BxL.astype(jnp.int32))
+    y = tokens + pos_emb_1xLxE
+    if neighbours and self.neighbour_grid:
+      grid = tokens.reshape(-1, *self.neighbour_grid[1:], tokens.shape[-1])
+      y = y + self.NeighbourTokens(grid.astype(self.dtype)).reshape(tokens.shape)
+    return y.astype(self.dtype)
 
   def _logits(self, y_BxLxE: jnp.ndarray) -> jnp.ndarray:
     """Final LayerNorm and logits, returned in float32 for the loss and sampling."""
@@ -215,7 +231,7 @@ class Decoder(nn.Module):
                causal: bool = True):
     """`inputs_BxL` are the decoder inputs: shifted right (BOS first) when `causal`, else the
     code with MASK where a token is hidden (bidirectional attention)."""
-    y = self._embed(inputs_BxL, pos_emb_1xLxE[:, :inputs_BxL.shape[1]])
+    y = self._embed(inputs_BxL, pos_emb_1xLxE[:, :inputs_BxL.shape[1]], neighbours=not causal)
     y = self.dropout(y, deterministic)
     mask = nn.make_causal_mask(inputs_BxL) if causal else None
     if self.scan_layers:
@@ -238,7 +254,7 @@ class Decoder(nn.Module):
               pos_emb_1xLxE: jnp.ndarray) -> jnp.ndarray:
     """Logits (B, L, V) at every position of a partly masked code, bidirectionally, with the
     image's cross-attention keys/values from `cache`."""
-    y = self._embed(tokens_BxL, pos_emb_1xLxE)
+    y = self._embed(tokens_BxL, pos_emb_1xLxE, neighbours=True)
     if self.scan_layers:
       y, _ = self._over_layers(
           lambda block, y, c: (block.over_code(y, c["cross_k"], c["cross_v"], None), None),
@@ -282,6 +298,11 @@ class Model(nn.Module):
   # training example hiding a cosine-scheduled fraction of its code, at least `min_mask_ratio`.
   masked: bool = False
   min_mask_ratio: float = 0.1
+  # Masked decoder only: each position also sees its 8 neighbours' tokens on the code's square
+  # grid (a 3x3 convolution of their embeddings), the direct view of context that the causal
+  # decoder has in its shifted input; without it the toy masked models learned to ignore the
+  # decided tokens (docs/decoding.md).
+  neighbour_tokens: bool = False
   # Several tasks' codes in one sequence (`stages.StageII` over several oracles): `seq_len` is
   # num_tasks codes of seq_len / num_tasks tokens, each with the same positions plus a learned
   # `task_embedding` of its task.
@@ -328,10 +349,18 @@ class Model(nn.Module):
     if self.cond_dropout:
       self.null_image = self.param("null_image", nn.initializers.normal(stddev=0.02),
                                    (1, 1, self.emb_dim))
+    neighbour_grid = None
+    if self.neighbour_tokens:
+      side = math.isqrt(code_len)
+      if not self.masked or side * side != code_len:
+        raise ValueError("neighbour_tokens needs a masked model and a square code, got "
+                         f"masked={self.masked} and {code_len} tokens a code")
+      neighbour_grid = (self.num_tasks, side, side)
     self.decoder = Decoder(emb_dim=self.emb_dim, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
                            num_layers=self.num_layers, vocab_size=self.vocab_size,
                            dropout_rate=self.dropout_rate, dtype=self.dtype, remat=self.remat,
-                           scan_layers=self.scan_layers, attention=self.attention)
+                           scan_layers=self.scan_layers, attention=self.attention,
+                           neighbour_grid=neighbour_grid)
 
   def encode(self, image_BxHxWx3: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     """Image -> image tokens (B, patches, E)."""
