@@ -7,7 +7,7 @@ Data, pp and evaluators are those of `colorization_stage1.py`; the oracle is its
 predictions are sampled at T = 1 (T = 0 gives washed-out colours; the paper's colabs do the same).
 Variants: smoke (tiny model on `toy_scenes`, oracle = the stage I `:smoke` run in
 runs/colorization_stage1), cpu (40 epochs, oracle runs/colorization_stage1_cpu), singlehost,
-res=N.
+res=N, masked (the parallel decoder with its neighbour view, as in panoptic_stage2.py).
 """
 
 import ml_collections as mlc
@@ -17,8 +17,9 @@ from configs import colorization_stage1, common
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """The stage II colorization config."""
-  parsed = common.parse_arg(arg, smoke=False, cpu=False, singlehost=False, res=0)
-  stage1 = colorization_stage1.get_config(arg)
+  parsed = common.parse_arg(arg, smoke=False, cpu=False, singlehost=False, res=0,
+                            masked=False)
+  stage1 = colorization_stage1.get_config(common.stage1_arg(arg))
   res = stage1.model.input_size[0]
   config = common.stage2_from_stage1(
       stage1, parsed,

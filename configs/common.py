@@ -70,6 +70,13 @@ def parse_arg(arg: str | None, **spec: Any) -> mlc.ConfigDict:
   return mlc.ConfigDict(values)
 
 
+def stage1_arg(arg: str | None) -> str:
+  """A stage II config's `:arg` without what only stage II takes (`masked`): the arg of the
+  stage I config whose model is its oracle."""
+  pieces = (piece.strip() for piece in (arg or "").split(","))
+  return ",".join(p for p in pieces if p and p.partition("=")[0].strip() != "masked")
+
+
 def _convert(name: str, text: str, default: Any) -> Any:
   """`text` as the type of `default`."""
   if isinstance(default, bool):
@@ -159,7 +166,7 @@ def stage2_from_stage1(stage1: mlc.ConfigDict, arg: mlc.ConfigDict, oracle_init:
                        predict_pp: str) -> mlc.ConfigDict:
   """A stage II config whose oracle is the model of the stage I config `stage1` (same data and
   pp), with the paper's stage II model, optimizer and schedule (as in Listing 2). `arg` holds
-  the parsed `smoke`, `cpu` and `singlehost` switches."""
+  the parsed `smoke`, `cpu`, `singlehost` and `masked` switches."""
   toy = arg.smoke or arg.cpu
   config = mlc.ConfigDict(stage1.to_dict())
   # to_dict drops the placeholders' types: `--config.total_steps=0` must still parse.
@@ -192,7 +199,7 @@ def stage2_from_stage1(stage1: mlc.ConfigDict, arg: mlc.ConfigDict, oracle_init:
   # References: `--config.oracle.model.code_len=16` resizes the code stage II writes too.
   config.model.vocab_size = config.oracle.model.get_ref("dict_size") + 1
   config.model.posemb_type = "learn"
-  set_decoder_options(config.model)
+  set_decoder_options(config.model, arg.masked)
   config.model.input_size = tuple(oracle_model.input_size)
   config.model.seq_len = config.oracle.model.get_ref("code_len")
   if arg.singlehost:
@@ -202,16 +209,19 @@ def stage2_from_stage1(stage1: mlc.ConfigDict, arg: mlc.ConfigDict, oracle_init:
   return config
 
 
-def set_decoder_options(model: mlc.ConfigDict) -> None:
-  """Stage II's decoder beyond the paper's, off by default (big_vision's parameters)."""
+def set_decoder_options(model: mlc.ConfigDict, masked: bool = False) -> None:
+  """Stage II's decoder beyond the paper's, off by default (big_vision's parameters); `masked`
+  (the configs' `:masked` arg) for the parallel decoder with its neighbour view."""
   # > 0 trains for classifier-free guidance (predict.py --guidance); 0 keeps big_vision's
   # parameters (its released models have no "no image" input).
   model.cond_dropout = 0.0
   # True: a bidirectional decoder trained to fill in masked tokens, decoded in a few parallel
   # steps (predict.py --scheme maskgit|roar --steps N); False: the paper's causal decoder.
-  model.masked = False
+  model.masked = masked
   model.min_mask_ratio = 0.1  # the fewest tokens a masked training example hides
-  model.neighbour_tokens = False  # masked: each position sees its grid neighbours' tokens
+  # Masked: each position also sees its grid neighbours' tokens (docs/decoding.md), which made
+  # the toy masked models use the words decided so far (without it they ignored them).
+  model.neighbour_tokens = masked
 
 
 def apply_toy_stage2(config: mlc.ConfigDict, cpu: bool) -> None:

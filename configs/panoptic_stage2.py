@@ -14,6 +14,9 @@ Variants (after `:`, comma-separated):
   res=N       image and label resolution (default 512; 64 with smoke).
   ids=RULE    the oracle's instance-id rule (panoptic_stage1.py): raster, or location (the
               default of smoke and cpu).
+  masked      the masked decoder, written in a few parallel steps (predict.py --scheme
+              maskgit --steps 8), each code position seeing its grid neighbours' tokens; with
+              smoke 57.3 PQ at 8 steps against the causal model's 61.3 on the same oracle.
 """
 
 import ml_collections as mlc
@@ -23,7 +26,8 @@ from configs import common
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """The stage II panoptic config."""
-  arg = common.parse_arg(arg, smoke=False, cpu=False, singlehost=False, res=0, ids="")
+  arg = common.parse_arg(arg, smoke=False, cpu=False, singlehost=False, res=0, ids="",
+                         masked=False)
   toy = arg.smoke or arg.cpu  # the built-in toy scenes
   res = label_res = arg.res or (64 if toy else 512)
   patch_size = label_patch_size = 8 if toy else 16
@@ -119,7 +123,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   config.model.patches = dict(size=(patch_size, patch_size))
   config.model.vocab_size = config.oracle.model.get_ref("dict_size") + 1
   config.model.posemb_type = "learn"
-  common.set_decoder_options(config.model)
+  common.set_decoder_options(config.model, arg.masked)
   config.model.input_size = (res, res)
   config.model.seq_len = config.oracle.model.get_ref("code_len")
 

@@ -163,6 +163,19 @@ def test_variants_change_what_they_say():
   assert "resize(256)" in panoptic_stage1.get_config("res=256").pp_train
 
 
+@pytest.mark.parametrize("stage1,stage2", [
+    (panoptic_stage1, panoptic_stage2), (depth_stage1, depth_stage2),
+    (colorization_stage1, colorization_stage2)])
+def test_masked_variant_is_the_parallel_decoder_with_its_neighbour_view(stage1, stage2):
+  plain, masked = stage2.get_config("smoke"), stage2.get_config("smoke,res=32,masked")
+  assert (plain.model.masked, plain.model.neighbour_tokens) == (False, False)
+  assert (masked.model.masked, masked.model.neighbour_tokens) == (True, True)
+  # `masked` is stage II's alone: the oracle is that of the variant without it.
+  assert masked.oracle.model.to_dict() == stage2.get_config("smoke,res=32").oracle.model.to_dict()
+  assert masked.oracle.model.input_size == stage1.get_config("smoke,res=32").model.input_size
+  assert common.stage1_arg(" smoke, masked=true,res=32") == "smoke,res=32"
+
+
 def test_locked_config_rejects_typos_in_code():
   config = panoptic_stage1.get_config()
   config.lock()
