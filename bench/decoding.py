@@ -9,7 +9,8 @@ dictionary 1024); "large" is the paper's (ViT-L, 512 px). Both decoders run the 
 one compiled loop; the uncached one recomputes the full decoder at every step (what a decoder
 without a cache does). Prints one JSON line per (batch size, mode), compile time excluded; at
 temperature 0 the uncached line also says whether both decoders chose the same tokens.
-`maskgit` / `roar` time the masked model of the same size (same parameters) at each of --steps,
+`maskgit` / `roar` time the `:masked` configs' model of the same size (the same parameters and
+the neighbour view's kernel) at each of --steps,
 with the speed-up over the cached autoregressive decoder of the same batch; --plot draws seconds
 per image against steps, a line per batch size, the autoregressive time dashed.
 """
@@ -50,25 +51,30 @@ def measure(size: str = "bench", *, batch_sizes: tuple[int, ...] = (1, 8), code_
                    input_size=(res, res), dtype=dtype, **dims)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, res, res, 3)),
                                jnp.zeros((1, code_len), jnp.int32))["params"]
-  masked = model.clone(masked=True)  # the same parameters, decoded in parallel
+  # The `:masked` configs' model, decoded in parallel: the same parameters and the neighbour
+  # view's kernel (a square code).
+  masked = model.clone(masked=True, neighbour_tokens=True)
+  masked_params = {**params, "decoder": {**params["decoder"], "NeighbourTokens": {
+      "kernel": jnp.zeros((3, 3, dims["emb_dim"], dims["emb_dim"]))}}}
   records = []
   for batch in batch_sizes:
     images = jax.random.uniform(jax.random.key(1), (batch, res, res, 3), minval=-1, maxval=1)
     keys = jax.random.split(jax.random.key(2), batch)
     tokens, ar_seconds = {}, None
-    runs = [(mode, model, dict(cached=mode == "cached")) if mode in ("cached", "uncached")
-            else (mode, masked, dict(scheme=mode, steps=n)) for mode in modes
+    runs = [(mode, model, params, dict(cached=mode == "cached"))
+            if mode in ("cached", "uncached")
+            else (mode, masked, masked_params, dict(scheme=mode, steps=n)) for mode in modes
             for n in (steps if mode in ("maskgit", "roar") else (None,))]
-    for mode, run_model, options in runs:
+    for mode, run_model, run_params, options in runs:
       fn = jax.jit(lambda p, i, k, m=run_model, o=options: decoding.sample(
           m, p, i, k, temperature=temperature, **o)[0])
       start = time.perf_counter()
-      fn = fn.lower(params, images, keys).compile()
+      fn = fn.lower(run_params, images, keys).compile()
       compile_seconds = time.perf_counter() - start
       start = time.perf_counter()
-      tokens[mode] = np.asarray(fn(params, images, keys))
+      tokens[mode] = np.asarray(fn(run_params, images, keys))
       seconds = min(time.perf_counter() - start,
-                    common.best_seconds(partial(fn, params, images, keys), repeats - 1))
+                    common.best_seconds(partial(fn, run_params, images, keys), repeats - 1))
       measured = {"size": size, "batch": batch, "code_len": code_len, "cached": mode == "cached",
                   "scheme": "ar" if "cached" in options else mode,
                   "steps": options.get("steps", code_len),
