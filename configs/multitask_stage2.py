@@ -74,6 +74,7 @@ def build(tasks: dict[str, dict], arg: str | None = None) -> mlc.ConfigDict:
 
   config.model.num_tasks = len(tasks)
   config.model.masked = True
+  config.model.neighbour_tokens = True  # each word sees its neighbours (docs/decoding.md)
   # References: the sequence follows the oracles' code_len and dict_size.
   oracles = config.oracles.values()
   config.model.seq_len = functools.reduce(operator.add, [o.model.get_ref("code_len")
