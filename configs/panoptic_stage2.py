@@ -16,7 +16,7 @@ Variants (after `:`, comma-separated):
               default of smoke and cpu).
   masked      the masked decoder, written in a few parallel steps (predict.py --scheme
               maskgit --steps 8), each code position seeing its grid neighbours' tokens; with
-              smoke 57.3 PQ at 8 steps against the causal model's 61.3 on the same oracle.
+              smoke 57.5 PQ at 8 steps against the causal model's 61.1 (seeds 0, 1).
 """
 
 import ml_collections as mlc
