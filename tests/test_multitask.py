@@ -163,7 +163,7 @@ def test_a_one_task_model_predicts_like_the_single_task_stage(toy_data_dir, orac
   parameters, same codes and outputs."""
   multi = stages.get_stage(multitask_config(toy_data_dir, oracles, names=("panoptic",)))
   single_config = stage2_config(toy_data_dir, oracles["panoptic"])
-  single_config.model.masked = True
+  single_config.model.masked = single_config.model.neighbour_tokens = True  # `:masked`
   single = stages.get_stage(single_config)
   batch = first_batch(single_config)
   params = jitter(single.init_variables(jax.random.key(0), batch)["params"])
