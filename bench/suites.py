@@ -63,7 +63,7 @@ STAGE_II_BENCH = Spec("panoptic_stage2", "res=256").with_overrides(
 
 def stage1_patch16(arg: str, batch_size: int) -> common.ConfigSpec:
   """Stage I `:smoke` model and toy heads with 16-px patches (for resolutions up to 512)."""
-  heads = {"semantics": (9, 256), "instances": (16, 256)}
+  heads = {"semantics": (9, 256), "instances": (50, 256)}  # location ids: an offset window of 3
   return Spec("panoptic_stage1", arg).with_overrides(
       {"model.patch_size": (16, 16), "model.inputs": heads, "model.outputs": heads,
        "batch_size": batch_size})
@@ -170,7 +170,8 @@ def gpu() -> list[Group]:
 def quick() -> list[Group]:
   """Every kind of figure at tiny sizes, in well under a minute (the tests run it)."""
   tiny = Spec("panoptic_stage1", "smoke,res=32").with_overrides({"batch_size": 4})
-  heads = {"semantics": (40, 64), "instances": (33, 64)}  # enough classes to gather
+  # Enough classes to gather; 50 instance slots: location ids with an offset window of 3.
+  heads = {"semantics": (40, 64), "instances": (50, 64)}
   many_classes = tiny.with_overrides({"model.inputs": heads, "model.outputs": heads})
   return [
       Group("peak", _peak),
