@@ -330,7 +330,7 @@ def _write_released_files(tmp_path: Path) -> tuple[Path, Path, dict]:
 def test_released_npz_files_load_in_one_call_and_predict_like_big_vision(tmp_path, scan_layers,
                                                                          caplog):
   oracle, model_file, overrides = _write_released_files(tmp_path)
-  model = api.load("configs/panoptic_stage2.py:smoke", checkpoint=str(model_file),
+  model = api.load("configs/panoptic_stage2.py:smoke,ids=raster", checkpoint=str(model_file),
                    oracle=str(oracle), overrides={**overrides, "scan_layers": scan_layers})
   assert "records no config" in caplog.text  # a bare npz cannot be checked: said so
   fixture = np.load(FIXTURE)
