@@ -154,6 +154,22 @@ def _index_of(id_map: np.ndarray, ids: np.ndarray, void: int, unknown: int) -> n
   return np.where(id_map == VOID, void, index)
 
 
+def ground_truth_segments(example: dict, category_ids: np.ndarray) -> tuple[np.ndarray, Segments]:
+  """The segment-id map and segments of a raw tfds example's panoptic ground truth."""
+  objects = example["panoptic_objects"]
+  return rgb_to_id(example["panoptic_image"]), Segments(
+      objects["id"], category_ids[objects["label"]], objects["is_crowd"].astype(bool),
+      objects["area"])
+
+
+def predicted_segments(semantics: np.ndarray, instances: np.ndarray, shape: tuple[int, int],
+                       category_ids: np.ndarray) -> tuple[np.ndarray, Segments]:
+  """The segment-id map and segments of a two-channel prediction, resized (nearest) to
+  `shape`, the ground truth's."""
+  return panoptic_from_two_channels(resize_nearest(semantics, shape),
+                                    resize_nearest(instances, shape), category_ids)
+
+
 @register("coco_panoptic")
 class CocoPanoptic(Evaluator):
   """PQ of the model's panoptic predictions, scored at each image's original resolution.
@@ -182,13 +198,9 @@ class CocoPanoptic(Evaluator):
       mask = input_pipeline.local_rows(batch[input_pipeline.MASK_KEY])
       for i in np.nonzero(mask)[0]:
         gt = next(ground_truth)
-        gt_ids = rgb_to_id(gt["panoptic_image"])
-        objects = gt["panoptic_objects"]
-        gt_segments = Segments(objects["id"], category_ids[objects["label"]],
-                               objects["is_crowd"].astype(bool), objects["area"])
-        semantics = resize_nearest(pred["semantics"][i], gt_ids.shape)
-        instances = resize_nearest(pred["instances"][i], gt_ids.shape)
-        pred_ids, pred_segments = panoptic_from_two_channels(semantics, instances, category_ids)
+        gt_ids, gt_segments = ground_truth_segments(gt, category_ids)
+        pred_ids, pred_segments = predicted_segments(pred["semantics"][i], pred["instances"][i],
+                                                     gt_ids.shape, category_ids)
         image = f"image {int(gt['image/id'])}"
         accumulator.add(gt_ids, gt_segments, pred_ids, pred_segments, image=image)
         if writer:

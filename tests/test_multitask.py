@@ -240,3 +240,85 @@ def test_a_third_task_is_one_entry_of_the_config(toy_data_dir, oracles):
   config.model.seq_len = 32
   with pytest.raises(UserError, match=r"config\.model\.seq_len \(32\) must be 48"):
     stages.get_stage(config)
+
+
+def test_condition_dropout_of_codes_hides_exactly_the_condition_tasks(toy_data_dir, oracles):
+  config = multitask_config(toy_data_dir, oracles)
+  config.model.cond_dropout = 0.5
+  stage = stages.get_stage(config)
+  hidden = stage._training_mask(jax.random.key(0), 4000)
+  dropped = np.asarray(stage._dropped_conditions(jax.random.key(1), hidden)).reshape(4000, 2, 16)
+  hidden = np.asarray(hidden).reshape(4000, 2, 16)
+  condition = ~hidden.any(axis=2)
+  # A task's code is dropped whole or not at all, and only a condition's (no target loses
+  # positions it would be scored on).
+  assert (dropped.all(axis=2) | ~dropped.any(axis=2)).all()
+  assert not (dropped.any(axis=2) & ~condition).any()
+  # Per example, every condition or none: with probability cond_dropout.
+  has_condition = condition.any(axis=1)
+  drops = dropped.any(axis=(1, 2))
+  np.testing.assert_array_equal(dropped.any(axis=2)[drops], condition[drops])
+  assert drops[has_condition].mean() == pytest.approx(0.5, abs=0.04)
+  # The loss sees MASK there and scores the targets alone.
+  batch = first_batch(config)
+  variables = stage.variables(stage.init_variables(jax.random.key(0), batch)["params"], {},
+                              stage.frozen_variables())
+  targets, _ = stage.targets(variables["oracle"], batch)
+  some_hidden = jnp.asarray(hidden[:4].reshape(4, -1))
+  some_dropped = jnp.asarray(dropped[:4].reshape(4, -1))
+  with decoder_inputs(method="__call__") as seen:
+    stage._token_losses(variables["params"], batch["image"], targets, some_hidden, some_dropped)
+  np.testing.assert_array_equal(seen[0], np.where(hidden[:4].reshape(4, -1)
+                                                  | dropped[:4].reshape(4, -1), lm.MASK,
+                                                  np.asarray(targets)))
+
+
+def guided_chain_reference(stage, params, images, tokens, name, steps, scale):
+  """Greedy confidence-first decoding of task `name` with guidance whose unconditional pass
+  sees the "no image" input and MASK outside the task's span: both passes recomputed in full
+  at every step, in Python."""
+  tokens = np.array(tokens)
+  first, end = stage.span(name)
+  low, high = stage.vocab(name)
+  model, variables = stage.model, {"params": params}
+  encoded = model.apply(variables, images, method=model.encode)
+  null = model.apply(variables, encoded, method=model.encode_unconditional)
+  for count in decoding.tokens_per_step(end - first, steps, "cosine"):
+    outside = np.full(tokens.shape, lm.MASK)
+    outside[:, first:end] = tokens[:, first:end]
+    cond = np.asarray(model.apply(variables, encoded, jnp.asarray(tokens), method=model.decode))
+    uncond = np.asarray(model.apply(variables, null, jnp.asarray(outside), method=model.decode))
+    logits = uncond + scale * (cond - uncond)
+    allowed = np.full(logits.shape[-1], -np.inf)
+    allowed[low:high] = 0
+    logp = jax.nn.log_softmax(logits + allowed, axis=-1)
+    best, score = np.argmax(logp, -1), np.max(logp, -1)
+    for b in range(len(tokens)):
+      free = [i for i in range(first, end) if tokens[b, i] == lm.MASK]
+      for i in sorted(free, key=lambda i: -score[b, i])[:count]:
+        tokens[b, i] = best[b, i]
+  return tokens
+
+
+def test_guidance_that_drops_everything_masks_every_other_code_in_the_unconditional_pass(
+    toy_data_dir, oracles):
+  config = multitask_config(toy_data_dir, oracles)
+  config.model.cond_dropout = 0.1
+  stage = stages.get_stage(config)
+  batch = first_batch(config)
+  params = jitter(stage.init_variables(jax.random.key(0), batch)["params"], 0.3)
+  variables = {"params": params, "oracle": stage.frozen_variables()}
+  options = dict(scheme="maskgit", steps=3, choice_temperature=0.0, guidance=2.0)
+  truth = stage.oracles["depth"].encode(variables["oracle"]["depth"], batch)[0] + stage.first_id[
+      "depth"]
+  start = np.full((4, 32), lm.MASK)
+  start[:, slice(*stage.span("depth"))] = truth
+  for unconditional in ("everything", "image"):
+    out = stage.predict_samples(variables, batch, chain=("panoptic",), given=("depth",),
+                                unconditional=unconditional, **options)
+    code = np.asarray(out["code"][:, 0]) + 1
+    reference = guided_chain_reference(stage, params, batch["image"], start, "panoptic", 3, 2.0)
+    if unconditional == "everything":
+      np.testing.assert_array_equal(code, reference)
+    else:  # the unconditional pass sees the given depth code: another result
+      assert (code != reference).any()

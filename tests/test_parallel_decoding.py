@@ -92,13 +92,14 @@ def test_greedy_maskgit_equals_brute_force(steps, schedule, guidance):
 
 
 @contextlib.contextmanager
-def decoder_inputs():
-  """A list that receives the code the masked decoder sees (`fill_in`'s tokens) at every
-  parallel step run inside, compiled or not."""
+def decoder_inputs(method: str = "fill_in"):
+  """A list that receives the code the masked decoder sees (`fill_in`'s tokens, or those of
+  another `lm.Model` method taking (images or cache, tokens)) at every call run inside,
+  compiled or not."""
   seen = []
 
   def record(next_fun, args, kwargs, context):
-    if context.method_name == "fill_in" and isinstance(context.module, lm.Model):
+    if context.method_name == method and isinstance(context.module, lm.Model):
       jax.debug.callback(lambda x: seen.append(np.asarray(x)), args[1])
     return next_fun(*args, **kwargs)
 

@@ -26,6 +26,7 @@ SCHEMES = ("ar", "maskgit", "roar")
 TOKEN_SCHEDULES = ("cosine", "linear")
 TEMPERATURE_SCHEDULES = ("constant", "linear", "onex")
 GUIDANCE_SCHEDULES = ("constant", "linear", "cosine")
+UNCONDITIONAL = ("image", "everything")
 
 
 def _option(default: Any, help_text: str, choices: tuple[str, ...] = ()) -> Any:
@@ -61,6 +62,10 @@ class Sampling:
       "with cond_dropout).")
   guidance_schedule: str = _option(
       "constant", "How the guidance scale rises from 1 over the steps.", GUIDANCE_SCHEDULES)
+  unconditional: str = _option(
+      "image", "What guidance's unconditional pass drops: the image, or everything (the image "
+      "and every code but the one being decoded, given or generated before: 4M's "
+      "cfg_grow_conditioning; multi-task chains).", UNCONDITIONAL)
   seed: int = _option(0, "Sampling seed (each image also hashes its pixels).")
 
   def __post_init__(self):
@@ -230,8 +235,9 @@ def sample(model: nn.Module, params: Any, images: jnp.ndarray, rngs_B: jax.Array
   `guidance` is classifier-free guidance's scale s (4M's convention: 1 = none, the
   unconditional pass is skipped): logits = l_uncond + s (l_cond - l_uncond), before temperature
   and filtering, on a model trained with `cond_dropout`; the conditional and unconditional
-  passes run as one batch. `cached=False` recomputes the whole causal decoder at every step
-  (the reference, for benchmarks).
+  passes run as one batch. The unconditional pass sees the "no image" input and, with
+  `unconditional='everything'`, MASK outside `span` (no other task's code). `cached=False`
+  recomputes the whole causal decoder at every step (the reference, for benchmarks).
 
   Parallel schemes can decode part of a code (one task's, in a multi-task model): `given`
   (B, L), or (B, num_samples, L) per sample, holds the tokens the decoder sees from the start
@@ -252,8 +258,11 @@ def sample(model: nn.Module, params: Any, images: jnp.ndarray, rngs_B: jax.Array
                                                     method=model.encode_unconditional)])
   rngs = jax.vmap(lambda key: jax.vmap(lambda s: jax.random.fold_in(key, s))(
       jnp.arange(num_samples)))(rngs_B).reshape(-1)
+  first, end = span or (0, model.seq_len)
+  in_span = (np.arange(model.seq_len) >= first) & (np.arange(model.seq_len) < end)
   guided = _Guided(sampling.guidance, sampling.guidance_schedule,
-                   model.seq_len if scheme == "ar" else sampling.steps)
+                   model.seq_len if scheme == "ar" else sampling.steps,
+                   in_span if sampling.unconditional == "everything" else None)
   filters = dict(top_k=sampling.top_k, top_p=sampling.top_p)
   temperature = sampling.temperature
   if scheme == "ar":
@@ -261,7 +270,6 @@ def sample(model: nn.Module, params: Any, images: jnp.ndarray, rngs_B: jax.Array
                                       temperature=temperature, **filters)
     order = jnp.broadcast_to(jnp.arange(model.seq_len), tokens.shape)
   else:
-    first, end = span or (0, model.seq_len)
     counts = tokens_per_step(end - first, sampling.steps, sampling.token_schedule)
     temps = temperatures(temperature, sampling.temperature_schedule, counts)
     start = (jnp.full((batch, model.seq_len), lm.MASK, jnp.int32) if given is None
@@ -270,22 +278,23 @@ def sample(model: nn.Module, params: Any, images: jnp.ndarray, rngs_B: jax.Array
              else jnp.repeat(start, num_samples, axis=0))
     tokens, logprob, order = _parallel(
         model, variables, encoded, rngs, guided, scheme, counts, temps if temperature else None,
-        sampling.choice_temperature, start,
-        (np.arange(model.seq_len) >= first) & (np.arange(model.seq_len) < end),
-        vocab or (1, model.vocab_size), **filters)
+        sampling.choice_temperature, start, in_span, vocab or (1, model.vocab_size), **filters)
   per_sample = lambda x: x.reshape(batch, num_samples, *x.shape[1:])
   return tuple(map(per_sample, (tokens, logprob, order) if with_order else (tokens, logprob)))
 
 
 class _Guided:
   """Guidance of a sampler with `steps` steps: `twice` doubles a batch of decoder inputs for the
-  two passes, `logits` mixes their outputs; both are identities at scale 1."""
+  two passes (the unconditional one MASK outside `keep`, if given), `logits` mixes their
+  outputs; both are identities at scale 1."""
 
-  def __init__(self, scale: float, schedule: str, steps: int):
-    self.scale, self.schedule, self.steps = scale, schedule, steps
+  def __init__(self, scale: float, schedule: str, steps: int, keep: np.ndarray | None = None):
+    self.scale, self.schedule, self.steps, self.keep = scale, schedule, steps, keep
 
   def twice(self, x: jnp.ndarray) -> jnp.ndarray:
-    return x if self.scale == 1.0 else jnp.concatenate([x, x])
+    if self.scale == 1.0:
+      return x
+    return jnp.concatenate([x, x if self.keep is None else jnp.where(self.keep, x, lm.MASK)])
 
   def logits(self, logits_2Nx_xV: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
     if self.scale == 1.0:

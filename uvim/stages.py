@@ -214,11 +214,26 @@ class StageII:
                               self.model.min_mask_ratio).reshape(batch, num_tasks, -1)
     return (hidden & ~condition[:, :, None]).reshape(batch, -1)
 
+  def _dropped_conditions(self, rng: jax.Array, hidden_BxL: jnp.ndarray) -> jnp.ndarray | None:
+    """(B, L) positions of condition codes dropped (shown as MASK, no loss) for guidance: with
+    several tasks and `cond_dropout`, an example drops every condition task's code (one with no
+    hidden position) with probability `cond_dropout`, as the model drops its image, so that it
+    also learns p(target | neither image nor other codes), guidance's `everything` pass."""
+    if not (self.multitask and self.model.cond_dropout):
+      return None
+    batch = len(hidden_BxL)
+    condition = ~hidden_BxL.reshape(batch, len(self.names), -1).any(axis=2, keepdims=True)
+    drop = jax.random.bernoulli(rng, self.model.cond_dropout, (batch, 1, 1))
+    return jnp.broadcast_to(condition & drop, (batch, len(self.names),
+                                               self.oracle().code_len)).reshape(batch, -1)
+
   def _token_losses(self, params: Any, images: jnp.ndarray, targets_BxL: jnp.ndarray,
-                    hidden_BxL: jnp.ndarray | None, **apply_kw) -> tuple[jnp.ndarray, ...]:
+                    hidden_BxL: jnp.ndarray | None, dropped_BxL: jnp.ndarray | None = None,
+                    **apply_kw) -> tuple[jnp.ndarray, ...]:
     """Per-position cross-entropy and correctness (B, L) of the code: causal, teacher-forced;
-    masked, the positions `hidden_BxL` filled in given the others."""
-    inputs = targets_BxL if hidden_BxL is None else jnp.where(hidden_BxL, lm.MASK, targets_BxL)
+    masked, the positions `hidden_BxL` filled in given the others (but `dropped_BxL`)."""
+    shown_as_mask = hidden_BxL if dropped_BxL is None else hidden_BxL | dropped_BxL
+    inputs = targets_BxL if hidden_BxL is None else jnp.where(shown_as_mask, lm.MASK, targets_BxL)
     logits = self.model.apply({"params": params}, images, inputs, **apply_kw)
     xent = optax.softmax_cross_entropy_with_integer_labels(logits, targets_BxL)
     return xent, (jnp.argmax(logits, -1) == targets_BxL).astype(jnp.float32)
@@ -240,8 +255,10 @@ class StageII:
   def loss(self, params, model_state, frozen, batch: dict, rng: jax.Array):
     targets, stats = self.targets(frozen, batch)
     hidden = self._training_mask(jax.random.fold_in(rng, 1), len(targets))
-    xent, correct = self._token_losses(params, batch["image"], targets, hidden, train=True,
-                                       rngs={"dropout": rng})
+    dropped = (None if hidden is None
+               else self._dropped_conditions(jax.random.fold_in(rng, 2), hidden))
+    xent, correct = self._token_losses(params, batch["image"], targets, hidden, dropped,
+                                       train=True, rngs={"dropout": rng})
     metrics = {"token_accuracy": _mean(correct, hidden, axis=None), **stats}
     if self.multitask:
       metrics.update({f"loss_{k}": v for k, v in self._per_task(xent, hidden).items()})
