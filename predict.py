@@ -47,7 +47,9 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
 _SHEET_ROWS = flags.DEFINE_integer("sheet_rows", 8, "Images on the contact sheet (0: none).")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-SHEET_SAMPLES = 2  # T = 1 samples per row of a single-task contact sheet
+_SHEET_SAMPLES = flags.DEFINE_integer(
+    "sheet_samples", 2, "T = 1 samples per row of a single-task contact sheet (UViM's Figures "
+    "7-9 show 3).", lower_bound=1)
 
 
 def main(argv: list[str]) -> None:
@@ -73,7 +75,8 @@ def main(argv: list[str]) -> None:
     options = {**_SAMPLING(), "chain": _CHAIN.value, "given": tuple(_GIVEN.value)}
     model.options(**options)  # checked before reading any input
     failures = run(model, inputs, Path(_OUTPUT.value), options=options,
-                   batch_size=_BATCH_SIZE.value, sheet_rows=_SHEET_ROWS.value)
+                   batch_size=_BATCH_SIZE.value, sheet_rows=_SHEET_ROWS.value,
+                   sheet_samples=_SHEET_SAMPLES.value)
   except UserError as e:
     sys.exit(f"FATAL {e}")
   if failures:
@@ -119,10 +122,10 @@ def output_names(files: Sequence[Path]) -> list[str]:
 
 
 def run(model: api.Model, source: "str | list[Path]", output: Path, *, options: dict,
-        batch_size: int, sheet_rows: int) -> list[str]:
+        batch_size: int, sheet_rows: int, sheet_samples: int = 2) -> list[str]:
   """Predicts every input of `source` (image files, or a tfds split `dataset:split`), writes
-  each task's files and a contact sheet of
-  `sheet_rows` images into `output`; returns the inputs that failed. `options` are those of
+  each task's files and a contact sheet of `sheet_rows` images (`sheet_samples` T = 1 samples
+  each) into `output`; returns the inputs that failed. `options` are those of
   `api.Model.predict_batch` (sampling, `chain`, `given`). A model with several tasks writes
   `<name>_<task>.*` for every task of the chain and every given one."""
   stage, given = model.stage, tuple(options.get("given") or ())
@@ -132,7 +135,8 @@ def run(model: api.Model, source: "str | list[Path]", output: Path, *, options: 
                      for c in options.get("chain") or stage.names))
   categories = {n: model.tasks[n].categories(model.config, model.oracles[n].config)
                 for n in names}
-  sheet = ChainSheet(model, names, given) if stage.multitask else TaskSheet(model, options)
+  sheet = (ChainSheet(model, names, given) if stage.multitask
+           else TaskSheet(model, options, sheet_samples))
   num_samples = options.get("num_samples", 1)
   output.mkdir(parents=True, exist_ok=True)
   failures: list[str] = []
@@ -166,16 +170,15 @@ class TaskSheet:
   """A single-task contact sheet, like the paper's Figures 7-9: ground truth | the model's
   input | T=0 | T=1 samples (the other sampling options as given)."""
 
-  def __init__(self, model: api.Model, options: dict):
-    self.model, self.options, self.task = model, options, model.task
-    self.titles = ["ground truth", "input", "T=0",
-                   *(f"T=1 #{k + 1}" for k in range(SHEET_SAMPLES))]
+  def __init__(self, model: api.Model, options: dict, samples: int = 2):
+    self.model, self.options, self.task, self.samples = model, options, model.task, samples
+    self.titles = ["ground truth", "input", "T=0", *(f"T=1 #{k + 1}" for k in range(samples))]
 
   def predict(self, batch: dict) -> tuple[dict, dict]:
     options = {k: v for k, v in self.options.items() if k not in ("temperature", "num_samples")}
     return (self.model.predict_batch(batch, **options, temperature=0.0, num_samples=1),
             self.model.predict_batch(batch, **options, temperature=1.0,
-                                     num_samples=SHEET_SAMPLES))
+                                     num_samples=self.samples))
 
   def row(self, example: dict, outputs: dict, extra: tuple[dict, dict], i: int) -> list:
     image, (greedy, samples) = example["image"], extra
@@ -183,7 +186,7 @@ class TaskSheet:
     return ([None if truth is None else self.task.render_labels(truth, image),
              model_view(example["model"]["image"], image),
              self.task.render(take(greedy, i, 0), image)]
-            + [self.task.render(take(samples, i, k), image) for k in range(SHEET_SAMPLES)])
+            + [self.task.render(take(samples, i, k), image) for k in range(self.samples)])
 
 
 class ChainSheet:

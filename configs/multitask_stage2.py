@@ -1,14 +1,22 @@
-r"""Multi-task UViM stage II: one masked model over the codes of the panoptic and depth oracles.
+r"""Multi-task UViM stage II: one masked model over the codes of the colour, depth and panoptic
+oracles.
 
   python train.py --config configs/multitask_stage2.py:smoke --workdir runs/multitask_stage2
 
 Needs a dataset with every task's labels for the same images: the built-in `toy_scenes` (its
-scenes carry panoptic labels and depth). Variants: smoke (the `:smoke` stage II recipe and
-budget, oracles runs/panoptic_stage1 and runs/depth_stage1), cpu (40 epochs, oracles
-runs/*_stage1_cpu). Each training example makes each task a condition (code visible) with
-probability `condition_rate`, else a target (`stages.StageII`). Evaluations score the chains
-image -> panoptic and image -> depth; `python -m uvim.tools.chain_study` scores the others
-(image -> depth -> panoptic, ground-truth depth code -> panoptic, ...).
+scenes carry panoptic labels and depth; colour is the image). Variants: smoke (the `:smoke`
+stage II recipe and budget, oracles runs/<task>_stage1), cpu (40 epochs, oracles
+runs/<task>_stage1_cpu), tasks=a+b (a subset of TASKS, e.g. `tasks=panoptic+depth`). Each
+training example makes each task a condition (code visible) with probability
+`condition_rate`, else a target (`stages.StageII`). Evaluations score the chains image -> each
+task; `python -m uvim.tools.chain_study` scores the others (image -> depth -> panoptic,
+ground-truth depth code -> panoptic, ...).
+
+The image: with colorization among the tasks the model reads the grayscale image (else colour
+would be read off its input), for every task; each oracle decodes with the context it was
+trained with (panoptic and depth: the RGB `image_ctx`, as predict.py gives it from the input
+photo; colour: the grayscale image). docs/multitask.md measures what grayscale costs panoptic
+and depth.
 
 A task is one entry of TASKS (docs/extending.md): its single-task stage II config (the oracle
 section and the evaluator), the pp ops that put its labels in `labels_<name>`, and those that
@@ -20,16 +28,24 @@ import operator
 
 import ml_collections as mlc
 
-from configs import common, depth_stage2, panoptic_stage2
+from configs import colorization_stage2, common, depth_stage2, panoptic_stage2
 
 # name -> stage2: the task's stage II config module (its `oracle` section and evaluator
 #                 `evaluator`, scoring the chain image -> this task);
 #         labels: pp ops giving `labels_<name>` from a decoded example;
 #         finish: pp ops on the labels at the model's resolution (after flips, crops, resizes);
 #         eval_labels / eval_keep: what the evaluator's pp adds before resizing / keeps
-#         (evaluator None: no end-task evaluator, the task is scored by its loss).
+#         (evaluator None: no end-task evaluator, the task is scored by its loss);
+#         optional resize: how its labels are resized (default nearest); gray_input: the model
+#         reads the grayscale image; context: the batch key of its oracle's context image
+#         (default `image_ctx`).
 # The sequence holds the codes in the sorted order of the names.
 TASKS = {
+    "colorization": dict(stage2=colorization_stage2, evaluator="colorization_val",
+                         labels='copy("image", "labels_colorization")|',
+                         finish='copy("labels_colorization", "labels")|',
+                         eval_labels="", eval_keep='"labels"', resize="bilinear",
+                         gray_input=True, context="image"),
     "panoptic": dict(stage2=panoptic_stage2, evaluator="panoptic_val",
                      labels='coco_panoptic|concat(["semantics","instances"], "labels_panoptic")|',
                      finish='make_canonical(key="labels_panoptic")|',
@@ -42,8 +58,16 @@ TASKS = {
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
-  """The multi-task stage II config (toy scenes only)."""
-  return build(TASKS, arg)
+  """The multi-task stage II config (toy scenes only); `tasks=a+b` picks some of TASKS."""
+  pieces = [p.strip() for p in (arg or "").split(",") if p.strip()]
+  chosen = [p.partition("=")[2] for p in pieces if p.partition("=")[0].strip() == "tasks"]
+  names = chosen[-1].split("+") if chosen else list(TASKS)
+  unknown = sorted(set(names) - set(TASKS))
+  if unknown or len(names) < 2:
+    raise ValueError(f"tasks={'+'.join(names)}: name two or more of {sorted(TASKS)}, joined "
+                     "by +")
+  rest = ",".join(p for p in pieces if p.partition("=")[0].strip() != "tasks")
+  return build({name: TASKS[name] for name in names}, rest)
 
 
 def build(tasks: dict[str, dict], arg: str | None = None) -> mlc.ConfigDict:
@@ -59,18 +83,27 @@ def build(tasks: dict[str, dict], arg: str | None = None) -> mlc.ConfigDict:
   config.model_init.encoder = mlc.config_dict.placeholder(str)
   del config["oracle"]
   config.oracles = {name: single.oracle for name, single in singles.items()}
+  for name, task in tasks.items():
+    if "context" in task:
+      config.oracles[name].context = task["context"]
   config.condition_rate = 0.5
   res = config.model.input_size[0]
-  keys = [f"labels_{name}" for name in tasks]
+  methods = {f"labels_{name}": task.get("resize", "nearest") for name, task in tasks.items()}
+  keys = list(methods)
   labels = "".join(task["labels"] for task in tasks.values())
   finish = "".join(task["finish"] for task in tasks.values())
+  if any(task.get("gray_input") for task in tasks.values()):
+    finish += 'rgb_to_grayscale_to_rgb(inkey="image", outkey="image")|'
   keep = ", ".join(f'"{k}"' for k in ("image", "image_ctx", *keys))
   config.pp_train = (
       f'decode|{labels}randu("fliplr")|'
       + "".join(f'det_fliplr(key="{k}")|' for k in ("image", *keys)) + 'inception_box|'
       + "".join(f'crop_box(key="{k}")|' for k in ("image", *keys))
-      + f'{_resized(res, keys)}{finish}keep({keep})')
-  config.pp_eval = f'decode|{labels}{_resized(res, keys)}{finish}keep({keep})'
+      + f'{_resized(res, methods)}{finish}keep({keep})')
+  config.pp_eval = f'decode|{labels}{_resized(res, methods)}{finish}keep({keep})'
+  gray = ('rgb_to_grayscale_to_rgb(inkey="image", outkey="image")|'
+          if any(task.get("gray_input") for task in tasks.values()) else "")
+  config.pp_predict = f'{_resized(res, {})}{gray}keep("image", "image_ctx", "image/id")'
 
   config.model.num_tasks = len(tasks)
   config.model.masked = True
@@ -97,14 +130,17 @@ def build(tasks: dict[str, dict], arg: str | None = None) -> mlc.ConfigDict:
       continue
     config.evals.append((evaluator, dict(singles[name].evals)[evaluator]))
     config[evaluator] = singles[name][evaluator]
-    config[evaluator].pp = (f'{labels}{task["eval_labels"]}{_resized(res, keys)}{finish}'
+    config[evaluator].pp = (f'{labels}{task["eval_labels"]}{_resized(res, methods)}{finish}'
                             f'keep({keep}, {task["eval_keep"]})')
     config[evaluator].predict_kwargs = {"chain": (name,)}
   return config
 
 
-def _resized(res: int, keys: list[str]) -> str:
-  """The pp ops that bring the image, its context copy and the labels to `res` pixels."""
+def _resized(res: int, methods: dict[str, str]) -> str:
+  """The pp ops that bring the image, its context copy and the labels (key -> resize method)
+  to `res` pixels, the images (and colour labels) in [-1, 1]."""
   return (f'resize({res}, inkey="image", outkey="image_ctx")|resize({res})|'
-          + "".join(f'resize({res}, key="{k}", method="nearest")|' for k in keys)
+          + "".join(f'resize({res}, key="{k}", method="{m}")|' for k, m in methods.items())
+          + "".join(f'value_range(-1, 1, key="{k}")|' for k, m in methods.items()
+                    if m == "bilinear")
           + 'value_range(-1, 1, key="image_ctx")|value_range(-1, 1)|')

@@ -95,16 +95,24 @@ def test_stage2_oracle_is_the_stage1_model(stage1, stage2, workdir, variant):
 
 
 @pytest.mark.parametrize("variant", ["smoke", "cpu"])
-def test_multitask_config_holds_both_toy_oracles_and_builds_its_pp(variant):
+def test_multitask_config_holds_the_toy_oracles_and_builds_its_pp(variant):
   config = multitask_stage2.get_config(variant)
   suffix = "_cpu" if variant == "cpu" else ""
   assert {k: o.model_init for k, o in config.oracles.items()} == {
-      "depth": f"runs/depth_stage1{suffix}", "panoptic": f"runs/panoptic_stage1{suffix}"}
-  assert (config.model.seq_len, config.model.vocab_size) == (128, 513) and config.model.masked
-  for spec in [config.pp_train, config.pp_eval, *(config[n].pp for n, _ in config.evals)]:
+      name: f"runs/{name}_stage1{suffix}" for name in ("colorization", "depth", "panoptic")}
+  assert (config.model.seq_len, config.model.vocab_size) == (192, 769) and config.model.masked
+  for spec in [config.pp_train, config.pp_eval, config.pp_predict,
+               *(config[n].pp for n, _ in config.evals)]:
     get_preprocess_fn(spec)
+  assert [kind for _, kind in config.evals] == ["validation", "psnr", "coco_panoptic",
+                                                "nyu_depth"]
+  two = multitask_stage2.get_config(f"{variant},tasks=panoptic+depth")
+  assert sorted(two.oracles) == ["depth", "panoptic"] and two.model.seq_len == 128
+  assert "grayscale" not in two.pp_eval and "grayscale" in config.pp_eval
   with pytest.raises(ValueError, match="needs a dataset with both tasks' labels"):
     multitask_stage2.get_config(None)
+  with pytest.raises(ValueError, match=r"tasks=panoptic\+colour: name two or more of"):
+    multitask_stage2.get_config(f"{variant},tasks=panoptic+colour")
 
 
 @pytest.mark.parametrize("module", CONFIGS, ids=lambda m: m.__name__.split(".")[-1])

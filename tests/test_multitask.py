@@ -45,7 +45,7 @@ def oracles(toy_data_dir, tmp_path_factory):
 
 
 def multitask_config(data_dir, oracles, names=("panoptic", "depth"), tasks=None):
-  c = multitask_stage2.build(tasks or multitask_stage2.TASKS, "smoke")
+  c = multitask_stage2.build(tasks or {k: multitask_stage2.TASKS[k] for k in names}, "smoke")
   c.dataset, c.data_dir = "toy_scenes/tiny", str(data_dir)
   c.train_split, c.val_split = "train", "validation"
   c.batch_size, c.total_steps = 8, 2
@@ -322,3 +322,22 @@ def test_guidance_that_drops_everything_masks_every_other_code_in_the_unconditio
       np.testing.assert_array_equal(code, reference)
     else:  # the unconditional pass sees the given depth code: another result
       assert (code != reference).any()
+
+
+def test_with_colour_the_model_reads_grayscale_and_each_oracle_its_own_context(toy_data_dir,
+                                                                               oracles):
+  config = multitask_stage2.build(multitask_stage2.TASKS, "smoke")
+  config.dataset, config.data_dir = "toy_scenes/tiny", str(toy_data_dir)
+  batch = first_batch(config)
+  image, ctx = batch["image"], batch["image_ctx"]
+  np.testing.assert_allclose(image[..., 0], image[..., 1], atol=1e-6)  # gray: R = G = B
+  np.testing.assert_allclose(image[..., 1], image[..., 2], atol=1e-6)
+  assert np.abs(ctx[..., 0] - ctx[..., 1]).max() > 0.1  # the context keeps its colours
+  # The colour labels are the image itself, resized like the context; its gray is the input.
+  np.testing.assert_array_equal(batch["labels_colorization"], ctx)
+  gray = ctx @ np.array([0.2989, 0.587, 0.114])
+  np.testing.assert_allclose(image[..., 0], gray, atol=2e-3)
+  stage = stages.get_stage(config)
+  assert stage.oracles["colorization"].context(batch) is batch["image"]
+  assert stage.oracles["panoptic"].context(batch) is batch["image_ctx"]
+  assert stage.oracles["depth"].context(batch) is batch["image_ctx"]

@@ -49,12 +49,18 @@ class Oracle:
     """The side of the code's square grid (words in raster order)."""
     return vqvae.grid_side(self.model.code_len)
 
+  def context(self, batch: dict) -> jnp.ndarray:
+    """The batch's image this oracle decodes with: the section's `context` key if it names one
+    (a multi-task model's colour oracle reads the grayscale `image`), else `context(batch)`."""
+    key = self.section.get("context")
+    return batch[key] if key else context(batch)
+
   def inputs(self, batch: dict) -> tuple[dict, jnp.ndarray, dict]:
-    """The model inputs of a batch: the task's label patches, the context image (`image_ctx`,
-    else `image`) and label statistics."""
+    """The model inputs of a batch: the task's label patches, the context image (`context`)
+    and label statistics."""
     labels = {**batch, "labels": batch[self.labels_key]}
     inputs, stats = self.task.input_pp(labels, self.config)
-    return inputs, context(batch), stats
+    return inputs, self.context(batch), stats
 
   def init(self, rng: jax.Array, batch: dict) -> dict:
     """Fresh {'params', 'state'} (the state is empty for FSQ, which has no dictionary)."""

@@ -29,7 +29,7 @@ from uvim import checkpoint, decoding, models
 from uvim.decoding import Sampling
 from uvim.errors import UserError, did_you_mean
 from uvim.models import lm, vit, vit_init
-from uvim.oracle import Oracle, context, with_state
+from uvim.oracle import Oracle, with_state
 
 
 class StageI:
@@ -339,10 +339,10 @@ class StageII:
                                              step, **part)
       logprob = logprob + step_logprob
     outputs = {"code": tokens - 1, "code_logprob": logprob}
-    ctx = jnp.repeat(context(batch), samples, axis=0)
     per_sample = lambda x: x.reshape(len(images), samples, *x.shape[1:])
     for name in (*given, *(n for n, _ in steps)):
       code = tokens[:, :, slice(*self.span(name))] - self.first_id[name]
+      ctx = jnp.repeat(self.oracles[name].context(batch), samples, axis=0)
       decoded = self.oracles[name].decode(oracles[name], code.reshape(-1, code.shape[-1]), ctx)
       outputs.update(jax.tree.map(per_sample, decoded))
       if self.multitask:
