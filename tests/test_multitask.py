@@ -341,3 +341,17 @@ def test_with_colour_the_model_reads_grayscale_and_each_oracle_its_own_context(t
   assert stage.oracles["colorization"].context(batch) is batch["image"]
   assert stage.oracles["panoptic"].context(batch) is batch["image_ctx"]
   assert stage.oracles["depth"].context(batch) is batch["image_ctx"]
+
+
+def test_chain_study_scores_every_chain_of_two_and_three_tasks():
+  from uvim.tools import chain_study
+
+  rows = dict(chain_study.chains(("colorization", "depth", "panoptic")))
+  assert len(rows) == 3 * 10  # per target: 1 + 2 x 2 + 2 x 2 + 1
+  assert rows["image -> depth -> colorization -> panoptic"] == {
+      "chain": ("depth", "colorization", "panoptic")}
+  assert rows["image + true depth code -> colorization -> panoptic"] == {
+      "chain": ("colorization", "panoptic"), "given": ("depth",)}
+  assert rows["image + true colorization and depth codes -> panoptic"] == {
+      "chain": ("panoptic",), "given": ("colorization", "depth")}
+  assert len(chain_study.chains(("depth", "panoptic"))) == 2 * 3  # no chains of three

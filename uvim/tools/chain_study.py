@@ -4,14 +4,17 @@ r"""Scores chained generation of a multi-task stage II (the README's chain table
       --output runs/chains [--singles runs/panoptic_stage2_masked,runs/depth_stage2_masked]
 
 For each task T of the model it scores, with T's evaluator of the run (PQ, depth RMSE): T from
-the image alone; T after each other task O decoded first (image -> O -> T); and T given the
-oracle's code of O's ground-truth labels (image + O's code -> T). Every step decodes with
---scheme in --steps steps (greedy). `--singles` adds single-task stage II runs of the same
+the image alone; T after each other task O decoded first (image -> O -> T); T given the
+oracle's code of O's ground-truth labels (image + O's code -> T); and with three tasks or more,
+the chains through two others (decoded, given, or one of each). Every step decodes with the
+sampling flags (default: --scheme maskgit, 8 steps, each task's temperature; --guidance and
+--unconditional for guided chains). `--singles` adds single-task stage II runs of the same
 tasks, scored the same way (their own scheme if causal). Writes `chains.md` and `chains.csv`.
 """
 
 import csv
 import functools
+import itertools
 import sys
 import time
 from collections.abc import Callable
@@ -38,14 +41,24 @@ def define_flags() -> Callable[[], dict]:
 
 
 def chains(names: tuple[str, ...]) -> list[tuple[str, dict]]:
-  """(row label, predict options) of every chain the study scores, target by target."""
+  """(row label, predict options) of every chain the study scores, target by target: from the
+  image alone; through each other task, and each ordered pair of them, decoded first; given
+  the true codes of each other task, and of each pair; one decoded, one given."""
   rows = []
   for target in names:
+    others = [n for n in names if n != target]
     rows.append((f"image -> {target}", {"chain": (target,)}))
-    for other in (n for n in names if n != target):
+    for other in others:
       rows.append((f"image -> {other} -> {target}", {"chain": (other, target)}))
       rows.append((f"image + true {other} code -> {target}",
                    {"chain": (target,), "given": (other,)}))
+    for a, b in itertools.permutations(others, 2):
+      rows.append((f"image -> {a} -> {b} -> {target}", {"chain": (a, b, target)}))
+      rows.append((f"image + true {a} code -> {b} -> {target}",
+                   {"chain": (b, target), "given": (a,)}))
+    for a, b in itertools.combinations(others, 2):
+      rows.append((f"image + true {a} and {b} codes -> {target}",
+                   {"chain": (target,), "given": (a, b)}))
   return rows
 
 
