@@ -4,10 +4,11 @@ import os
 
 # Before any import of jax (TF imports it through keras): simulate 8 devices on the CPU. On a
 # loaded 2-core machine a device thread can wait minutes for the others at a collective; XLA
-# would abort after its default timeout, so tests allow 20 minutes.
+# would abort after its default timeout, so tests allow 30 minutes (after pytest's
+# faulthandler_timeout has printed the stacks).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_cpu_collective_call_terminate_timeout_seconds=1200"
-                           " --xla_cpu_collective_timeout_seconds=1200"
+                           " --xla_cpu_collective_call_terminate_timeout_seconds=1800"
+                           " --xla_cpu_collective_timeout_seconds=1800"
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Repeated runs of the same step (resume tests, subprocesses) reuse compiled executables.
@@ -30,6 +31,19 @@ def pytest_collection_modifyitems(config, items):
   whole suite would wait for it. (Moving more slow tests forward made the suite slower: they
   then compete with it for the cores.)"""
   items.sort(key=lambda item: not item.nodeid.startswith("tests/test_learning.py::"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops JAX's compiled programs and traces after each test module: a worker otherwise
+  grows to ~6 GB over the suite."""
+  yield
+  import gc
+
+  import jax
+
+  jax.clear_caches()
+  gc.collect()
 
 
 def _to_numpy(tree):

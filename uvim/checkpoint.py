@@ -299,8 +299,9 @@ def _abandoned_reads_quiet():
     sys.stderr = stderr
 
 
-def _settle(buffer: io.StringIO, settle_s: float = 0.5, most_s: float = 10.0) -> None:
-  """Waits until nothing more is written to `buffer` (orbax's threads winding down)."""
+def _settle(buffer: io.StringIO, settle_s: float = 2.0, most_s: float = 30.0) -> None:
+  """Waits until nothing more is written to `buffer` for `settle_s` (orbax's threads winding
+  down; on a loaded machine they pause for a second between writes)."""
   start, size = time.monotonic(), -1
   while buffer.tell() != size and time.monotonic() - start < most_s:
     size = buffer.tell()
