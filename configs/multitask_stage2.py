@@ -108,6 +108,9 @@ def build(tasks: dict[str, dict], arg: str | None = None) -> mlc.ConfigDict:
   config.model.num_tasks = len(tasks)
   config.model.masked = True
   config.model.neighbour_tokens = True  # each word sees its neighbours (docs/decoding.md)
+  # Guidance: 10% of examples see no image, 10% none of their condition codes
+  # (`StageII._dropped_conditions`), so chains can be guided (docs/multitask.md).
+  config.model.cond_dropout = 0.1
   # References: the sequence follows the oracles' code_len and dict_size.
   oracles = config.oracles.values()
   config.model.seq_len = functools.reduce(operator.add, [o.model.get_ref("code_len")
