@@ -17,7 +17,10 @@ against the ground truth with the run's evaluator metric (PQ, depth RMSE, PSNR):
                 fraction of pixels whose class differs; depth, mean |difference| (m); colour,
                 mean |difference| in 8-bit levels;
   colourfulness colour only: Hasler & Suesstrunk's colourfulness over the ground truth's
-                (below 1: washed out, T = 0's trouble).
+                (below 1: washed out, T = 0's trouble);
+  fid           colour only, with a `coltran_fid` evaluator in the run: FID of the first
+                sample's colours on the input (the run's Inception weights; `random:<seed>`
+                weights give numbers comparable only with each other).
 Writes samples.csv (every number), samples.md and samples_<axis>.png.
 """
 
@@ -62,22 +65,23 @@ class Scoring:
   """How a task's samples are scored. `states(outputs, truth)` gives each of N samples of one
   image a state (N, S) that sums over images; `value(state)` is the metric of a sum of states
   (of one image: its per-image score); `difference(a, b)` is the per-pixel difference of two
-  samples' outputs (the diversity)."""
+  samples' outputs (the diversity), in `difference_unit`."""
 
   metric: str
   higher_is_better: bool
   states: Callable[[dict, dict], np.ndarray]
   value: Callable[[np.ndarray], float]
   difference: Callable[[dict, dict], float]
+  difference_unit: str
 
 
 def mean_scoring(metric: str, higher_is_better: bool, per_image: Callable,
-                 difference: Callable) -> Scoring:
+                 difference: Callable, difference_unit: str) -> Scoring:
   """A metric averaged over images: the state of an image is (score, 1)."""
   return Scoring(metric, higher_is_better,
                  lambda outputs, truth: np.stack([per_image(outputs, truth),
                                                   np.ones(len(outputs[next(iter(outputs))]))], 1),
-                 lambda state: float(state[0] / state[1]), difference)
+                 lambda state: float(state[0] / state[1]), difference, difference_unit)
 
 
 def panoptic_scoring(categories: list[dict]) -> Scoring:
@@ -102,7 +106,8 @@ def panoptic_scoring(categories: list[dict]) -> Scoring:
     return 100 * accumulator.results()["All"]["pq"]
 
   return Scoring("PQ", True, states, value,
-                 lambda a, b: float(np.mean(a["semantics"] != b["semantics"])))
+                 lambda a, b: float(np.mean(a["semantics"] != b["semantics"])),
+                 "fraction of pixels whose class differs")
 
 
 def depth_rmse(outputs: dict, truth: dict) -> np.ndarray:
@@ -136,10 +141,12 @@ def colourfulness(images: np.ndarray) -> np.ndarray:
 
 SCORINGS = {
     "nyu_depth": lambda builder: mean_scoring(
-        "rmse", False, depth_rmse, lambda a, b: float(np.mean(np.abs(a["depth"] - b["depth"])))),
+        "rmse", False, depth_rmse, lambda a, b: float(np.mean(np.abs(a["depth"] - b["depth"]))),
+        "mean |depth difference| (m)"),
     "psnr": lambda builder: mean_scoring(
         "psnr", True, color_psnr,
-        lambda a, b: float(np.mean(np.abs(a["color"] - b["color"])) * 127.5)),
+        lambda a, b: float(np.mean(np.abs(a["color"] - b["color"])) * 127.5),
+        "mean |colour difference| (8-bit levels)"),
     "coco_panoptic": lambda builder: panoptic_scoring(_categories(builder)),
 }
 
@@ -217,12 +224,15 @@ def run(workdir: str, source: str, output: Path, *, temperatures: list[float],
                                     trainer.make_mesh(config))  # its input alone
   builder = input_pipeline.get_builder(config.dataset, config.data_dir)
   scoring = SCORINGS[kind](builder)
+  fid = next((name for name, k in config.evals if k == "coltran_fid"), None)
   rows, start = [], time.perf_counter()
   for i, value in enumerate(plan):
     options = {k: v for k, v in value.items() if k != "axis"}
     truths = _truths(kind, builder, split)
     rows.append({**value, **score_setting(model, evaluator, scoring, truths, options,
                                           samples)})
+    if fid:
+      rows[-1]["fid"] = first_sample_metrics(model, options, split, fid)["fid"]
     written = write_results(rows, scoring, output, f"{Path(workdir).name} on {source}")
     elapsed = time.perf_counter() - start
     print(f"{i + 1}/{len(plan)} {options}: {scoring.metric} {rows[-1]['mean']:.4g} "
@@ -230,6 +240,18 @@ def run(workdir: str, source: str, output: Path, *, temperatures: list[float],
           f"{rows[-1]['diversity']:.3g}; ETA {elapsed / (i + 1) * (len(plan) - i - 1):.0f}s",
           file=sys.stderr, flush=True)
   return written
+
+
+def first_sample_metrics(model: api.Model, options: dict, split: str, name: str) -> dict:
+  """The run's evaluator `name` on `split`, scoring the first sample of `options` (what the
+  evaluator scores with these `predict_kwargs`)."""
+  from uvim import trainer
+
+  predict = lambda v, b: {k: x[:, 0] for k, x in model.stage.predict_samples(
+      v, b, **model.options(**options)).items()}
+  evaluator = common.make_evaluator(model.config, {"predict": predict}, split,
+                                    trainer.make_mesh(model.config), name=name)
+  return evaluator.run(model.variables)
 
 
 def _truths(kind: str, builder, split: str) -> Callable:
@@ -254,7 +276,7 @@ def write_results(rows: list[dict], scoring: Scoring, output: Path, title: str) 
     writer.writeheader()
     writer.writerows(rows)
   n = sum(k.startswith("sample_") for k in keys)
-  extra = ["colourfulness"] if "colourfulness" in keys else []
+  extra = [k for k in ("colourfulness", "fid") if k in keys]
   header = ["axis", "T", "top-k", "top-p", f"{scoring.metric} (mean ± std of {n})",
             f"best of {n}", "model's pick", "diversity", *extra]
   lines = [f"# Sampling: {title}", "", "| " + " | ".join(header) + " |",
@@ -276,7 +298,9 @@ def plot(rows: list[dict], axis: str, scoring: Scoring, output: Path, title: str
   against one axis."""
   rows = sorted((r for r in rows if r["axis"] == axis), key=lambda r: r[axis])
   x = [r[axis] for r in rows]
-  fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+  fid = "fid" in rows[0]
+  fig, axes = plt.subplots(1, 3 if fid else 2, figsize=(15 if fid else 10, 4))
+  left, right = axes[:2]
   left.errorbar(x, [r["mean"] for r in rows], [r["std"] for r in rows], fmt="o-", capsize=3,
                 label="a sample (mean ± std)")
   left.plot(x, [r["best_of_n"] for r in rows], "^--", label="best of N (per image)")
@@ -284,12 +308,15 @@ def plot(rows: list[dict], axis: str, scoring: Scoring, output: Path, title: str
   left.set_ylabel(scoring.metric + ("" if scoring.higher_is_better else " (lower is better)"))
   left.legend(fontsize=8)
   right.plot(x, [r["diversity"] for r in rows], "o-", color="C3", label="diversity")
-  right.set_ylabel("diversity (mean pairwise difference)")
+  right.set_ylabel(f"diversity: {scoring.difference_unit}", fontsize=9)
   if "colourfulness" in rows[0]:
     twin = right.twinx()
     twin.plot(x, [r["colourfulness"] for r in rows], "s--", color="C2")
     twin.set_ylabel("colourfulness / ground truth's", color="C2")
-  for ax in (left, right):
+  if fid:
+    axes[2].plot(x, [r["fid"] for r in rows], "o-", color="C4")
+    axes[2].set_ylabel("FID of a sample (lower is better)")
+  for ax in axes:
     ax.set_xlabel(axis.replace("_", "-"))
     ax.grid(alpha=0.3)
   fig.suptitle(f"{title}: {axis.replace('_', '-')}" + ("" if axis == "temperature" else
