@@ -58,7 +58,8 @@ def multitask_config(data_dir, oracles, names=("panoptic", "depth"), tasks=None)
     oracle.model_init = str(oracles[name if name in oracles else "depth"])
   c.model.update(LM_TINY, num_tasks=len(names), seq_len=16 * len(names),
                  vocab_size=1 + 16 * len(names))
-  c.panoptic_val.split = c.nyu_depth_val.split = "validation[:4]"
+  for name, _ in c.evals[1:]:
+    c[name].split = "validation[:4]"
   return c
 
 
