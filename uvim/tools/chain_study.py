@@ -37,6 +37,7 @@ def define_flags() -> Callable[[], dict]:
                       required=True)
   flags.DEFINE_string("output", None, "Directory for the table.", required=True)
   flags.DEFINE_list("singles", [], "Single-task stage II workdirs to score alongside.")
+  flags.DEFINE_list("targets", [], "The tasks whose chains to score (default: every task).")
   return cli.define_sampling_flags()  # the sampler's options, for every chain step
 
 
@@ -73,13 +74,17 @@ def evaluator_of(config, task: str) -> str:
 
 
 def run(workdir: str, source: str, output: Path, *, singles: list[str],
-        sampling: dict) -> list[Path]:
+        sampling: dict, targets: list[str] = ()) -> list[Path]:
   """Scores every chain of the multi-task run, then the single-task runs, with the sampler's
   `sampling` options (`decoding.Sampling`'s fields; temperature: each task's default); the
-  files written."""
+  files written. `targets` limits the chains to those ending in these tasks."""
   config = api.load_config(workdir)
   if "oracles" not in config:
     raise UserError(f"--workdir {workdir}: not a multi-task stage II run (no config.oracles)")
+  unknown = sorted(set(targets) - set(config.oracles))
+  if unknown:
+    raise UserError(f"--targets: unknown task(s) {unknown}; the run's tasks are "
+                    f"{sorted(config.oracles)}")
   split = common.input_split(config, source)
   common.prepare_output(output)
   for single in singles:
@@ -87,7 +92,8 @@ def run(workdir: str, source: str, output: Path, *, singles: list[str],
   multitask = api.load(workdir)
   stage, variables = multitask.stage, multitask.variables
   rows, start = [], time.perf_counter()
-  plan = chains(stage.names)
+  plan = [(label, options) for label, options in chains(stage.names)
+          if not targets or options["chain"][-1] in targets]
   for i, (label, options) in enumerate(plan):
     target = options["chain"][-1]
     evaluator = evaluator_of(config, config.oracles[target].task)
@@ -145,7 +151,7 @@ def main(argv: list[str]) -> None:
   cli.quiet_library_logs()
   f = flags.FLAGS
   common.report_written(lambda: run(f.workdir, f.input, Path(f.output), singles=f.singles,
-                                    sampling=SAMPLING()))
+                                    sampling=SAMPLING(), targets=f.targets))
 
 
 if __name__ == "__main__":
