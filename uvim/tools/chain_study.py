@@ -12,7 +12,6 @@ sampling flags (default: --scheme maskgit, 8 steps, each task's temperature; --g
 tasks, scored the same way (their own scheme if causal). Writes `chains.md` and `chains.csv`.
 """
 
-import csv
 import functools
 import itertools
 import sys
@@ -130,11 +129,7 @@ def _headline(config, target: str, metrics: dict) -> str:
 
 def write_results(rows: list[dict], config, output: Path, title: str) -> list[Path]:
   """chains.csv (every metric) and chains.md (each target's headline metric)."""
-  keys = list(dict.fromkeys(k for row in rows for k in row))
-  with open(output / "chains.csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, keys)
-    writer.writeheader()
-    writer.writerows(rows)
+  common.write_csv(rows, output / "chains.csv")
   lines = [f"# Chained generation: {title}", "", "| run | chain | metric | value |",
            "|---|---|---|---|"]
   for row in rows:

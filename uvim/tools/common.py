@@ -1,5 +1,6 @@
 """What the study tools (mask_code, reconstruct) share: the input split, the task's evaluator."""
 
+import csv
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -100,3 +101,13 @@ def report_written(run: Callable[[], list[Path]]) -> None:
   except UserError as e:
     sys.exit(f"FATAL {e}")
   print("wrote", *map(str, written), sep="\n  ")
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+  """`rows` as a CSV table with every key any row has, in order of first appearance."""
+  keys = list(dict.fromkeys(k for row in rows for k in row))
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, keys)
+    writer.writeheader()
+    writer.writerows(rows)
+  return path

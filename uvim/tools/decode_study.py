@@ -12,7 +12,6 @@ cond_dropout (others: scale 1 only). The metric comes from the run's own end-tas
 Writes `decoding.md`, `decoding.csv` and `decoding.png` (metric and images/s against steps).
 """
 
-import csv
 import functools
 import sys
 import time
@@ -121,11 +120,7 @@ def run(runs: list[str], source: str, output: Path, *, schemes: list[str], steps
 
 def write_results(rows: list[dict], metric: str, output: Path, title: str) -> list[Path]:
   """decoding.csv (every metric), decoding.md (the main one and speed), decoding.png."""
-  keys = list(dict.fromkeys(k for row in rows for k in row))
-  with open(output / "decoding.csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, keys)
-    writer.writeheader()
-    writer.writerows(rows)
+  common.write_csv(rows, output / "decoding.csv")
   lines = [f"# Decoding schemes: {title}", "",
            f"| run | scheme | steps | guidance | {metric} | images/s |", "|---" * 6 + "|"]
   for row in rows:

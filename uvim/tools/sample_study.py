@@ -24,7 +24,6 @@ against the ground truth with the run's evaluator metric (PQ, depth RMSE, PSNR):
 Writes samples.csv (every number), samples.md and samples_<axis>.png.
 """
 
-import csv
 import dataclasses
 import itertools
 import sys
@@ -270,11 +269,8 @@ def _truths(kind: str, builder, split: str) -> Callable:
 
 def write_results(rows: list[dict], scoring: Scoring, output: Path, title: str) -> list[Path]:
   """samples.csv, samples.md and a plot per axis studied."""
+  common.write_csv(rows, output / "samples.csv")
   keys = list(dict.fromkeys(k for row in rows for k in row))
-  with open(output / "samples.csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, keys)
-    writer.writeheader()
-    writer.writerows(rows)
   n = sum(k.startswith("sample_") for k in keys)
   extra = [k for k in ("colourfulness", "fid") if k in keys]
   header = ["axis", "T", "top-k", "top-p", f"{scoring.metric} (mean ± std of {n})",
