@@ -1,10 +1,14 @@
 """Mesh and FSDP partitioning: the rule, memory per device, and restoring on another mesh."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from test_trainer import losses, tiny_config
+from test_trainer import ROOT, devices_env, losses, tiny_config
 
 from uvim import checkpoint, sharding, trainer
 
@@ -54,14 +58,14 @@ def test_mesh_sizes_and_errors():
     mesh_of(data=-1, fsdp=3)
 
 
-@pytest.mark.slow
-def test_fsdp_shrinks_state_per_device_and_restores_on_another_mesh(toy_data_dir, tmp_path):
+def resume_on_an_fsdp_mesh(data_dir: str, workdir: str) -> None:
   """A run on a data-parallel mesh resumes on a data x fsdp mesh, ends like an uninterrupted
   run, and holds ~1/4 of the parameters and optimizer state per device."""
-  straight = trainer.train_and_evaluate(tiny_config(toy_data_dir, total_steps=4, evals=[]),
+  tmp_path = Path(workdir)
+  straight = trainer.train_and_evaluate(tiny_config(data_dir, total_steps=4, evals=[]),
                                         tmp_path / "a")
-  trainer.train_and_evaluate(tiny_config(toy_data_dir, total_steps=2, evals=[]), tmp_path / "b")
-  fsdp = tiny_config(toy_data_dir, total_steps=4, evals=[], mesh=(("data", 2), ("fsdp", 4)))
+  trainer.train_and_evaluate(tiny_config(data_dir, total_steps=2, evals=[]), tmp_path / "b")
+  fsdp = tiny_config(data_dir, total_steps=4, evals=[], mesh=(("data", 2), ("fsdp", 4)))
   resumed = trainer.train_and_evaluate(fsdp, tmp_path / "b")
   np.testing.assert_allclose(losses(tmp_path / "a")[4], losses(tmp_path / "b")[4], rtol=1e-5)
   for (k, a), b in zip(checkpoint.flatten(straight.params).items(),
@@ -75,3 +79,16 @@ def test_fsdp_shrinks_state_per_device_and_restores_on_another_mesh(toy_data_dir
   sharded = sharding.bytes_per_device((resumed.params, resumed.opt_state))
   assert sharded < 0.35 * replicated, (sharded, replicated)
   assert jax.device_count() == 8
+
+
+@pytest.mark.slow
+def test_fsdp_shrinks_state_per_device_and_restores_on_another_mesh(toy_data_dir, tmp_path):
+  """`resume_on_an_fsdp_mesh` in a fresh process with 8 devices: in a worker that has run
+  other modules' sharded programs, XLA:CPU's device threads could all fall asleep at the first
+  step on the new mesh (seen twice in ~20 suite runs, never in a fresh process)."""
+  code = (f"from test_sharding import resume_on_an_fsdp_mesh; "
+          f"resume_on_an_fsdp_mesh({str(toy_data_dir)!r}, {str(tmp_path)!r})")
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**devices_env(8), "PYTHONPATH": str(ROOT / "tests")},
+                          timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
