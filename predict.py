@@ -212,9 +212,9 @@ class ChainSheet:
 
 def model_view(model_image: np.ndarray, image: np.ndarray) -> np.ndarray:
   """What the model sees (e.g. grayscale for colorization), back at the image's size."""
-  pixels = np.round((model_image + 1) * 127.5).clip(0, 255).astype(np.uint8)
   height, width = image.shape[:2]
-  return np.asarray(Image.fromarray(pixels).resize((width, height), Image.BILINEAR))
+  pixels = Image.fromarray(visualize.from_model_range(model_image))
+  return np.asarray(pixels.resize((width, height), Image.BILINEAR))
 
 
 def take(outputs: dict, i: int, k: int) -> dict:

@@ -130,6 +130,16 @@ def apply_smoke(config: mlc.ConfigDict, cpu: bool = False) -> None:
   config.keep_checkpoint_steps = 1_000
   config.lr = 1e-3
   config.schedule.warmup_steps = 100
+  add_prediction_images(config, "validation[:4]", toy_eval_steps(cpu))
+
+
+def add_prediction_images(config: mlc.ConfigDict, split: str, log_steps: int) -> None:
+  """Lists the `images` evaluator (evaluators/images.py): the predictions on `split` as a
+  contact sheet in TensorBoard every `log_steps` and at the end. On in the toy variants; a
+  large run adds it with this line (one predict batch per evaluation)."""
+  if ("images", "images") not in config.evals:
+    config.evals.append(("images", "images"))
+  config.images = dict(split=split, pp=config.pp_eval, log_steps=log_steps)
 
 
 def stage1_model(size: str, res: int, patch_size: int, inputs: dict) -> mlc.ConfigDict:

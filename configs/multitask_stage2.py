@@ -136,6 +136,7 @@ def build(tasks: dict[str, dict], arg: str | None = None) -> mlc.ConfigDict:
     config[evaluator].pp = (f'{labels}{task["eval_labels"]}{_resized(res, methods)}{finish}'
                             f'keep({keep}, {task["eval_keep"]})')
     config[evaluator].predict_kwargs = {"chain": (name,)}
+  common.add_prediction_images(config, "validation[:4]", common.toy_eval_steps(parsed.cpu))
   return config
 
 

@@ -27,6 +27,7 @@ def register_all() -> None:
   from evaluators import (  # noqa: F401
       colorization,
       depth,
+      images,
       panoptic,
       save_predictions,
       validation,

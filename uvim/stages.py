@@ -8,7 +8,9 @@ The trainer (uvim/trainer.py) is the same for both. A stage provides
   frozen_shapes(), abstract_batch(n)  -> their shapes and a batch's, for planning without data
   variables(params, model_state, frozen) -> what `eval_fns` take
   eval_fns()                          -> {'loss': per-example losses, 'predict': task outputs,
-                                         'options': checks the evaluators' `predict_kwargs`}
+                                         'options': checks the evaluators' `predict_kwargs`,
+                                         'oracles': the stage I models, by task, which say
+                                         how to draw each task's labels and predictions}
   load_init(model_init, params, model_state) -> (params, model_state) from `config.model_init`
 
 `StageII.predict_samples` is the one predict path (image -> sampled code -> stage I decoder with
@@ -38,6 +40,7 @@ class StageI:
   def __init__(self, config):
     self.oracle = Oracle(config, key="config", **models.memory_options(config))
     self.model, self.task, self.model_config = self.oracle.model, self.oracle.task, config.model
+    self.oracles = {config.task: self.oracle}
 
   def init_variables(self, rng: jax.Array, batch: dict) -> dict:
     return self.oracle.init(rng, batch)
@@ -82,6 +85,7 @@ class StageI:
         "predict": lambda v, batch: self.task.predict_outputs(self._logits(v, batch),
                                                               self.model_config),
         "options": options,
+        "oracles": self.oracles,
     }
 
   def load_init(self, model_init: str, params, model_state):
@@ -373,7 +377,8 @@ class StageII:
     def predict(v, batch, **kwargs):
       return jax.tree.map(lambda x: x[:, 0], self.predict_samples(v, batch, **kwargs))
 
-    return {"loss": loss, "predict": predict, "options": self.prediction_options}
+    return {"loss": loss, "predict": predict, "options": self.prediction_options,
+            "oracles": self.oracles}
 
   def load_init(self, model_init: Any, params, model_state):
     """A whole stage II model (npz or workdir), or `{'encoder': ViT name or npz}`."""

@@ -322,17 +322,23 @@ def restore_or_init(config: mlc.ConfigDict, workdir: Path, stage,
 
 
 class MetricsLog:
-  """Scalars to TensorBoard and the console (every process) and `metrics.jsonl` (process 0)."""
+  """Scalars to TensorBoard and the console (every process) and `metrics.jsonl` (process 0);
+  images (uint8 HxWx3 arrays, e.g. the `images` evaluator's sheet) to TensorBoard."""
 
   def __init__(self, workdir: Path, start: int, rerun_evals: bool, is_main: bool):
     self.writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_main)
     self.jsonl = workdir_lib.JsonlWriter(workdir / workdir_lib.METRICS_FILE, start,
                                          rerun_evals_at_start=rerun_evals) if is_main else None
 
-  def write(self, step: int, scalars: dict) -> None:
-    self.writer.write_scalars(step, scalars)
-    if self.jsonl:
-      self.jsonl.write(step, scalars)
+  def write(self, step: int, values: dict) -> None:
+    images = {k: v[None] for k, v in values.items() if np.ndim(v) == 3}
+    scalars = {k: v for k, v in values.items() if k not in images}
+    if images:
+      self.writer.write_images(step, images)
+    if scalars:
+      self.writer.write_scalars(step, scalars)
+      if self.jsonl:
+        self.jsonl.write(step, scalars)
 
   def flush(self) -> None:
     self.writer.flush()

@@ -208,6 +208,12 @@ def png16_to_depth(arr: np.ndarray) -> np.ndarray:
   return (np.asarray(arr).astype(np.float32) / np.float32(1000.0)).astype(np.float32)
 
 
+def from_model_range(pixels: np.ndarray) -> np.ndarray:
+  """A model input image (values in [-1, 1], HxWx1 or HxWx3) as uint8 HxWx3 RGB."""
+  pixels = np.round((np.asarray(pixels, np.float32) + 1) * 127.5).clip(0, 255).astype(np.uint8)
+  return _to_rgb_cell(pixels, "from_model_range")
+
+
 # ------------------------------------------------------------------------------------------
 # Files.
 
