@@ -139,7 +139,8 @@ def add_prediction_images(config: mlc.ConfigDict, split: str, log_steps: int) ->
   large run adds it with this line (one predict batch per evaluation)."""
   if ("images", "images") not in config.evals:
     config.evals.append(("images", "images"))
-  config.images = dict(split=split, pp=config.pp_eval, log_steps=log_steps)
+  config.images = dict(split=split, pp=config.pp_eval, log_steps=log_steps,
+                       prefix="images/")
 
 
 def stage1_model(size: str, res: int, patch_size: int, inputs: dict) -> mlc.ConfigDict:

@@ -17,6 +17,7 @@ from configs import (
     panoptic_stage1,
     panoptic_stage2,
 )
+from evaluators import common as evaluators
 from pp.builder import get_preprocess_fn
 from uvim import checkpoint, cli
 from uvim.models import TRAINING_ONLY
@@ -66,8 +67,10 @@ def test_every_config_variant_builds_its_pp_strings(module, variant):
   specs += [config[name].pp for name, _ in config.evals if "pp" in config[name]]
   for spec in specs:
     get_preprocess_fn(spec)
-  for name, _ in config.evals:
+  evaluators.register_all()
+  for name, kind in config.evals:
     assert {"log_steps", "prefix", "split"} <= set(config[name])
+    assert kind in evaluators.EVALUATORS, kind
 
 
 @pytest.mark.parametrize("stage1, stage2, workdir", [
@@ -105,7 +108,7 @@ def test_multitask_config_holds_the_toy_oracles_and_builds_its_pp(variant):
                *(config[n].pp for n, _ in config.evals)]:
     get_preprocess_fn(spec)
   assert [kind for _, kind in config.evals] == ["validation", "psnr", "coco_panoptic",
-                                                "nyu_depth"]
+                                                "nyu_depth", "images"]
   two = multitask_stage2.get_config(f"{variant},tasks=panoptic+depth")
   assert sorted(two.oracles) == ["depth", "panoptic"] and two.model.seq_len == 128
   assert "grayscale" not in two.pp_eval and "grayscale" in config.pp_eval
