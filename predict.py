@@ -3,8 +3,12 @@ r"""Predicts panoptic segmentation, depth or colour for images with a trained UV
   python predict.py --config configs/panoptic_stage2.py:smoke --workdir runs/panoptic_stage2 \
       --input photos/ --output predictions/
 
-`--input` is an image file, a folder of images, or a tfds split (`toy_scenes/medium:train[:8]`,
-whose ground truth then appears on the contact sheet). Each image is read upright (its EXIF
+`--input` is an image file, a folder of images, a tfds split (`toy_scenes/medium:train[:8]`,
+whose ground truth then appears on the contact sheet), or a video: a clip (.mp4, .mov, .webm,
+an animated .gif...) or, with --video, a folder of frames. A video's frames are predicted in
+order and written as `frame_00000.*`..., with `animation.gif` (input beside prediction) and
+`video.json` (frames/s, and the fraction of code words that change between neighbouring
+frames). Each image is read upright (its EXIF
 orientation applied), converted to RGB, resized for the model and its prediction resized back;
 the task writes its files per image (panoptic: COCO PNG + JSON + overlay; depth: 16-bit PNG
 in mm + preview; colour: JPEG), and
@@ -14,6 +18,7 @@ an `--output` that holds the inputs is refused, before the model loads. An unrea
 reported and skipped; the exit status is then non-zero.
 """
 
+import json
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -23,7 +28,7 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
-from uvim import api, cli, decoding, input_pipeline, visualize
+from uvim import api, cli, decoding, input_pipeline, video, visualize
 from uvim.errors import UserError
 
 _CONFIG = cli.define_config_flag()
@@ -33,8 +38,10 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
 _ORACLE = flags.DEFINE_string(
     "oracle_checkpoint", None, "Stage I parameters (.npz or workdir); default "
     "config.oracle.model_init.")
-_INPUT = flags.DEFINE_string("input", None, "An image file, a folder of images or a tfds split "
-                             "(`dataset:split`).", required=True)
+_INPUT = flags.DEFINE_string("input", None, "An image file, a folder of images, a tfds split "
+                             "(`dataset:split`) or a video file.", required=True)
+_VIDEO = flags.DEFINE_bool("video", False, "A folder --input holds the frames of one video (in "
+                           "name order).")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory to write predictions to.", required=True)
 _SAMPLING = cli.define_sampling_flags()  # --scheme, --steps, --temperature, --num_samples...
 for _name in decoding.Sampling.names():
@@ -67,7 +74,8 @@ def main(argv: list[str]) -> None:
   if not source:
     raise app.UsageError("Give --workdir or --checkpoint (the trained stage II model).")
   try:
-    inputs = check_input_and_output(_INPUT.value, Path(_OUTPUT.value), config.data_dir)
+    inputs = check_input_and_output(_INPUT.value, Path(_OUTPUT.value), config.data_dir,
+                                    frames=_VIDEO.value)
     decoding.Sampling.of(**_SAMPLING())  # the options' domains, before the model loads
     model = api.Model(config, source)
     if not model.stage.multitask and (_CHAIN.value or _GIVEN.value):
@@ -84,10 +92,11 @@ def main(argv: list[str]) -> None:
     sys.exit(1)
 
 
-def check_input_and_output(source: str, output: Path,
-                           data_dir: str | None = None) -> "str | list[Path]":
-  """The image files of `--input` (a file or a folder), or the tfds split it names (checked to
-  exist in `data_dir`, and to hold examples), after
+def check_input_and_output(source: str, output: Path, data_dir: str | None = None, *,
+                           frames: bool = False) -> "str | list[Path] | video.Clip":
+  """The image files of `--input` (a file or a folder), the tfds split it names (checked to
+  exist in `data_dir`, and to hold examples), or its video (a clip that decodes, or with
+  `frames` a folder of images), after
   checking that `--output` can hold the predictions without touching an input: it must not be
   an existing file, nor a folder that holds an input (its files would be overwritten, and read
   as inputs by the next run)."""
@@ -102,13 +111,22 @@ def check_input_and_output(source: str, output: Path,
     input_pipeline.num_examples(input_pipeline.get_builder(dataset, data_dir, "--input"), split,
                                "--input")
     return source
-  files = [path] if path.is_file() else sorted(
-      p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-  if not files:
-    raise UserError(f"--input {path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+  if path.is_file() and video.is_video(path):
+    files = [path]
+  else:
+    files = [path] if path.is_file() else sorted(
+        p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+      raise UserError(f"--input {path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
   if output.exists() and any(f.parent.resolve() == output.resolve() for f in files):
     raise UserError(f"--output {output} holds the --input images: predictions would overwrite "
                     "them and be read as inputs next time; give another folder")
+  if path.is_file() and video.is_video(path):
+    return video.open_clip(path)
+  if frames:
+    if path.is_file():
+      raise UserError(f"--video: --input {path} is a file; give the folder of the frames")
+    return video.open_clip(path, files)
   return files
 
 
@@ -121,11 +139,12 @@ def output_names(files: Sequence[Path]) -> list[str]:
   return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
 
 
-def run(model: api.Model, source: "str | list[Path]", output: Path, *, options: dict,
-        batch_size: int, sheet_rows: int, sheet_samples: int = 2) -> list[str]:
-  """Predicts every input of `source` (image files, or a tfds split `dataset:split`), writes
-  each task's files and a contact sheet of `sheet_rows` images (`sheet_samples` T = 1 samples
-  each) into `output`; returns the inputs that failed. `options` are those of
+def run(model: api.Model, source: "str | list[Path] | video.Clip", output: Path, *,
+        options: dict, batch_size: int, sheet_rows: int, sheet_samples: int = 2) -> list[str]:
+  """Predicts every input of `source` (image files, a tfds split `dataset:split`, or a video's
+  frames, in order), writes each task's files and a contact sheet of `sheet_rows` images
+  (`sheet_samples` T = 1 samples each) into `output`, and for a video its `Film`; returns the
+  inputs that failed. `options` are those of
   `api.Model.predict_batch` (sampling, `chain`, `given`). A model with several tasks writes
   `<name>_<task>.*` for every task of the chain and every given one."""
   stage, given = model.stage, tuple(options.get("given") or ())
@@ -138,10 +157,11 @@ def run(model: api.Model, source: "str | list[Path]", output: Path, *, options: 
   sheet = (ChainSheet(model, names, given) if stage.multitask
            else TaskSheet(model, options, sheet_samples))
   num_samples = options.get("num_samples", 1)
+  film = Film(model, names, source.fps) if isinstance(source, video.Clip) else None
   output.mkdir(parents=True, exist_ok=True)
   failures: list[str] = []
   examples = read_inputs(source, model, failures)
-  rows, done, start = [], 0, time.perf_counter()
+  rows, done, start, warm = [], 0, time.perf_counter(), None
   for batch_examples in batched(examples, batch_size):
     batch = pad_batch([e["model"] for e in batch_examples], batch_size,
                       [model.oracles[n].labels_key for n in given])
@@ -155,9 +175,15 @@ def run(model: api.Model, source: "str | list[Path]", output: Path, *, options: 
                               categories[n])
       if extra is not None and len(rows) < sheet_rows:
         rows.append((sheet.row(example, take(outputs, i, 0), extra, i), example["name"]))
+      if film:
+        film.add(example["image"], take(outputs, i, 0))
     done += len(batch_examples)
+    warm = warm or (done, time.perf_counter())  # after the first batch, which compiles
     show_progress(done, examples.total, start)
   print(file=sys.stderr)
+  if film and done:
+    later = (done - warm[0], time.perf_counter() - warm[1])
+    film.write(output, later[0] / later[1] if later[0] else done / (warm[1] - start))
   if rows:
     image = visualize.contact_sheet([r for r, _ in rows], sheet.titles,
                                     [n[:16] for _, n in rows], cell_size=160)
@@ -210,6 +236,37 @@ class ChainSheet:
     return cells
 
 
+class Film:
+  """A video's predictions: the animation (the frame beside each task's prediction) and the
+  code of every frame, for how much it changes between neighbouring frames."""
+
+  def __init__(self, model: api.Model, names: Sequence[str], fps: float):
+    self.model, self.names, self.fps = model, names, fps
+    self.frames: list[np.ndarray] = []
+    self.codes: list[np.ndarray] = []
+
+  def add(self, image: np.ndarray, outputs: dict) -> None:
+    cells = [image, *(self.model.tasks[n].render(outputs, image) for n in self.names)]
+    self.frames.append(video.side_by_side(cells))
+    self.codes.append(outputs["code"])
+
+  def write(self, output: Path, frames_per_second: float) -> dict:
+    """`animation.gif` and `video.json`; returns the latter's summary."""
+    video.write_gif(output / "animation.gif", self.frames, self.fps)
+    changes = video.code_changes(np.stack(self.codes))
+    summary = {"frames": len(self.frames), "clip_fps": self.fps,
+               "frames_per_second": round(frames_per_second, 2),
+               "code_change_mean": float(changes.mean()) if len(changes) else 0.0,
+               "code_change_max": float(changes.max()) if len(changes) else 0.0,
+               "code_change": [round(float(c), 4) for c in changes]}
+    (output / "video.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"{summary['frames']} frames at {frames_per_second:.1f} frames/s (after the first "
+          f"batch); code words changed between neighbouring frames: "
+          f"{100 * summary['code_change_mean']:.1f}% on average, "
+          f"{100 * summary['code_change_max']:.1f}% at most", file=sys.stderr)
+    return summary
+
+
 def model_view(model_image: np.ndarray, image: np.ndarray) -> np.ndarray:
   """What the model sees (e.g. grayscale for colorization), back at the image's size."""
   height, width = image.shape[:2]
@@ -233,11 +290,16 @@ class Inputs:
     return self.iterator
 
 
-def read_inputs(source: "str | list[Path]", model: api.Model, failures: list[str]) -> Inputs:
-  """Image files or a tfds split; unreadable files are appended to `failures`."""
+def read_inputs(source: "str | list[Path] | video.Clip", model: api.Model,
+                failures: list[str]) -> Inputs:
+  """Image files, a tfds split or a video's frames; unreadable files are appended to
+  `failures`."""
   from pp.builder import get_preprocess_fn
 
   config = model.config
+  if isinstance(source, video.Clip):
+    return Inputs(({"name": f"frame_{i:05d}", "image": frame, "model": model.preprocess(frame)}
+                   for i, frame in enumerate(source)), source.count)
   if not isinstance(source, str):
     return Inputs(_file_examples(source, model.preprocess, failures), len(source))
   dataset, split = split_source(source)
