@@ -107,3 +107,35 @@ def stage2_workdir(toy_data_dir, oracle_workdir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("stage2")
   trainer.train_and_evaluate(stage2_config(toy_data_dir, oracle_workdir), workdir)
   return workdir
+
+
+@pytest.fixture(scope="session")
+def masked_stage2_workdir(toy_data_dir, oracle_workdir, tmp_path_factory):
+  """`stage2_workdir`'s run with a masked decoder (parallel decoding)."""
+  from test_stage2 import stage2_config
+
+  from uvim import trainer
+
+  workdir = tmp_path_factory.mktemp("masked")
+  config = stage2_config(toy_data_dir, oracle_workdir)
+  config.model.masked = True
+  trainer.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def run_notebook(name: str, timeout: int = 600, **parameters):
+  """Executes notebooks/<name>.ipynb top to bottom in a real Jupyter kernel (ipykernel, from the
+  repository root) with its `parameters` cell set to `parameters`; returns the executed
+  notebook. A failing cell raises nbclient's CellExecutionError, naming the cell and the error."""
+  from pathlib import Path
+
+  import nbclient
+  import nbformat
+
+  root = Path(__file__).resolve().parents[1]
+  notebook = nbformat.read(root / "notebooks" / f"{name}.ipynb", as_version=4)
+  (cell,) = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+  cell.source = "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
+  client = nbclient.NotebookClient(notebook, timeout=timeout, kernel_name="python3",
+                                   resources={"metadata": {"path": str(root)}})
+  return client.execute()

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_notebook
 from test_parallel_decoding import decoder_inputs
 from test_stage2 import LM_TINY, stage2_config
 from test_trainer import TINY, tiny_config
@@ -82,6 +83,15 @@ def test_multitask_stage2_logs_each_tasks_loss_and_scores_each_task(trained):
     assert f"{name}/oracle_codebook_usage" in first and f"token_accuracy_{name}" in first
   final = {k: v for x in lines if x["step"] == 2 for k, v in x.items()}
   assert {"val/loss_panoptic", "val/loss_depth", "coco_panoptic/PQ", "nyu_depth/rmse"} <= set(final)
+
+
+@pytest.mark.slow
+def test_the_multitask_notebook_draws_each_task_and_both_chains(trained):
+  _, workdir = trained
+  executed = run_notebook("multitask", MULTITASK=str(workdir), SPLIT="validation[:2]")
+  shown = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs]
+  assert "tasks: ('depth', 'panoptic')" in "".join(o.get("text", "") for o in shown)
+  assert sum("image/png" in o.get("data", {}) for o in shown) == 3
 
 
 def test_training_roles_hide_nothing_of_a_condition_and_leave_a_target(toy_data_dir, oracles):

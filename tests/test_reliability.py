@@ -350,7 +350,7 @@ def test_released_npz_files_load_in_one_call_and_predict_like_big_vision(tmp_pat
 
 
 def test_api_load_refuses_what_it_cannot_load(tmp_path):
-  with pytest.raises(UserError, match="neither a training workdir"):
+  with pytest.raises(UserError, match="no such training workdir or config file"):
     api.load(str(tmp_path / "nothing"))
   with pytest.raises(UserError, match="give checkpoint="):
     api.load("configs/panoptic_stage2.py:smoke")

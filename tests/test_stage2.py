@@ -296,11 +296,9 @@ def test_masked_loss_counts_only_the_hidden_positions(toy_data_dir):
 
 @pytest.mark.slow
 def test_a_masked_stage2_trains_evaluates_and_predicts_in_parallel(toy_data_dir, oracle_workdir,
-                                                                  stage2_workdir, tmp_path):
-  config = stage2_config(toy_data_dir, oracle_workdir)
-  config.model.masked = True
-  workdir = tmp_path / "masked"
-  trainer.train_and_evaluate(config, workdir)
+                                                                  stage2_workdir,
+                                                                  masked_stage2_workdir, tmp_path):
+  workdir = masked_stage2_workdir
   final = final_metrics(workdir)
   assert {"val/loss", "coco_panoptic/PQ", "token_accuracy"} <= set(final)
 
@@ -311,7 +309,8 @@ def test_a_masked_stage2_trains_evaluates_and_predicts_in_parallel(toy_data_dir,
                           choice_temperature=4.5, speed_batch=1)
   table = list(csv.DictReader((tmp_path / "s" / "decoding.csv").read_text().splitlines()))
   assert [(r["run"], r["scheme"], r["steps"]) for r in table] == [
-      (stage2_workdir.name, "ar", "16"), ("masked", "maskgit", "1"), ("masked", "maskgit", "8")]
+      (stage2_workdir.name, "ar", "16"), (workdir.name, "maskgit", "1"),
+      (workdir.name, "maskgit", "8")]
   assert float(table[0]["PQ"]) == pytest.approx(
       final_metrics(stage2_workdir)["coco_panoptic/PQ"], abs=1e-9)
   assert float(table[2]["PQ"]) == pytest.approx(final["coco_panoptic/PQ"], abs=1e-9)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_notebook
 from test_trainer import TINY
 
 from uvim import api
@@ -229,6 +230,18 @@ def test_a_failed_run_stops_only_its_chain_and_a_rerun_skips_finished_ones(toy_d
   assert "started tiny_stage1/code_len=16" not in again.stdout
   assert "FAILED tiny_stage1/code_len=15" in again.stdout and again.returncode == 1
   assert before == {w: (w / "metrics.jsonl").read_text() for w in (good1, good2)}
+
+  # The sweeps notebook reads this sweep: its report's figures and its runs ranked.
+  executed = run_notebook("sweeps", SWEEP=str(sweep_dir), METRIC="colorization/psnr")
+  shown = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs]
+  assert sum("image/png" in o.get("data", {}) for o in shown) == sum(
+      p.suffix == ".png" for p in paths)
+  ranked = "".join(o.get("text", "") for o in shown).strip().splitlines()
+  bests = sorted((float(r["best:colorization/psnr"]) for r in rows.values()
+                  if r.get("best:colorization/psnr")), reverse=True)
+  assert len(ranked) == len(bests) >= 1 and all("finished" in line for line in ranked)
+  assert all(f"best colorization/psnr {b:.4g} " in line for b, line in zip(bests, ranked,
+                                                                             strict=True))
 
 
 @pytest.mark.slow

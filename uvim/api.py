@@ -194,6 +194,8 @@ def load_config(source: str) -> mlc.ConfigDict:
   recorded = Path(source, "config.json")
   if recorded.exists():
     return mlc.ConfigDict(workdir_lib.resolve_paths(json.loads(recorded.read_text()), source))
+  if not Path(source.partition(":")[0]).exists():
+    raise UserError(f"{source}: no such training workdir or config file")
   if not Path(source.partition(":")[0]).is_file():
     raise UserError(f"{source}: neither a training workdir (with config.json) nor a config file")
   return cli.load_config(source)
