@@ -42,6 +42,9 @@ _INPUT = flags.DEFINE_string("input", None, "An image file, a folder of images, 
                              "(`dataset:split`) or a video file.", required=True)
 _VIDEO = flags.DEFINE_bool("video", False, "A folder --input holds the frames of one video (in "
                            "name order).")
+_FROM_PREVIOUS = flags.DEFINE_bool(
+    "from_previous", False, "A video on a masked model: decode each frame from the previous "
+    "frame's code, redoing the words the model would not write itself (frame by frame).")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory to write predictions to.", required=True)
 _SAMPLING = cli.define_sampling_flags()  # --scheme, --steps, --temperature, --num_samples...
 for _name in decoding.Sampling.names():
@@ -82,9 +85,11 @@ def main(argv: list[str]) -> None:
       raise UserError("--chain and --given need a multi-task model (config.oracles)")
     options = {**_SAMPLING(), "chain": _CHAIN.value, "given": tuple(_GIVEN.value)}
     model.options(**options)  # checked before reading any input
+    if _FROM_PREVIOUS.value and not (isinstance(inputs, video.Clip) and model.stage.model.masked):
+      raise UserError("--from_previous needs a video --input and a masked model")
     failures = run(model, inputs, Path(_OUTPUT.value), options=options,
                    batch_size=_BATCH_SIZE.value, sheet_rows=_SHEET_ROWS.value,
-                   sheet_samples=_SHEET_SAMPLES.value)
+                   sheet_samples=_SHEET_SAMPLES.value, from_previous=_FROM_PREVIOUS.value)
   except UserError as e:
     sys.exit(f"FATAL {e}")
   if failures:
@@ -140,10 +145,12 @@ def output_names(files: Sequence[Path]) -> list[str]:
 
 
 def run(model: api.Model, source: "str | list[Path] | video.Clip", output: Path, *,
-        options: dict, batch_size: int, sheet_rows: int, sheet_samples: int = 2) -> list[str]:
+        options: dict, batch_size: int, sheet_rows: int, sheet_samples: int = 2,
+        from_previous: bool = False) -> list[str]:
   """Predicts every input of `source` (image files, a tfds split `dataset:split`, or a video's
   frames, in order), writes each task's files and a contact sheet of `sheet_rows` images
-  (`sheet_samples` T = 1 samples each) into `output`, and for a video its `Film`; returns the
+  (`sheet_samples` T = 1 samples each) into `output`, and for a video its `Film` (with
+  `from_previous`, each frame decoded alone from the previous frame's code); returns the
   inputs that failed. `options` are those of
   `api.Model.predict_batch` (sampling, `chain`, `given`). A model with several tasks writes
   `<name>_<task>.*` for every task of the chain and every given one."""
@@ -162,9 +169,12 @@ def run(model: api.Model, source: "str | list[Path] | video.Clip", output: Path,
   failures: list[str] = []
   examples = read_inputs(source, model, failures)
   rows, done, start, warm = [], 0, time.perf_counter(), None
+  batch_size = 1 if from_previous else batch_size
   for batch_examples in batched(examples, batch_size):
     batch = pad_batch([e["model"] for e in batch_examples], batch_size,
                       [model.oracles[n].labels_key for n in given])
+    if from_previous and film.codes:
+      batch["start_code"] = film.codes[-1][None]
     outputs = model.predict_batch(batch, **options)
     extra = sheet.predict(batch) if len(rows) < sheet_rows else None
     for i, example in enumerate(batch_examples):

@@ -40,10 +40,12 @@ def full_logits(model, params, images, tokens, conditional=True):
                               method=model.decode))
 
 
-def brute_force_greedy_maskgit(model, params, images, counts, guidance=1.0):
+def brute_force_greedy_maskgit(model, params, images, counts, guidance=1.0, start=None):
   """MaskGIT by a Python loop over steps and positions: argmax tokens, confidence = their
-  log-probability, decide the `counts[t]` most confident undecided positions."""
-  tokens = np.zeros((len(images), model.seq_len), np.int64)
+  log-probability, decide the `counts[t]` most confident undecided positions (those MASK in
+  `start`, default all)."""
+  tokens = (np.zeros((len(images), model.seq_len), np.int64) if start is None
+            else np.array(start, np.int64))
   order = np.full(tokens.shape, -1)
   for t, count in enumerate(counts):
     logits = full_logits(model, params, images, tokens)
@@ -89,6 +91,26 @@ def test_greedy_maskgit_equals_brute_force(steps, schedule, guidance):
   np.testing.assert_array_equal(tokens[:, 0], want)
   np.testing.assert_array_equal(order[:, 0], want_order)
   assert len(np.unique(want)) > 2
+
+
+def test_revising_a_draft_redecodes_exactly_the_words_the_model_would_not_write():
+  """A video frame decoded from the previous frame's code: the draft's words that differ from
+  the model's argmax (seeing the whole draft) are masked again and decoded by MaskGIT."""
+  model, params, images = masked_model()
+  draft = np.array(jax.random.randint(jax.random.key(5), (3, 6), 1, 9))
+  logits = full_logits(model, params, images, draft)
+  logits[..., 0] = -np.inf
+  start = np.where(logits.argmax(-1) == draft, draft, lm.MASK)
+  assert 0 < np.sum(start == lm.MASK) < start.size  # some words kept, some redone
+  counts = decoding.tokens_per_step(model.seq_len, 3, "cosine")
+  want, want_order = brute_force_greedy_maskgit(model, params, images, counts, start=start)
+  keys = jax.random.split(jax.random.key(0), 3)
+  tokens, _, order = jax.jit(lambda p, i, k, g: decoding.sample(
+      model, p, i, k, scheme="maskgit", steps=3, choice_temperature=0.0, with_order=True,
+      given=g, revise=True))(params, images, keys, draft)
+  np.testing.assert_array_equal(tokens[:, 0], want)
+  np.testing.assert_array_equal(order[:, 0], want_order)
+  assert np.all((order[:, 0] == -1) == (start != lm.MASK))
 
 
 @contextlib.contextmanager

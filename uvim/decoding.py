@@ -216,7 +216,7 @@ def image_rngs(images_BxHxWxC: jnp.ndarray, seed: int = 0) -> jax.Array:
 def sample(model: nn.Module, params: Any, images: jnp.ndarray, rngs_B: jax.Array,
            sampling: Sampling | None = None, *, given: jnp.ndarray | None = None,
            span: tuple[int, int] | None = None, vocab: tuple[int, int] | None = None,
-           cached: bool = True, with_order: bool = False,
+           cached: bool = True, with_order: bool = False, revise: bool = False,
            **options: Any) -> tuple[jnp.ndarray, ...]:
   """Codes for each image: (tokens (B, num_samples, L) in [1, vocab), log-probabilities of the
   sequences under the (guided) model (B, num_samples); for parallel schemes the sum, over
@@ -243,6 +243,9 @@ def sample(model: nn.Module, params: Any, images: jnp.ndarray, rngs_B: jax.Array
   (B, L), or (B, num_samples, L) per sample, holds the tokens the decoder sees from the start
   (MASK where none), `span` = (first, end) the positions to decode (only those that are MASK
   in `given`; the others never change) and `vocab` = (low, high) the ids they may take.
+  With `revise`, `given` is a draft (e.g. the code of a video's previous frame): one pass over
+  it first masks again every word of the span the model, seeing the draft, would not write
+  itself (its argmax), and the steps decode those.
   """
   sampling = Sampling.of(sampling, **options)
   sampling.check_model(model)
@@ -278,7 +281,8 @@ def sample(model: nn.Module, params: Any, images: jnp.ndarray, rngs_B: jax.Array
              else jnp.repeat(start, num_samples, axis=0))
     tokens, logprob, order = _parallel(
         model, variables, encoded, rngs, guided, scheme, counts, temps if temperature else None,
-        sampling.choice_temperature, start, in_span, vocab or (1, model.vocab_size), **filters)
+        sampling.choice_temperature, start, in_span, vocab or (1, model.vocab_size), revise,
+        **filters)
   per_sample = lambda x: x.reshape(batch, num_samples, *x.shape[1:])
   return tuple(map(per_sample, (tokens, logprob, order) if with_order else (tokens, logprob)))
 
@@ -333,16 +337,23 @@ def _autoregressive(model, variables, encoded, rngs, guided: _Guided, cached: bo
 
 def _parallel(model, variables, encoded, rngs, guided: _Guided, scheme: str, counts: np.ndarray,
               temps: np.ndarray | None, choice_temperature: float, start: jnp.ndarray,
-              in_span: np.ndarray, vocab: tuple[int, int], *, top_k: int, top_p: float):
+              in_span: np.ndarray, vocab: tuple[int, int], revise: bool, *, top_k: int,
+              top_p: float):
   """`maskgit` / `roar`: step t samples every masked position of `start` in the span and
   decides `counts[t]` of them (the most confident, or random ones); decided tokens are never
-  re-masked. `temps` None is greedy. Also returns the step that decided each token (-1: not
+  re-masked. `temps` None is greedy; `revise` first masks the span's words of `start` that
+  differ from the model's argmax. Also returns the step that decided each token (-1: not
   decided here)."""
   steps, seq_len = len(counts), model.seq_len
   counts_j = jnp.asarray(counts)
   ids = jnp.arange(model.vocab_size)
   allowed = (ids >= vocab[0]) & (ids < vocab[1]) & (ids != lm.MASK)
   cache = model.apply(variables, encoded, method=model.init_cache)
+  if revise:
+    logits = guided.logits(model.apply(variables, cache, guided.twice(start),
+                                       method=model.fill_in), 0)
+    own = jnp.argmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)
+    start = jnp.where(in_span & (own != start), lm.MASK, start)
 
   def step(t, carry):
     tokens, logprob, order = carry

@@ -314,7 +314,9 @@ class StageII:
                       chain: Any = None, given: Sequence[str] = (), **options: Any) -> dict:
     """Task outputs for `num_samples` sampled codes per image, each (B, num_samples, ...), plus
     the sequence `code` (B, num_samples, seq_len) of word ids and its log-probability
-    `code_logprob` (and with several tasks each task's `code_<name>`).
+    `code_logprob` (and with several tasks each task's `code_<name>`). A masked model decodes
+    from a draft where the batch holds `start_code` (B, seq_len) word ids, -1 where none: the
+    words the model would not write itself are decoded again (`decoding.sample`'s `revise`).
 
     The options are `sampling` with `options` replaced (`decoding.Sampling`: the scheme, steps,
     temperature, filters, classifier-free guidance...). `given` tasks take the oracle's code of
@@ -327,6 +329,12 @@ class StageII:
     images, oracles = batch["image"], self.by_name(variables["oracle"])
     samples, length = sampling.num_samples, self.model.seq_len
     tokens = jnp.full((len(images), samples, length), lm.MASK, jnp.int32)
+    draft = batch.get("start_code")  # word ids (B, seq_len), -1 where none: revised, not kept
+    if draft is not None:
+      if not self.model.masked:
+        raise UserError("start_code (decoding from a draft, e.g. the previous frame's code) "
+                        "needs a masked model")
+      tokens = jnp.broadcast_to(jnp.where(draft >= 0, draft + 1, lm.MASK)[:, None], tokens.shape)
     for name in given:
       code = self.oracles[name].encode(oracles[name], batch)[0] + self.first_id[name]
       tokens = tokens.at[:, :, slice(*self.span(name))].set(code[:, None])
@@ -335,8 +343,10 @@ class StageII:
     for i, (name, step) in enumerate(steps):
       part = {} if self.span(name) == (0, length) else {"span": self.span(name),
                                                        "vocab": self.vocab(name)}
-      if given or i:
+      if given or i or draft is not None:
         part["given"] = tokens
+      if draft is not None:
+        part["revise"] = True
       # A multi-task chain draws step i from fold_in(image key, i); one task, the image key.
       keys = jax.vmap(jax.random.fold_in, (0, None))(rngs, i) if self.multitask else rngs
       tokens, step_logprob = decoding.sample(self.model, variables["params"], images, keys,
