@@ -7,12 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import run_notebook
+from test_images import event_images
 from test_parallel_decoding import decoder_inputs
 from test_stage2 import LM_TINY, stage2_config
 from test_trainer import TINY, tiny_config
 
 from configs import depth_stage1, multitask_stage2
 from evaluators import common as evaluators_common
+from evaluators.images import CELL_SIZE
 from uvim import checkpoint, decoding, input_pipeline, sharding, stages, trainer
 from uvim.errors import UserError
 from uvim.models import lm
@@ -83,6 +85,10 @@ def test_multitask_stage2_logs_each_tasks_loss_and_scores_each_task(trained):
     assert f"{name}/oracle_codebook_usage" in first and f"token_accuracy_{name}" in first
   final = {k: v for x in lines if x["step"] == 2 for k, v in x.items()}
   assert {"val/loss_panoptic", "val/loss_depth", "coco_panoptic/PQ", "nyu_depth/rmse"} <= set(final)
+  # TensorBoard's picture of the predictions: per row the input, then each task's truth and
+  # prediction (the chain of all tasks).
+  (sheet,) = event_images(workdir, "images/predictions").values()
+  assert sheet.shape[1] == 4 + 5 * (CELL_SIZE + 4)
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ def tiny_config(data_dir, **overrides):
   c.model.update(TINY)
   for name in ("panoptic_train", "panoptic_holdout", "panoptic_val"):
     c[name].split = "validation[:8]"
+  c.evals.remove(("images", "images"))  # test_images.py tests it; elsewhere a compile more
   c.update(overrides)
   return c
 
