@@ -173,8 +173,9 @@ def run(model: api.Model, source: "str | list[Path] | video.Clip", output: Path,
   for batch_examples in batched(examples, batch_size):
     batch = pad_batch([e["model"] for e in batch_examples], batch_size,
                       [model.oracles[n].labels_key for n in given])
-    if from_previous and film.codes:
-      batch["start_code"] = film.codes[-1][None]
+    if from_previous:  # the first frame from nothing (-1: every word decoded), in one trace
+      batch["start_code"] = (film.codes[-1] if film.codes
+                             else np.full(model.stage.model.seq_len, -1, np.int32))[None]
     outputs = model.predict_batch(batch, **options)
     extra = sheet.predict(batch) if len(rows) < sheet_rows else None
     for i, example in enumerate(batch_examples):
@@ -255,7 +256,13 @@ class Film:
     self.frames: list[np.ndarray] = []
     self.codes: list[np.ndarray] = []
 
+  HEIGHT = 240  # most pixels of the animation's height (a frame's own size if smaller)
+
   def add(self, image: np.ndarray, outputs: dict) -> None:
+    height, width = image.shape[:2]
+    if height > self.HEIGHT:
+      size = (round(width * self.HEIGHT / height), self.HEIGHT)
+      image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
     cells = [image, *(self.model.tasks[n].render(outputs, image) for n in self.names)]
     self.frames.append(video.side_by_side(cells))
     self.codes.append(outputs["code"])
