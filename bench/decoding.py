@@ -108,12 +108,13 @@ def plot(records: list[dict], path: str) -> None:
   """Seconds per image against parallel steps, a line per scheme and batch size; the cached
   autoregressive decoder of each batch size dashed."""
   import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure
 
-  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  fig = Figure(figsize=(6.5, 4.2))
+  ax = fig.subplots()
   batches = sorted({r["batch"] for r in records})
-  colors = dict(zip(batches, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+  palette = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+  colors = dict(zip(batches, palette, strict=False))
   for batch in batches:
     for scheme, style in (("maskgit", "o-"), ("roar", "s:")):
       points = [(r["steps"], r["seconds_per_image"]) for r in records
@@ -138,7 +139,6 @@ def plot(records: list[dict], path: str) -> None:
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def main(argv: list[str]) -> None:

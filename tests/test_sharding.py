@@ -83,10 +83,9 @@ def resume_on_an_fsdp_mesh(data_dir: str, workdir: str) -> None:
 
 @pytest.mark.slow
 def test_fsdp_shrinks_state_per_device_and_restores_on_another_mesh(toy_data_dir, tmp_path):
-  """`resume_on_an_fsdp_mesh` in a fresh process with 8 devices: in a worker that has run
-  other modules' sharded programs, XLA:CPU's device threads could all fall asleep at the first
-  step on the new mesh (seen twice in ~20 suite runs, never in a fresh process)."""
-  code = (f"from test_sharding import resume_on_an_fsdp_mesh; "
+  """`resume_on_an_fsdp_mesh` in a fresh process with 8 simulated devices, compiled with XLA's
+  optimisations (`devices_env`)."""
+  code = ("from test_sharding import resume_on_an_fsdp_mesh; "
           f"resume_on_an_fsdp_mesh({str(toy_data_dir)!r}, {str(tmp_path)!r})")
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env={**devices_env(8), "PYTHONPATH": str(ROOT / "tests")},

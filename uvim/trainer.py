@@ -312,7 +312,7 @@ def restore_or_init(config: mlc.ConfigDict, workdir: Path, stage,
       step.state_sharding)
   if state is not None:
     logging.info("Resumed from %s at step %d.", workdir, start)
-    return manager, state, start
+    return manager, jax.block_until_ready(state), start  # restored before the first step
   state = jax.jit(step.init, out_shardings=step.state_sharding)(jax.random.PRNGKey(config.seed))
   if config.get("model_init"):
     params, model_state = stage.load_init(config.model_init, state.params, state.model_state)

@@ -170,15 +170,13 @@ def _numeric(values: list[Any]) -> bool:
 def plot_metric(results: list[Result], metric: str, path: Path) -> None:
   """`metric` (best over training) against each swept key: a row of panels per stage that
   logged it, one line per combination of the other swept keys."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure
 
   keys = swept_keys(results) or ["run"]
   rows = [s for s in stages(results) if any(metric in r.curves for r in results
                                              if r.run.stage == s)]
-  fig, axes = plt.subplots(len(rows), len(keys), figsize=(4.2 * len(keys), 3.4 * len(rows)),
-                           squeeze=False)
+  fig = Figure(figsize=(4.2 * len(keys), 3.4 * len(rows)))
+  axes = fig.subplots(len(rows), len(keys), squeeze=False)
   direction = "higher" if higher_is_better(metric) else "lower"
   for i, stage in enumerate(rows):
     done = [r for r in results if r.run.stage == stage and r.best(metric) is not None]
@@ -211,21 +209,18 @@ def plot_metric(results: list[Result], metric: str, path: Path) -> None:
   fig.suptitle(f"{metric}: best over training, one point per run")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def plot_curves(results: list[Result], metrics: list[str], path: Path) -> None:
   """Training curves: a row per stage, a column per metric (training loss first), a line per
   run."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure
 
   columns = [TRAINING_METRIC, *(m for m in metrics if m != TRAINING_METRIC)]
   rows = stages(results)
   width = max(3.8 * len(columns), 7.6)
-  fig, axes = plt.subplots(len(rows), len(columns), figsize=(width, 3.2 * len(rows)),
-                           squeeze=False, layout="constrained")
+  fig = Figure(figsize=(width, 3.2 * len(rows)), layout="constrained")
+  axes = fig.subplots(len(rows), len(columns), squeeze=False)
   for i, stage in enumerate(rows):
     for j, metric in enumerate(columns):
       ax = axes[i][j]
@@ -248,7 +243,6 @@ def plot_curves(results: list[Result], metrics: list[str], path: Path) -> None:
     fig.legend(handles, labels, loc="outside lower center", fontsize=8,
                ncol=max(1, min(len(labels), int(width * 12 / (longest + 6)))))
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def write(sweep_dir: Path, metrics: list[str] | None = None) -> tuple[str, list[Path]]:

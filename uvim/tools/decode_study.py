@@ -20,13 +20,11 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 from absl import app, flags
+from matplotlib.figure import Figure
 
 from uvim import api, cli, decoding
 from uvim.errors import UserError
 from uvim.tools import common
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 
 
 def define_flags() -> None:
@@ -134,7 +132,8 @@ def plot(rows: list[dict], metric: str, output: Path, title: str) -> Path:
   """The metric (and images/s, when timed) against steps: a line per run, scheme and guidance;
   `ar` as a horizontal line (its steps are the code length)."""
   keys = [metric] + (["images_per_s"] if any(r["images_per_s"] > 0 for r in rows) else [])
-  fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys) + 3, 4), squeeze=False)
+  fig = Figure(figsize=(5 * len(keys) + 3, 4))
+  axes = fig.subplots(1, len(keys), squeeze=False)
   axes = axes[0]
   groups = {}
   for row in rows:
@@ -142,7 +141,7 @@ def plot(rows: list[dict], metric: str, output: Path, title: str) -> Path:
   parallel_steps = sorted({r["steps"] for r in rows if r["scheme"] != "ar"}) or [1]
   scales = sorted({r["guidance"] for r in rows})
   runs = list(dict.fromkeys(r["run"] for r in rows))
-  palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  palette = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
   pairs = [(run, scale) for run in runs for scale in scales]  # a colour per run and scale
   colors = {pair: palette[i % len(palette)] for i, pair in enumerate(pairs)}
   styles = {"maskgit": "o-", "roar": "s:"}
@@ -168,7 +167,6 @@ def plot(rows: list[dict], metric: str, output: Path, title: str) -> Path:
   fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(output / "decoding.png", dpi=120)
-  plt.close(fig)
   return output / "decoding.png"
 
 

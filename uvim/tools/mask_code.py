@@ -147,9 +147,7 @@ def sheets(outputs: dict, batch: dict, task, code_side: int, sides: list[int],
 
 def write_results(rows: list[dict], metric: str, output: Path, title: str) -> list[Path]:
   """masking.md, masking.csv and masking.png (`metric` against the masked fraction)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure
 
   keys = [k for k in rows[0] if k not in ("mode", "fraction")]
   md = ["| mode | masked | " + " | ".join(keys) + " |", "|" + " --- |" * (len(keys) + 2)]
@@ -161,7 +159,8 @@ def write_results(rows: list[dict], metric: str, output: Path, title: str) -> li
     writer = csv.DictWriter(f, ["mode", "fraction", *keys])
     writer.writeheader()
     writer.writerows(rows)
-  fig, ax = plt.subplots(figsize=(5, 3.6))
+  fig = Figure(figsize=(5, 3.6))
+  ax = fig.subplots()
   for mode in MODES:
     points = [(r["fraction"], r[metric]) for r in rows if r["mode"] == mode]
     ax.plot(*zip(*points, strict=True), "o-", label=mode)
@@ -172,7 +171,6 @@ def write_results(rows: list[dict], metric: str, output: Path, title: str) -> li
   ax.legend()
   fig.tight_layout()
   fig.savefig(output / "masking.png", dpi=110)
-  plt.close(fig)
   return [output / "masking.md", output / "masking.csv", output / "masking.png"]
 
 def run(config, checkpoint: str, source: str, output: Path, *, codes: str, steps: int,

@@ -55,11 +55,10 @@ def error_image(error_HxW: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def plot_word_use(counts: np.ndarray, stats: dict, path: Path, title: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure
 
-  fig, ax = plt.subplots(figsize=(6, 3.4))
+  fig = Figure(figsize=(6, 3.4))
+  ax = fig.subplots()
   ordered = np.sort(counts)[::-1]
   ax.bar(np.arange(len(ordered)), ordered, width=1.0)
   ax.set_yscale("log")
@@ -69,7 +68,6 @@ def plot_word_use(counts: np.ndarray, stats: dict, path: Path, title: str) -> No
                f"{stats['perplexity']:.1f}", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def run(config: mlc.ConfigDict, checkpoint: str, source: str, output: Path,

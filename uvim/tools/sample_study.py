@@ -33,16 +33,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 from absl import app, flags
+from matplotlib.figure import Figure
 
 from uvim import api, cli, input_pipeline
 from uvim.errors import UserError
 from uvim.tools import common
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 
 AXES = ("temperature", "top_k", "top_p")
 BASE = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}  # the setting each axis varies
@@ -295,7 +292,8 @@ def plot(rows: list[dict], axis: str, scoring: Scoring, output: Path, title: str
   rows = sorted((r for r in rows if r["axis"] == axis), key=lambda r: r[axis])
   x = [r[axis] for r in rows]
   fid = "fid" in rows[0]
-  fig, axes = plt.subplots(1, 3 if fid else 2, figsize=(15 if fid else 10, 4))
+  fig = Figure(figsize=(15 if fid else 10, 4))
+  axes = fig.subplots(1, 3 if fid else 2)
   left, right = axes[:2]
   left.errorbar(x, [r["mean"] for r in rows], [r["std"] for r in rows], fmt="o-", capsize=3,
                 label="a sample (mean ± std)")
@@ -320,7 +318,6 @@ def plot(rows: list[dict], axis: str, scoring: Scoring, output: Path, title: str
   fig.tight_layout()
   path = output / f"samples_{axis}.png"
   fig.savefig(path, dpi=120)
-  plt.close(fig)
   return path
 
 
