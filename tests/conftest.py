@@ -9,6 +9,10 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_cpu_collective_call_terminate_timeout_seconds=1800"
                            " --xla_cpu_collective_timeout_seconds=1800"
+                           # Collectives in one order on every device thread: with XLA's
+                           # concurrency-optimised schedule, resuming on an FSDP mesh hung
+                           # under load, each thread at a different all-reduce.
+                           " --xla_cpu_enable_concurrency_optimized_scheduler=false"
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Repeated runs of the same step (resume tests, subprocesses) reuse compiled executables.

@@ -137,10 +137,7 @@ def train_args(data_dir, workdir, mesh="(('data', -1),)"):
 
 def devices_env(devices):
   """The tests' XLA flags (see conftest.py) with `devices` simulated devices; several devices
-  compile with XLA's optimisations. Without them, an FSDP step's independent all-reduces could
-  start in a different order on different device threads of a busy machine, and every thread
-  then waited at its own rendezvous (a hang seen in 3 of ~20 suite runs, reproduced beside one
-  other test; the threads' stacks all in InProcessCommunicator::AllReduce)."""
+  compile with XLA's optimisations."""
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+",
                  f"--xla_force_host_platform_device_count={devices}", os.environ["XLA_FLAGS"])
   env = {**os.environ, "XLA_FLAGS": flags}
