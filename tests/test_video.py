@@ -100,22 +100,6 @@ def test_predict_on_a_clip_and_on_its_frames_writes_the_same_frames_and_an_anima
   assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
       "FATAL --from_previous needs a video --input and a masked model")
 
-  # A masked model can start each frame from the previous frame's code (frame by frame); an
-  # autoregressive one cannot.
-  masked = [*common[:-4], f"--workdir={masked_stage2_workdir}", *common[-3:],
-            "--config.model.masked=True", "--scheme=maskgit",
-            f"--input={clip}", "--from_previous"]
-  result = subprocess.run([*masked, f"--output={tmp_path / 'previous'}"], cwd=ROOT,
-                          capture_output=True, text=True)
-  assert result.returncode == 0, result.stderr[-2000:]
-  previous = json.loads((tmp_path / "previous" / "video.json").read_text())
-  assert previous["frames"] == 9 and previous["code_change"][:4] == [0, 0, 0, 0]
-  result = subprocess.run([*common, f"--input={clip}", "--from_previous",
-                           f"--output={tmp_path / 'ar'}"], cwd=ROOT, capture_output=True,
-                          text=True)
-  assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
-      "FATAL --from_previous needs a video --input and a masked model")
-
   (tmp_path / "broken.mp4").write_bytes(b"\x00" * 64)
   result = subprocess.run([*common, f"--input={tmp_path / 'broken.mp4'}",
                            f"--output={tmp_path / 'out'}"], cwd=ROOT, capture_output=True,
