@@ -1,6 +1,8 @@
 """What happens to real runs: concurrent runs, signals, damaged checkpoints and metrics, full
 disks, config mistakes, and checkpoints loaded the way users load them."""
 
+import asyncio
+import gc
 import json
 import os
 import shutil
@@ -149,6 +151,21 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_resumes(
   assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["3", "6"]
   for (name, a), b in zip(final.items(), checkpoint.flatten(state.params).values(), strict=True):
     np.testing.assert_array_equal(a, b, err_msg=name)  # steps 4-6 redone exactly
+
+
+def test_only_orbax_futures_whose_error_nobody_read_are_not_reported(caplog):
+  """After a failed restore, orbax abandons the reads that failed after the first: asyncio
+  reports each when it is collected. Those are dropped; any other such future is reported."""
+  checkpoint._drop_orbax_abandoned_work_noise()
+  loop = asyncio.new_event_loop()
+  for error in ['OUT_OF_RANGE: Error reading "params.x/0" in OCDBT database', "ours"]:
+    future = loop.create_future()
+    future.set_exception(ValueError(error))
+    del future
+    gc.collect()
+  loop.close()
+  reported = [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()]
+  assert len(reported) == 1 and "ValueError('ours')" in reported[0]
 
 
 # 6. A damaged metrics line is named and set aside, never lost.

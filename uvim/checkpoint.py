@@ -4,10 +4,10 @@ one) and big_vision npz files (flat '/'-joined names) for released models and ex
 import contextlib
 import io
 import json
+import logging as pylogging
 import re
 import shutil
 import sys
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -239,6 +239,7 @@ def in_layout(params: Mapping[str, Any], scanned: bool) -> dict[str, Any]:
 def manager(workdir: str | Path, keep_period: int | None = None) -> ocp.CheckpointManager:
   """Asynchronous orbax checkpoints of a run's whole state in `<workdir>/checkpoints`: the
   latest, and every `keep_period`-th step."""
+  _drop_orbax_abandoned_work_noise()
   return ocp.CheckpointManager(
       (Path(workdir) / "checkpoints").absolute(), item_names=("state",),
       options=ocp.CheckpointManagerOptions(max_to_keep=1, keep_period=keep_period,
@@ -261,9 +262,8 @@ def restore_latest_intact(
   directory = Path(manager.directory)
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      with _abandoned_reads_quiet():
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target)))
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target)))
       return manager, restored["state"], step
     except Exception as e:  # orbax and tensorstore raise many types for damaged files
       with contextlib.suppress(Exception):
@@ -282,46 +282,40 @@ def restore_latest_intact(
   return manager, None, None
 
 
-@contextlib.contextmanager
-def _abandoned_reads_quiet():
-  """Drops what orbax's abandoned reads print when a restore fails on a damaged file: hundreds
-  of tracebacks from its closed event loop while they settle, and one per unfinished read
-  coroutine whenever orbax lets go of it (then a hook drops those, for the rest of the run).
-  The failure itself is raised."""
-  stderr, sys.stderr = sys.stderr, io.StringIO()
-  try:
-    yield
-  except Exception:
-    _drop_unfinished_orbax_coroutines()
-    _settle(sys.stderr)
-    raise
-  finally:
-    sys.stderr = stderr
+def _drop_orbax_abandoned_work_noise() -> None:
+  """Silences (once per process) what orbax's abandoned work prints after a failed save or
+  restore, from threads still running when the failure is raised: hundreds of "Event loop is
+  closed" errors (tensorstore completing writes and reads on the loop orbax closed), a
+  never-finished coroutine per abandoned read, and "exception was never retrieved" for the
+  reads that failed after the first. Everything else passes; the failure itself is raised."""
+  if not getattr(sys.unraisablehook, "drops_orbax", False):
+    sys.unraisablehook = _unraisable_hook_dropping_orbax(sys.unraisablehook)
+  asyncio_log = pylogging.getLogger("asyncio")
+  if _drop_orbax_never_retrieved not in asyncio_log.filters:
+    asyncio_log.addFilter(_drop_orbax_never_retrieved)
 
 
-def _settle(buffer: io.StringIO, settle_s: float = 2.0, most_s: float = 30.0) -> None:
-  """Waits until nothing more is written to `buffer` for `settle_s` (orbax's threads winding
-  down; on a loaded machine they pause for a second between writes)."""
-  start, size = time.monotonic(), -1
-  while buffer.tell() != size and time.monotonic() - start < most_s:
-    size = buffer.tell()
-    time.sleep(settle_s)
-
-
-def _drop_unfinished_orbax_coroutines() -> None:
-  """Installs an unraisable-exception hook that ignores orbax's never-finished coroutines and
-  passes everything else on."""
-  previous = sys.unraisablehook
-  if getattr(previous, "drops_orbax", False):
-    return
-
+def _unraisable_hook_dropping_orbax(previous: Callable) -> Callable:
   def hook(unraisable):
     code = getattr(unraisable.object, "cr_code", None)
-    if code is None or "/orbax/" not in code.co_filename:
+    orbax_coroutine = code is not None and "/orbax/" in code.co_filename
+    closed_loop = (unraisable.exc_type is RuntimeError and unraisable.object is None
+                   and str(unraisable.exc_value) == "Event loop is closed")
+    if not (orbax_coroutine or closed_loop):
       previous(unraisable)
 
   hook.drops_orbax = True
-  sys.unraisablehook = hook
+  return hook
+
+
+_TENSORSTORE_ERROR = re.compile(r"exception=\w+\('[A-Z_]+: ")
+
+
+def _drop_orbax_never_retrieved(record: pylogging.LogRecord) -> bool:
+  """False for asyncio's report of an orbax task or tensorstore future whose error nobody read."""
+  message = record.getMessage()
+  return not ("exception was never retrieved" in message
+              and ("/orbax/" in message or _TENSORSTORE_ERROR.search(message)))
 
 
 def finish_saves(manager: ocp.CheckpointManager) -> None:
@@ -331,16 +325,8 @@ def finish_saves(manager: ocp.CheckpointManager) -> None:
     manager.wait_until_finished()
     manager.check_for_errors()
   except Exception as e:
-    # Stops orbax's threads; their writes in flight then fail on its closed event loop, with a
-    # traceback each (hundreds): the first error, raised below, is the one to report.
-    stderr, sys.stderr = sys.stderr, io.StringIO()
-    try:
-      _drop_unfinished_orbax_coroutines()
-      with contextlib.suppress(Exception):
-        manager.close()
-      _settle(sys.stderr)
-    finally:
-      sys.stderr = stderr
+    with contextlib.suppress(Exception):
+      manager.close()  # stops orbax's threads; the first error, raised here, is the one to report
     raise CheckpointSaveError(f"Saving a checkpoint to {manager.directory} failed: "
                               f"{_first_line(e)}") from e
 
