@@ -136,14 +136,10 @@ def train_args(data_dir, workdir, mesh="(('data', -1),)"):
 
 
 def devices_env(devices):
-  """The tests' XLA flags (see conftest.py) with `devices` simulated devices; several devices
-  compile with XLA's optimisations."""
+  """The tests' XLA flags (see conftest.py) with `devices` simulated devices."""
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+",
                  f"--xla_force_host_platform_device_count={devices}", os.environ["XLA_FLAGS"])
-  env = {**os.environ, "XLA_FLAGS": flags}
-  if devices > 1:
-    env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
-  return env
+  return {**os.environ, "XLA_FLAGS": flags}
 
 
 def run_train(data_dir, workdir, devices, mesh="(('data', -1),)"):
