@@ -19,6 +19,9 @@ from uvim import checkpoint, decoding, input_pipeline, sharding, stages, trainer
 from uvim.errors import UserError
 from uvim.models import lm
 
+# One worker runs the module: its trained fixtures cost a minute on each worker that needs them.
+pytestmark = pytest.mark.xdist_group("multitask")
+
 
 def first_batch(config, size=4) -> dict:
   """The first `size` validation examples through the config's eval pp, as numpy."""

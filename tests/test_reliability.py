@@ -137,6 +137,7 @@ def finished_run(toy_data_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("finished_run")  # one worker trains the fixture
 @pytest.mark.parametrize("how", ["truncated data files", "missing _METADATA", "empty folder"])
 def test_a_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_resumes(
     toy_data_dir, tmp_path, finished_run, how, caplog):
