@@ -296,6 +296,8 @@ def _drop_orbax_abandoned_work_noise() -> None:
 
 
 def _unraisable_hook_dropping_orbax(previous: Callable) -> Callable:
+  """`previous`, except for the closed-loop errors and orbax coroutines named above."""
+
   def hook(unraisable):
     code = getattr(unraisable.object, "cr_code", None)
     orbax_coroutine = code is not None and "/orbax/" in code.co_filename
