@@ -1,11 +1,13 @@
 """Test setup: 8 simulated CPU devices, quiet TF, and helpers to run pp eagerly and in tf.data."""
 
+import faulthandler
 import os
+import sys
 
 # Before any import of jax (TF imports it through keras): simulate 8 devices on the CPU. On a
 # loaded 2-core machine a device thread can wait minutes for the others at a collective; XLA
-# would abort after its default timeout, so tests allow 30 minutes (after pytest's
-# faulthandler_timeout has printed the stacks).
+# would abort after its default timeout, so tests allow 30 minutes (a hung test fails long
+# before: see pytest_runtest_protocol).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_cpu_collective_call_terminate_timeout_seconds=1800"
                            " --xla_cpu_collective_timeout_seconds=1800"
@@ -35,6 +37,32 @@ def pytest_collection_modifyitems(config, items):
   whole suite would wait for it. (Moving more slow tests forward made the suite slower: they
   then compete with it for the cores.)"""
   items.sort(key=lambda item: not item.nodeid.startswith("tests/test_learning.py::"))
+
+
+NATIVE_GRACE_S = 60  # after a test's timeout, before its process is ended from outside Python
+
+
+def pytest_configure(config):
+  # Where a stuck worker's stacks go: the stderr the run started with (a test's own is captured
+  # and would die with the worker).
+  config.stash[_STDERR] = os.fdopen(os.dup(sys.__stderr__.fileno()), "w")
+
+
+_STDERR = pytest.StashKey()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+  """pytest-timeout fails a test at its limit with a signal, which cannot reach Python while the
+  main thread is stuck in native code (an XLA collective): such a test ends its process with
+  every thread's stack `NATIVE_GRACE_S` later, and the run stops naming it."""
+  marker = item.get_closest_marker("timeout")
+  limit = (marker.args[0] if marker and marker.args else
+           marker.kwargs.get("timeout") if marker else item.config.getini("timeout"))
+  faulthandler.dump_traceback_later(float(limit) + NATIVE_GRACE_S, exit=True,
+                                    file=item.config.stash[_STDERR])
+  yield
+  faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -44,6 +44,7 @@ def train(config: str, workdir: Path, data_dir: Path, steps: int, *overrides: st
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # two trainings of minutes each (9.5 on 2 busy cores)
 def test_smoke_recipes_find_the_objects(tmp_path):
   data_dir = tmp_path / "tfds"
   tfds.builder("toy_scenes/medium", data_dir=data_dir).download_and_prepare()
