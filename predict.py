@@ -13,13 +13,23 @@ orientation applied), converted to RGB, resized for the model and its prediction
 the task writes its files per image (panoptic: COCO PNG + JSON + overlay; depth: 16-bit PNG
 in mm + preview; colour: JPEG), and
 `contact_sheet.png` shows, like the paper's Figures 7-9: ground truth | the model's input |
-T=0 | T=1 samples. Files are named after their input (`a.png`, `a.jpg`: `a_png.*`, `a_jpg.*`);
-an `--output` that holds the inputs is refused, before the model loads. An unreadable file is
-reported and skipped; the exit status is then non-zero.
+T=0 | T=1 samples.
+
+Each input's files go in a folder of its own, named after the whole input:
+`<output>/predictions/<input file name, tfds index or frame_NNNNN>/<task>[_s<k>].*` (sample k
+> 0 of --num_samples), so that no input's name can reach another input's files or the run's own
+(`contact_sheet.png`, `animation.gif`, `video.json`, beside `predictions/`). Every file is
+written to a temporary name and renamed. Before the model loads, predict.py refuses an --output
+that is a file, holds the inputs, cannot be written, is used by another predict.py, or holds an
+earlier run's predictions (--overwrite replaces them). A workdir's recorded config is the
+source of truth: `--config.<key>=` changes a setting by saying so. An unreadable image or frame
+is reported and skipped; the exit status is then non-zero.
 """
 
 import json
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,7 +38,7 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
-from uvim import api, cli, decoding, input_pipeline, video, visualize
+from uvim import api, cli, decoding, files, input_pipeline, video, visualize, workdir
 from uvim.errors import UserError
 
 _CONFIG = cli.define_config_flag()
@@ -53,7 +63,10 @@ _CHAIN = flags.DEFINE_list("chain", None, "Multi-task models: the tasks to decod
                            "each conditioned on those before (default: all, in order).")
 _GIVEN = flags.DEFINE_list("given", [], "Multi-task models and a tfds --input: tasks whose code "
                            "is the oracle's code of the ground truth, a condition of the chain.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per forward pass.", lower_bound=1,
+                                    upper_bound=1024)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the predictions of an earlier run in "
+                               "--output (refused otherwise: old files would mix with new ones).")
 _SHEET_ROWS = flags.DEFINE_integer("sheet_rows", 8, "Images on the contact sheet (0: none).")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -71,15 +84,19 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"predict.py runs stage II models ('proj.uvim.lm'); this config has "
                          f"{config.model_name!r}. A stage I oracle needs labels: evaluate it with "
                          "train.py --config.total_steps=0 --config.model_init=<checkpoint>.")
-  if _ORACLE.value:
-    config.oracle.model_init = _ORACLE.value
   source = _CHECKPOINT.value or _WORKDIR.value
   if not source:
     raise app.UsageError("Give --workdir or --checkpoint (the trained stage II model).")
   try:
+    explicit = cli.explicit_keys()
+    if _ORACLE.value:
+      config.oracle.model_init = _ORACLE.value
+      explicit.append("oracle.model_init")
+    config = api.run_config(config, source, explicit)
     inputs = check_input_and_output(_INPUT.value, Path(_OUTPUT.value), config.data_dir,
                                     frames=_VIDEO.value)
     decoding.Sampling.of(**_SAMPLING())  # the options' domains, before the model loads
+    lock = prepare_output(Path(_OUTPUT.value), _OVERWRITE.value)
     model = api.Model(config, source)
     if not model.stage.multitask and (_CHAIN.value or _GIVEN.value):
       raise UserError("--chain and --given need a multi-task model (config.oracles)")
@@ -90,6 +107,7 @@ def main(argv: list[str]) -> None:
     failures = run(model, inputs, Path(_OUTPUT.value), options=options,
                    batch_size=_BATCH_SIZE.value, sheet_rows=_SHEET_ROWS.value,
                    sheet_samples=_SHEET_SAMPLES.value, from_previous=_FROM_PREVIOUS.value)
+    lock.release()
   except UserError as e:
     sys.exit(f"FATAL {e}")
   if failures:
@@ -135,13 +153,37 @@ def check_input_and_output(source: str, output: Path, data_dir: str | None = Non
   return files
 
 
-def output_names(files: Sequence[Path]) -> list[str]:
-  """A distinct file-name stem per input: its stem, or, where inputs share one (a.png, a.jpg),
-  its name with the suffix's dot as '_' (a_png, a_jpg)."""
-  stems = [f.stem for f in files]
-  names = [s if stems.count(s) == 1 else f.name.replace(".", "_") for s, f in
-           zip(stems, files, strict=True)]
-  return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+PREDICTIONS = "predictions"  # the folder of the per-input folders, in --output
+RUN_FILES = ("contact_sheet.png", "animation.gif", "video.json")  # beside it
+
+
+def prediction_stem(output: Path, name: str, task: str, sample: int = 0) -> Path:
+  """Where the files of input `name` (its whole file name, tfds index or frame) for `task` and
+  sample `sample` begin: a folder per input, which no other input's name can reach."""
+  return output / PREDICTIONS / name / (task + (f"_s{sample}" if sample else ""))
+
+
+def prepare_output(output: Path, overwrite: bool = False) -> workdir.WorkdirLock:
+  """Readies `--output` before the model loads: a folder this process can write, locked against a
+  second predict.py, holding no earlier run's predictions (refused, or with `overwrite`
+  removed: old files never mix with new ones). Returns the held lock."""
+  try:
+    output.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=output):
+      pass
+  except OSError as e:
+    raise UserError(f"--output {output}: cannot write there ({e.strerror})") from None
+  lock = workdir.WorkdirLock(output, name=".predict.lock", user="predict.py",
+                             advice="give another --output").acquire()
+  earlier = [p for p in (output / PREDICTIONS, *(output / f for f in RUN_FILES)) if p.exists()]
+  if earlier and not overwrite:
+    lock.release()
+    raise UserError(f"--output {output} holds an earlier run's predictions "
+                    f"({', '.join(p.name for p in earlier)}); give another folder, or "
+                    "--overwrite to replace them")
+  for path in earlier:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+  return lock
 
 
 def run(model: api.Model, source: "str | list[Path] | video.Clip", output: Path, *,
@@ -152,8 +194,9 @@ def run(model: api.Model, source: "str | list[Path] | video.Clip", output: Path,
   (`sheet_samples` T = 1 samples each) into `output`, and for a video its `Film` (with
   `from_previous`, each frame decoded alone from the previous frame's code); returns the
   inputs that failed. `options` are those of
-  `api.Model.predict_batch` (sampling, `chain`, `given`). A model with several tasks writes
-  `<name>_<task>.*` for every task of the chain and every given one."""
+  `api.Model.predict_batch` (sampling, `chain`, `given`). Each input's files are
+  `prediction_stem(output, name, task, sample)`.* for every task of the chain and every given
+  one."""
   stage, given = model.stage, tuple(options.get("given") or ())
   if given and not isinstance(source, str):
     raise UserError("--given needs a tfds --input (the ground truth of the given tasks)")
@@ -181,9 +224,8 @@ def run(model: api.Model, source: "str | list[Path] | video.Clip", output: Path,
     for i, example in enumerate(batch_examples):
       for n in names:
         for k in range(num_samples):
-          stem = example["name"] + (f"_{n}" if stage.multitask else "") + (f"_s{k}" if k else "")
-          model.tasks[n].save(take(outputs, i, k), example["image"], output / stem,
-                              categories[n])
+          model.tasks[n].save(take(outputs, i, k), example["image"],
+                              prediction_stem(output, example["name"], n, k), categories[n])
       if extra is not None and len(rows) < sheet_rows:
         rows.append((sheet.row(example, take(outputs, i, 0), extra, i), example["name"]))
       if film:
@@ -198,7 +240,7 @@ def run(model: api.Model, source: "str | list[Path] | video.Clip", output: Path,
   if rows:
     image = visualize.contact_sheet([r for r, _ in rows], sheet.titles,
                                     [n[:16] for _, n in rows], cell_size=160)
-    visualize.save_png(output / "contact_sheet.png", image)
+    visualize.save_png(output / RUN_FILES[0], image)
   print(f"Wrote predictions for {done} image(s) to {output}", file=sys.stderr)
   return failures
 
@@ -249,34 +291,45 @@ class ChainSheet:
 
 class Film:
   """A video's predictions: the animation (the frame beside each task's prediction) and the
-  code of every frame, for how much it changes between neighbouring frames."""
+  code of every frame, for how much it changes between neighbouring frames. The animation
+  holds at most `MAX_FRAMES` frames, evenly spread (every `stride`-th; the stride doubles each
+  time they would overflow), so memory stays bounded on clips of any length."""
+
+  HEIGHT = 240  # most pixels of the animation's height (a frame's own size if smaller)
+  MAX_FRAMES = 300
 
   def __init__(self, model: api.Model, names: Sequence[str], fps: float):
     self.model, self.names, self.fps = model, names, fps
     self.frames: list[np.ndarray] = []
     self.codes: list[np.ndarray] = []
-
-  HEIGHT = 240  # most pixels of the animation's height (a frame's own size if smaller)
+    self.stride = 1
 
   def add(self, image: np.ndarray, outputs: dict) -> None:
+    self.codes.append(outputs["code"])
+    if (len(self.codes) - 1) % self.stride:
+      return
+    if len(self.frames) == self.MAX_FRAMES:
+      self.frames, self.stride = self.frames[::2], 2 * self.stride
+      if (len(self.codes) - 1) % self.stride:
+        return
     height, width = image.shape[:2]
     if height > self.HEIGHT:
       size = (round(width * self.HEIGHT / height), self.HEIGHT)
       image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
     cells = [image, *(self.model.tasks[n].render(outputs, image) for n in self.names)]
     self.frames.append(video.side_by_side(cells))
-    self.codes.append(outputs["code"])
 
   def write(self, output: Path, frames_per_second: float) -> dict:
     """`animation.gif` and `video.json`; returns the latter's summary."""
-    video.write_gif(output / "animation.gif", self.frames, self.fps)
+    video.write_gif(output / RUN_FILES[1], self.frames, self.fps / self.stride)
     changes = video.code_changes(np.stack(self.codes))
-    summary = {"frames": len(self.frames), "clip_fps": self.fps,
+    summary = {"frames": len(self.codes), "clip_fps": self.fps,
+               "animation_frames": len(self.frames), "animation_stride": self.stride,
                "frames_per_second": round(frames_per_second, 2),
                "code_change_mean": float(changes.mean()) if len(changes) else 0.0,
                "code_change_max": float(changes.max()) if len(changes) else 0.0,
                "code_change": [round(float(c), 4) for c in changes]}
-    (output / "video.json").write_text(json.dumps(summary, indent=1) + "\n")
+    files.write_text(output / RUN_FILES[2], json.dumps(summary, indent=1) + "\n")
     print(f"{summary['frames']} frames at {frames_per_second:.1f} frames/s (after the first "
           f"batch); code words changed between neighbouring frames: "
           f"{100 * summary['code_change_mean']:.1f}% on average, "
@@ -315,10 +368,15 @@ def read_inputs(source: "str | list[Path] | video.Clip", model: api.Model,
 
   config = model.config
   if isinstance(source, video.Clip):
-    return Inputs(({"name": f"frame_{i:05d}", "image": frame, "model": model.preprocess(frame)}
-                   for i, frame in enumerate(source)), source.count)
+    names = [f"frame_{i:05d}" for i in range(source.count)]
+    if source.frames:  # a folder of frames: an unreadable one is skipped, as an image is
+      return Inputs(_file_examples(source.frames, names, model.preprocess, failures),
+                    source.count)
+    return Inputs(({"name": name, "image": frame, "model": model.preprocess(frame)}
+                   for name, frame in zip(names, source, strict=False)), source.count)
   if not isinstance(source, str):
-    return Inputs(_file_examples(source, model.preprocess, failures), len(source))
+    return Inputs(_file_examples(source, [f.name for f in source], model.preprocess, failures),
+                  len(source))
   dataset, split = split_source(source)
   builder = input_pipeline.get_builder(dataset, config.data_dir)
   pp = get_preprocess_fn(config.pp_eval, config.pp_modules)
@@ -332,8 +390,9 @@ def split_source(source: str) -> tuple[str, str]:
   return source[:colon], source[colon + 1:]
 
 
-def _file_examples(files: list[Path], preprocess, failures: list[str]) -> Iterator[dict]:
-  for file, name in zip(files, output_names(files), strict=True):
+def _file_examples(paths: Sequence[Path], names: Sequence[str], preprocess,
+                   failures: list[str]) -> Iterator[dict]:
+  for file, name in zip(paths, names, strict=True):
     try:
       image = api.read_image(file)
     except Exception as e:  # any unreadable file is reported and skipped

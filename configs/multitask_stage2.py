@@ -63,9 +63,12 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   chosen = [p.partition("=")[2] for p in pieces if p.partition("=")[0].strip() == "tasks"]
   names = chosen[-1].split("+") if chosen else list(TASKS)
   unknown = sorted(set(names) - set(TASKS))
-  if unknown or len(names) < 2:
-    raise ValueError(f"tasks={'+'.join(names)}: name two or more of {sorted(TASKS)}, joined "
-                     "by +")
+  twice = sorted({n for n in names if names.count(n) > 1})
+  if unknown or twice or len(names) < 2:
+    why = (f"unknown task(s) {unknown}" if unknown else f"{twice} named twice" if twice
+           else "one task")
+    raise ValueError(f"tasks={'+'.join(names)}: {why}; name two or more different tasks of "
+                     f"{sorted(TASKS)}, joined by +")
   rest = ",".join(p for p in pieces if p.partition("=")[0].strip() != "tasks")
   return build({name: TASKS[name] for name in names}, rest)
 

@@ -377,3 +377,16 @@ def test_chain_study_scores_every_chain_of_two_and_three_tasks():
   assert rows["image + true colorization and depth codes -> panoptic"] == {
       "chain": ("panoptic",), "given": ("colorization", "depth")}
   assert len(chain_study.chains(("depth", "panoptic"))) == 2 * 3  # no chains of three
+
+
+def test_chain_study_refuses_singles_that_are_not_single_task_runs(trained, oracles, tmp_path):
+  """Checked before any chain is scored: a stage I run given as a single used to fail after
+  every chain was scored, writing nothing."""
+  from uvim.tools import chain_study
+
+  _, workdir = trained
+  with pytest.raises(UserError, match=r"--singles .*: not a single-task stage II run \(model_name "
+                                      "'proj.uvim.vit'"):
+    chain_study.run(str(workdir), "validation[:4]", tmp_path / "out",
+                    singles=[str(oracles["panoptic"])], sampling={})
+  assert not (tmp_path / "out").exists()

@@ -155,38 +155,76 @@ def test_a_checkpoint_and_the_config_must_agree_on_position_embeddings(tmp_path)
     stages.StageII(config).load_init(str(tmp_path / "sincos.npz"), {}, {})
 
 
+def decoy_oracle(oracle_workdir, directory: Path) -> Path:
+  """Another oracle of the same settings (its weights perturbed), exported as a run exports
+  one: `params.npz` beside its `config.json`."""
+  variables = checkpoint.load_variables(str(oracle_workdir))
+  rng = np.random.default_rng(0)
+  variables["params"] = jax.tree.map(
+      lambda x: np.asarray(x) + rng.normal(0, 0.5, np.shape(x)).astype(np.asarray(x).dtype),
+      variables["params"])
+  directory.mkdir()
+  checkpoint.save_npz(directory / "params.npz", variables)
+  shutil.copy(oracle_workdir / "config.json", directory / "config.json")
+  return directory / "params.npz"
+
+
 @pytest.mark.slow
-def test_predict_cli_writes_files_at_the_input_size(toy_data_dir, oracle_workdir,
-                                                    stage2_workdir, tmp_path):
+def test_predict_cli_writes_each_input_in_its_own_folder_with_the_recorded_oracle(
+    toy_data_dir, oracle_workdir, stage2_workdir, tmp_path):
+  """predict.py on the README's command: files at each input's size, one folder per input
+  (dotted names and names like other inputs' outputs lose nothing), decoded with the oracle
+  the run recorded even where --config's file names another."""
   images = tmp_path / "images"
   images.mkdir()
   rng = np.random.default_rng(0)
-  Image.fromarray(rng.integers(0, 255, (90, 130, 3), np.uint8)).save(images / "wide.jpg")
-  Image.fromarray(rng.integers(0, 255, (70, 40), np.uint8)).save(images / "gray.png")
-  Image.fromarray(rng.integers(0, 255, (33, 33, 4), np.uint8)).save(images / "rgba.png")
+  sizes = {"wide.jpg": (90, 130), "gray.png": (70, 40), "rgba.png": (33, 33),
+           "scan.001.png": (20, 30), "scan.002.png": (21, 30), "scan.003.png": (22, 30),
+           "same.jpg": (23, 30), "same.png": (24, 30), "a.png": (25, 30),
+           "a_overlay.png": (26, 30), "contact_sheet.png": (27, 30)}
+  for name, size in sizes.items():
+    channels = {"gray.png": (), "rgba.png": (4,)}.get(name, (3,))
+    Image.fromarray(rng.integers(0, 255, (*size, *channels), np.uint8)).save(images / name)
   (images / "broken.jpg").write_bytes(b"not an image")
   (images / "notes.txt").write_text("ignored")
-  for suffix in ("png", "jpg"):  # one stem, two inputs: two sets of files
-    Image.fromarray(rng.integers(0, 255, (20, 30, 3), np.uint8)).save(images / f"same.{suffix}")
-  common = [sys.executable, "predict.py", "--config", "configs/panoptic_stage2.py:smoke",
-            f"--config.data_dir={toy_data_dir}", "--config.dataset=toy_scenes/tiny",
-            *(f"--config.oracle.model.{k}={v}" for k, v in TINY.items()),
-            *(f"--config.model.{k}={v}" for k, v in LM_TINY.items()),
-            f"--workdir={stage2_workdir}", f"--oracle_checkpoint={oracle_workdir}"]
+  # --config's file names another oracle (same settings, other weights): the run's holds.
+  decoy = decoy_oracle(oracle_workdir, tmp_path / "decoy")
+  (tmp_path / "decoy_config.py").write_text(
+      "from configs import panoptic_stage2\n\n\ndef get_config(arg=None):\n"
+      "  c = panoptic_stage2.get_config(arg)\n"
+      f"  c.oracle.model_init = {str(decoy)!r}\n  return c\n")
+  common = [sys.executable, "predict.py", "--config", f"{tmp_path / 'decoy_config.py'}:smoke",
+            f"--workdir={stage2_workdir}"]
   out = tmp_path / "out"
   result = subprocess.run([*common, f"--input={images}", f"--output={out}"], cwd=ROOT,
                           capture_output=True, text=True)
   assert result.returncode == 1, result.stderr[-2000:]
   assert "broken.jpg" in result.stderr and "1 input(s) failed" in result.stderr
-  for name, size in (("wide", (90, 130)), ("gray", (70, 40)), ("rgba", (33, 33))):
-    ids = rgb_to_id(np.asarray(Image.open(out / f"{name}.png")))
+  assert "oracle.model_init" in result.stderr  # the ignored setting is named
+  assert sorted(p.name for p in (out / "predictions").iterdir()) == sorted(sizes)
+  task = "panoptic_segmentation"
+  for name, size in sizes.items():
+    folder = out / "predictions" / name
+    assert sorted(p.name for p in folder.iterdir()) == [
+        f"{task}.json", f"{task}.png", f"{task}_overlay.png"]
+    ids = rgb_to_id(np.asarray(Image.open(folder / f"{task}.png")))
     assert ids.shape == size
-    info = json.loads((out / f"{name}.json").read_text())["segments_info"]
+    info = json.loads((folder / f"{task}.json").read_text())["segments_info"]
     assert {s["id"] for s in info} == set(np.unique(ids)) - {0}
     assert all(s["area"] == np.sum(ids == s["id"]) for s in info)
-    assert np.asarray(Image.open(out / f"{name}_overlay.png")).shape == (*size, 3)
-  assert (out / "contact_sheet.png").is_file()
-  assert {"same_png.png", "same_jpg.png"} <= {p.name for p in out.iterdir()}
+    assert np.asarray(Image.open(folder / f"{task}_overlay.png")).shape == (*size, 3)
+  assert np.asarray(Image.open(out / "contact_sheet.png")).shape[0] > 3 * 160  # 8 rows
+
+  # The files are the recorded model's predictions, not the decoy oracle's.
+  image = api.read_image(images / "wide.jpg")
+  written = rgb_to_id(np.asarray(Image.open(out / "predictions/wide.jpg" / f"{task}.png")))
+  for oracle, same in ((None, True), (str(decoy), False)):
+    model = api.load(str(stage2_workdir), oracle=oracle)
+    outputs = model.predict([image])
+    model.task.save({k: v[0, 0] for k, v in outputs.items()}, image, tmp_path / "ref" / "x",
+                    model.task.categories(model.config, model.oracles[task].config))
+    expected = rgb_to_id(np.asarray(Image.open(tmp_path / "ref/x.png")))
+    assert np.array_equal(written, expected) == same
 
   # An --output that holds the inputs would overwrite them (same.png) and feed the outputs to
   # the next run: refused before the model loads, nothing written.
@@ -198,12 +236,12 @@ def test_predict_cli_writes_files_at_the_input_size(toy_data_dir, oracle_workdir
 
   out = tmp_path / "tfds"
   result = subprocess.run([*common, "--input=toy_scenes/tiny:validation[:3]",
-                           f"--output={out}", "--num_samples=2", "--temperature=1"],
+                           f"--config.data_dir={toy_data_dir}", f"--output={out}",
+                           "--num_samples=2", "--temperature=1"],
                           cwd=ROOT, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-2000:]
-  assert sorted(p.name for p in out.glob("*.json")) == [
-      "00000.json", "00000_s1.json", "00001.json", "00001_s1.json", "00002.json",
-      "00002_s1.json"]
+  assert sorted(str(p.relative_to(out)) for p in out.glob("predictions/*/*.json")) == [
+      f"predictions/{i:05d}/{task}{s}.json" for i in range(3) for s in ("", "_s1")]
   sheet = np.asarray(Image.open(out / "contact_sheet.png"))
   assert sheet.shape[0] > 3 * 160  # three rows of 160-px cells
 

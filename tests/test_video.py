@@ -68,7 +68,8 @@ def test_predict_on_a_clip_and_on_its_frames_writes_the_same_frames_and_an_anima
     assert result.returncode == 0, result.stderr[-2000:]
     assert "frames/s" in result.stderr
     summaries[name] = json.loads((tmp_path / f"out_{name}" / "video.json").read_text())
-  read = lambda name, i: np.asarray(Image.open(tmp_path / f"out_{name}" / f"frame_{i:05d}.png"))
+  read = lambda name, i: np.asarray(Image.open(
+      tmp_path / f"out_{name}" / f"predictions/frame_{i:05d}/panoptic_segmentation.png"))
   for i in range(9):
     np.testing.assert_array_equal(read("clip", i), read("frames", i))
   summary = summaries["clip"]

@@ -20,6 +20,7 @@ The stage I oracle alone is a tokenizer of task outputs:
 """
 
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
+from absl import logging
 from PIL import Image, ImageOps
 
-from uvim import cli, stages
+from uvim import checkpoint, cli, stages
 from uvim import workdir as workdir_lib
 from uvim.decoding import Sampling
 from uvim.errors import UserError
@@ -193,12 +195,48 @@ def load_config(source: str) -> mlc.ConfigDict:
   """The config of a workdir (`config.json`) or of a config file (`path.py[:arg]`)."""
   recorded = Path(source, "config.json")
   if recorded.exists():
-    return mlc.ConfigDict(workdir_lib.resolve_paths(json.loads(recorded.read_text()), source))
+    return mlc.ConfigDict(workdir_lib.resolve_paths(checkpoint.read_config_json(recorded),
+                                                    source))
   if not Path(source.partition(":")[0]).exists():
     raise UserError(f"{source}: no such training workdir or config file")
   if not Path(source.partition(":")[0]).is_file():
     raise UserError(f"{source}: neither a training workdir (with config.json) nor a config file")
   return cli.load_config(source)
+
+
+def run_config(config: mlc.ConfigDict, source: str,
+               explicit: Sequence[str] = ()) -> mlc.ConfigDict:
+  """The config to load the trained model `source` (a workdir, or a run's exported params.npz)
+  with: the config its run recorded, every setting (its oracle included) as trained, with the
+  dotted keys `explicit` (set on the command line) taken from `config`, each named on stderr.
+  `config` itself when `source` records nothing (a released npz). Keys where `config` differs
+  from the record unasked are named in a warning: the record's values hold."""
+  found = checkpoint.recorded_config(source)
+  if found is None:
+    return config
+  saved, config_file = found
+  recorded = mlc.ConfigDict(workdir_lib.resolve_paths(saved, config_file.parent))
+  for key in explicit:
+    value, before = cli.lookup(config, key), cli.lookup(recorded, key)
+    if value != before:
+      print(f"config.{key} = {value!r} (command line; the run recorded {before!r})",
+            file=sys.stderr)
+      *parents, leaf = key.split(".")
+      node = cli.lookup(recorded, ".".join(parents)) if parents else recorded
+      if not isinstance(node, mlc.ConfigDict):
+        raise UserError(f"--config.{key}: {config_file} has no section config."
+                        f"{'.'.join(parents)}")
+      with node.ignore_type():
+        node[leaf] = value
+  ours = checkpoint.flatten_json(json.loads(config.to_json_best_effort()))
+  theirs = checkpoint.flatten_json(json.loads(recorded.to_json_best_effort()))
+  unasked = [k for k in ours if k in theirs and ours[k] != theirs[k]
+             and not any(k == e or k.startswith(f"{e}.") for e in explicit)]
+  if unasked:
+    logging.warning("Using %s: --config differs from it in %s%s; the run's values hold (set "
+                    "--config.<key> to change one).", config_file, ", ".join(unasked[:8]),
+                    f" and {len(unasked) - 8} more" if len(unasked) > 8 else "")
+  return recorded
 
 
 def read_image(path: str | Path) -> np.ndarray:

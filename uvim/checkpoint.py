@@ -8,6 +8,7 @@ import logging as pylogging
 import re
 import shutil
 import sys
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -42,10 +43,15 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
 
 
 def load_npz(path: str | Path) -> dict[str, Any]:
-  """A big_vision npz checkpoint as a nested dict of numpy arrays."""
-  with open(path, "rb") as f:
-    data = np.load(io.BytesIO(f.read()), allow_pickle=False)
-    return unflatten({k: data[k] for k in data.files})
+  """A big_vision npz checkpoint as a nested dict of numpy arrays; a cut or damaged file is a
+  UserError naming it."""
+  try:
+    with open(path, "rb") as f:
+      data = np.load(io.BytesIO(f.read()), allow_pickle=False)
+      return unflatten({k: data[k] for k in data.files})
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise UserError(f"{path}: not a readable .npz checkpoint, damaged or cut short "
+                    f"({type(e).__name__}: {_first_line(e)})") from None
 
 
 def save_npz(path: str | Path, tree: Any) -> None:
@@ -68,16 +74,29 @@ def flatten_json(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def load_params_from_workdir(workdir: str | Path) -> dict[str, Any]:
-  """{'params', 'state'} of the latest checkpoint in one of our training workdirs."""
+  """{'params', 'state'} of the latest intact checkpoint in one of our training workdirs: one
+  that does not restore (a half-deleted or cut checkpoint) is skipped with a warning saying why,
+  as train.py does, but left where it is (readers do not move a run's files)."""
   checkpoints = manager(workdir)
-  step = checkpoints.latest_step()
-  if step is None:
+  steps = sorted(checkpoints.all_steps(), reverse=True)
+  if not steps:
     raise UserError(f"No checkpoint in {checkpoints.directory} (expected a training workdir or "
                     "a big_vision .npz file)")
-  restored = checkpoints.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))
-  state = restored["state"]
-  return {"params": state["params"], "state": state["model_state"]}
+  for step in steps:
+    try:
+      restored = checkpoints.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore()))
+      state = restored["state"]
+      return {"params": state["params"], "state": state["model_state"]}
+    except Exception as e:  # orbax and tensorstore raise many types for damaged files
+      logging.warning("Skipping the checkpoint of step %d in %s: it does not restore (%s: %s); "
+                      "trying the previous one.", step, checkpoints.directory,
+                      type(e).__name__, _first_line(e))
+      with contextlib.suppress(Exception):
+        checkpoints.close()
+      checkpoints = manager(workdir)
+  raise UserError(f"{checkpoints.directory}: none of the checkpoints {steps} restores (damaged); "
+                  "see the warnings above")
 
 
 def load_variables(path: str | Path) -> dict[str, Any]:
@@ -96,7 +115,20 @@ def recorded_config(path: str | Path) -> tuple[dict, Path] | None:
   config_file = path.with_name("config.json") if path.suffix == ".npz" else path / "config.json"
   if (path.suffix == ".npz" and path.name != "params.npz") or not config_file.exists():
     return None
-  return json.loads(config_file.read_text()), config_file
+  return read_config_json(config_file), config_file
+
+
+def read_config_json(config_file: Path) -> dict:
+  """A run's recorded config; a cut, empty or unreadable file is a UserError naming it."""
+  try:
+    saved = json.loads(config_file.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise UserError(f"{config_file}: damaged, not the JSON a run records ({e}); restore it from "
+                    "a copy (each run also keeps config.step_<N>.json when its config changed)"
+                    ) from None
+  if not isinstance(saved, dict):
+    raise UserError(f"{config_file}: damaged, it holds no config (a JSON object)")
+  return saved
 
 
 def check_recorded_model(path: str, model: Any, *, model_name: str, key: str,

@@ -100,7 +100,7 @@ def split_late_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str
   keep, late = [], []
   for arg in argv:
     path, _, text = arg[len(CONFIG_FLAG) + 3:].partition("=")
-    node = _lookup(config, path) if arg in overrides else None
+    node = lookup(config, path) if arg in overrides else None
     is_path = (isinstance(node, mlc.ConfigDict) and path.split(".")[-1] in PATH_OR_DICT_KEYS
                and not text.lstrip().startswith(("{", "dict(")))
     if isinstance(node, list) or is_path:
@@ -112,12 +112,12 @@ def split_late_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str
 
 def apply_override(config: mlc.ConfigDict, path: str, text: str, arg: str) -> None:
   """Sets the list or path override `arg` (`--config.<path>=<text>`) on `config`."""
-  if isinstance(_lookup(config, path), list):
+  if isinstance(lookup(config, path), list):
     try:
       value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
       raise ValueError(f"{arg}: config.{path} is a list; give a Python list, e.g. "
-                       f"--config.{path}=\"{_lookup(config, path)!r}\"") from None
+                       f"--config.{path}=\"{lookup(config, path)!r}\"") from None
   else:
     value = text
   try:
@@ -145,7 +145,15 @@ def set_value(config: mlc.ConfigDict, path: str, value) -> None:
     node[key] = value
 
 
-def _lookup(config: mlc.ConfigDict, path: str):
+def explicit_keys(argv: Sequence[str] | None = None) -> list[str]:
+  """The dotted config keys the command line sets (`--config.a.b=...`): what a user changed by
+  saying so, on top of a recorded run's config."""
+  argv = sys.argv if argv is None else argv
+  prefix = f"--{CONFIG_FLAG}."
+  return [a[len(prefix):].partition("=")[0] for a in argv if a.startswith(prefix)]
+
+
+def lookup(config: mlc.ConfigDict, path: str):
   """The value at dotted `path`, or None when there is none."""
   node = config
   for part in path.split("."):

@@ -33,6 +33,11 @@ def _option(default: Any, help_text: str, choices: tuple[str, ...] = ()) -> Any:
   return dataclasses.field(default=default, metadata={"help": help_text, "choices": choices})
 
 
+# Bounds of the options: beyond them a code is noise (temperature), overflows (guidance), or
+# its samples do not fit in memory; values outside are mistakes, refused before any work.
+MAX_TEMPERATURE, MAX_GUIDANCE, MAX_SAMPLES = 100.0, 100.0, 256
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampling:
   """How stage II writes a code: every sampling option with its default, its meaning and its
@@ -73,11 +78,17 @@ class Sampling:
       value, choices = getattr(self, f.name), f.metadata["choices"]
       if choices and value not in choices and not (value is None and f.default is None):
         raise UserError(f"{f.name} must be one of {choices}, got {value!r}")
-    domains = {"steps": self.steps >= 1, "temperature": self.temperature >= 0,
-               "choice_temperature": self.choice_temperature >= 0, "top_k": self.top_k >= 0,
-               "top_p": 0 < self.top_p <= 1, "num_samples": self.num_samples >= 1}
-    rules = {"steps": ">= 1", "temperature": ">= 0 (0: argmax)", "choice_temperature": ">= 0",
-             "top_k": ">= 0 (0: all)", "top_p": "in (0, 1]", "num_samples": ">= 1"}
+    # Comparisons are False for NaN; the bounds exclude infinities.
+    domains = {"steps": self.steps >= 1,
+               "temperature": 0 <= self.temperature <= MAX_TEMPERATURE,
+               "choice_temperature": 0 <= self.choice_temperature <= MAX_TEMPERATURE,
+               "top_k": self.top_k >= 0, "top_p": 0 < self.top_p <= 1,
+               "num_samples": 1 <= self.num_samples <= MAX_SAMPLES,
+               "guidance": -MAX_GUIDANCE <= self.guidance <= MAX_GUIDANCE}
+    rules = {"steps": ">= 1", "temperature": f"in [0, {MAX_TEMPERATURE}] (0: argmax)",
+             "choice_temperature": f"in [0, {MAX_TEMPERATURE}]", "top_k": ">= 0 (0: all)",
+             "top_p": "in (0, 1]", "num_samples": f"in [1, {MAX_SAMPLES}]",
+             "guidance": f"in [-{MAX_GUIDANCE}, {MAX_GUIDANCE}] (1: none)"}
     for name, ok in domains.items():
       if not ok:
         raise UserError(f"{name} must be {rules[name]}, got {getattr(self, name)!r}")
@@ -119,6 +130,9 @@ class Sampling:
     self.check_model(model)
     if model.masked and not 1 <= self.steps <= code_len:
       raise UserError(f"steps {self.steps}: must be between 1 and the code length {code_len}")
+    if self.top_k > model.vocab_size:
+      raise UserError(f"top_k {self.top_k}: more than the model's {model.vocab_size} code words "
+                      "(0: all)")
 
 
 def filter_logits(logits_NxV: jnp.ndarray, *, top_k: int, top_p: float) -> jnp.ndarray:

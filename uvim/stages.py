@@ -288,6 +288,10 @@ class StageII:
       steps.append((name, step))
     if not steps:
       raise UserError(f"chain is empty: name the task(s) to decode, of {self.names}")
+    names = [n for n, _ in steps]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+      raise UserError(f"chain: {twice} named twice; each task is decoded once")
     return tuple(steps)
 
   def prediction_options(self, options: Mapping[str, Any], where: str) -> dict:

@@ -72,6 +72,10 @@ def check_config(config: mlc.ConfigDict) -> None:
     if key not in known and not is_eval_section:  # a section left out of `evals` is unused
       raise UserError(f"Unknown config key {key!r}; {did_you_mean(key, known)}known: "
                       f"{sorted(known)}")
+  missing = workdir_lib.missing_model_inits(config.to_dict())
+  if missing:  # before the workdir is touched: a failed start leaves nothing behind
+    raise UserError(f"model_init {missing[0]}: no such file or folder (a relative path is read "
+                    f"from {Path.cwd()})")
   for key in ("batch_size", "log_training_steps", "checkpoint_steps"):
     _check_int(config, key, minimum=1)
   for key in ("keep_checkpoint_steps", "log_eval_steps", "grad_accum_steps"):
@@ -247,12 +251,14 @@ def record_config(config: mlc.ConfigDict, workdir: Path, is_main: bool) -> None:
   current = json.loads(config.to_json_best_effort())
   latest = checkpoint.manager(workdir).latest_step()  # on every host
   if latest is not None and path.exists():
-    saved = workdir_lib.resolve_paths(json.loads(path.read_text()), workdir)
+    saved = workdir_lib.resolve_paths(checkpoint.read_config_json(path), workdir)
     changed = _compare_configs(saved, workdir_lib.absolute_paths(current))
     model = [k for k in changed if k.split(".")[0] in RESUME_KEYS]
     if model:
-      raise UserError(f"{workdir} holds a checkpoint of a different config (keys {model}); "
-                      "use another --workdir or restore the config.")
+      raise UserError(f"{workdir} holds a checkpoint of a different config ("
+                      + "; ".join(f"{k}: {changed[k][0]!r} recorded, {changed[k][1]!r} now"
+                                  for k in model)
+                      + "); use another --workdir or restore the config.")
     data = [f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in changed
             if k.split(".")[0] in DATA_STREAM_KEYS]
     if data:

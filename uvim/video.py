@@ -101,11 +101,13 @@ def write_mp4(path: Path, frames: Sequence[np.ndarray], fps: float) -> Path:
 
 
 def write_gif(path: Path, frames: Sequence[np.ndarray], fps: float) -> Path:
-  """An animated GIF that loops, at `fps` (GIF delays are whole 10 ms)."""
-  path.parent.mkdir(parents=True, exist_ok=True)
+  """An animated GIF that loops, at `fps` (GIF delays are whole 10 ms), written atomically."""
+  from uvim import files
+
   images = [Image.fromarray(f) for f in frames]
-  images[0].save(path, save_all=True, append_images=images[1:], loop=0,
-                 duration=max(20, round(100 / fps) * 10), optimize=False)
+  with files.atomic_path(path) as tmp:
+    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], loop=0,
+                   duration=max(20, round(100 / fps) * 10), optimize=False)
   return path
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from uvim import files
+
 VOID_DIM = 0.6  # void pixels of a panoptic overlay are the image times this factor
 BOUNDARY_RGB = (255, 255, 255)
 BACKGROUND = 255  # contact sheet background (padding, letterbox, empty cells): white
@@ -218,8 +220,15 @@ def from_model_range(pixels: np.ndarray) -> np.ndarray:
 # Files.
 
 
+def beside(stem: Path, suffix: str) -> Path:
+  """`stem`'s name with `suffix` appended (`Path.with_suffix` would replace a dotted part of the
+  name: 'scan.001' + '.png' -> 'scan.png')."""
+  return stem.with_name(stem.name + suffix)
+
+
 def save_png(path: str | Path, array: np.ndarray) -> Path:
-  """Writes a uint8 HxW / HxWx3 / HxWx4 or uint16 HxW array as PNG, creating parent dirs."""
+  """Writes a uint8 HxW / HxWx3 / HxWx4 or uint16 HxW array as PNG (atomically), creating
+  parent dirs."""
   array = np.asarray(array)
   if array.dtype == np.uint16:
     if array.ndim != 2:
@@ -230,24 +239,23 @@ def save_png(path: str | Path, array: np.ndarray) -> Path:
     img = Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
   else:
     raise ValueError(f"cannot save {array.dtype} {array.shape} as PNG")
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  img.save(path, format="PNG")
-  return path
+  with files.atomic_path(path) as tmp:
+    img.save(tmp, format="PNG")
+  return Path(path)
 
 
 def save_jpeg(path: str | Path, array: np.ndarray, quality: int = 95) -> Path:
-  """Writes a uint8 HxW or HxWx3 array as JPEG at `quality`, creating parent dirs."""
+  """Writes a uint8 HxW or HxWx3 array as JPEG at `quality` (atomically), creating parent
+  dirs."""
   array = np.asarray(array)
   if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3
                                                            and array.shape[-1] in (1, 3))):
     raise ValueError(f"cannot save {array.dtype} {array.shape} as JPEG")
   if array.ndim == 3 and array.shape[-1] == 1:
     array = array[..., 0]
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  Image.fromarray(array).save(path, format="JPEG", quality=quality)
-  return path
+  with files.atomic_path(path) as tmp:
+    Image.fromarray(array).save(tmp, format="JPEG", quality=quality)
+  return Path(path)
 
 
 # ------------------------------------------------------------------------------------------

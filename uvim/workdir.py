@@ -30,11 +30,12 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class WorkdirLock:
-  """Holds `<workdir>/LOCK` for the life of a run; a second holder gets a UserError saying who
-  holds it (pid, host, start time, command)."""
+  """Holds `<workdir>/LOCK` (or `name`) for the life of a run; a second holder gets a UserError
+  saying who holds it (pid, host, start time, command)."""
 
-  def __init__(self, workdir: str | Path):
-    self.path = Path(workdir) / LOCK_FILE
+  def __init__(self, workdir: str | Path, *, name: str = LOCK_FILE, user: str = "training",
+               advice: str = "use another --workdir"):
+    self.path, self.user, self.advice = Path(workdir) / name, user, advice
     self._file = None
 
   def acquire(self) -> "WorkdirLock":
@@ -46,8 +47,8 @@ class WorkdirLock:
       f.seek(0)
       holder = f.read().strip() or "another process"
       f.close()
-      raise UserError(f"{self.path.parent} is in use by a running training ({holder}); wait for "
-                      "it to finish, stop it, or use another --workdir") from None
+      raise UserError(f"{self.path.parent} is in use by a running {self.user} ({holder}); wait "
+                      f"for it to finish, stop it, or {self.advice}") from None
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
@@ -145,6 +146,12 @@ def _model_init_nodes(config: dict) -> list[dict]:
   sections = [config, config.get("oracle"), *(config.get("oracles") or {}).values()]
   return [s for s in sections if isinstance(s, dict) and isinstance(s.get("model_init"), str)
           and s["model_init"]]
+
+
+def missing_model_inits(config: dict) -> list[str]:
+  """The `model_init` paths of a config (as a dict) that name nothing on disk."""
+  return [node["model_init"] for node in _model_init_nodes(config)
+          if not Path(node["model_init"]).exists()]
 
 
 def record_paths(config: dict, workdir: str | Path) -> dict:

@@ -110,7 +110,8 @@ class CocoPanopticFolder(tfds.core.GeneratorBasedBuilder):
     skipped = 0
     for ann in data["annotations"]:
       info = images[ann["image_id"]]
-      image_path, png_path = image_dir / info["file_name"], png_dir / ann["file_name"]
+      image_path = inside(image_dir, info["file_name"], json_path)
+      png_path = inside(png_dir, ann["file_name"], json_path)
       try:
         with Image.open(image_path) as im:
           im.load()
@@ -131,6 +132,16 @@ class CocoPanopticFolder(tfds.core.GeneratorBasedBuilder):
       }
     if skipped:
       logging.warning("Skipped %d unreadable images of %s", skipped, json_path)
+
+
+def inside(folder: Path, name: str, json_path: Path) -> Path:
+  """`folder / name`, refused (naming `json_path`) unless it stays in `folder`: an absolute or
+  `..` file_name would read files from outside the dataset."""
+  path = folder / name
+  if Path(name).is_absolute() or not path.resolve().is_relative_to(folder.resolve()):
+    raise ValueError(f"{json_path}: file_name {name!r} points outside {folder}; a dataset's "
+                     "files are named relative to its folders")
+  return path
 
 
 def _objects(ann: dict, info: dict, png_path: Path, json_path: Path, label_of: dict) -> dict:
@@ -158,6 +169,16 @@ def _objects(ann: dict, info: dict, png_path: Path, json_path: Path, label_of: d
   }
 
 
+def folder_split(split: str) -> str:
+  """The COCO folder name of a tfds split, its slice dropped ('validation[:4]' -> 'val'): what
+  this builder reads back (`panoptic_<letters><year>.json`)."""
+  base = re.match(r"[a-z]+", split)
+  if base is None or split[base.end():][:1] not in ("", "["):
+    raise ValueError(f"split {split!r}: export one named split (letters, optionally sliced: "
+                     "'validation', 'train[:100]')")
+  return TFDS_TO_FOLDER_SPLIT.get(base[0], base[0])
+
+
 def export_coco_panoptic(examples: Iterable[dict], root: str | Path, split: str,
                          categories: list[dict], image_format: str = "jpg",
                          year: str = "2017") -> Path:
@@ -168,7 +189,7 @@ def export_coco_panoptic(examples: Iterable[dict], root: str | Path, split: str,
   """
   if image_format not in ("jpg", "png"):
     raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
-  root, folder = Path(root), TFDS_TO_FOLDER_SPLIT.get(split, split) + year
+  root, folder = Path(root), folder_split(split) + year
   (root / folder).mkdir(parents=True, exist_ok=True)
   (root / f"panoptic_{folder}").mkdir(parents=True, exist_ok=True)
   (root / "annotations").mkdir(parents=True, exist_ok=True)

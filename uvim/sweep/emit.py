@@ -6,9 +6,11 @@ was planned in (paths are relative to it, as given).
 """
 
 import os
+import re
 import shlex
 from pathlib import Path
 
+from uvim.errors import UserError
 from uvim.sweep.plan import TRAIN_PY, Run
 
 
@@ -31,11 +33,28 @@ def commands(runs: list[Run], sweep_dir: Path) -> list[Path]:
   return [path]
 
 
+SBATCH_SAFE = re.compile(r"[\w./:@+=,%-]+")
+
+
+def check_sbatch_option(line: str) -> None:
+  """An `--sbatch` option is one option (`--gres=gpu:8`, `-p gpu`) on one #SBATCH line: a
+  newline or another control character would start a line of shell in the script."""
+  if not line.startswith("-") or any(not c.isprintable() for c in line):
+    raise UserError(f"--sbatch {line!r}: give one sbatch option on one line, starting with '-' "
+                    "(e.g. --gres=gpu:8), without newlines or control characters")
+
+
 def slurm(runs: list[Run], sweep_dir: Path, sbatch_lines: list[str]) -> list[Path]:
   """`<sweep_dir>/slurm/`: a job array per stage (one task a run; a task whose run finished
   exits at once) and `submit.sh`, which submits them with each chained task waiting for its
   counterpart (`--dependency=aftercorr`)."""
   out = sweep_dir / "slurm"
+  for line in sbatch_lines:
+    check_sbatch_option(line)
+  if not SBATCH_SAFE.fullmatch(str(out)):
+    raise UserError(f"sweep folder {sweep_dir}: the #SBATCH lines name it unquoted (sbatch reads "
+                    "them without a shell), so it must be letters, digits and ._/:@+=,- only; "
+                    "plan the sweep in a folder without spaces or quotes")
   (out / "logs").mkdir(parents=True, exist_ok=True)
   stages = list(dict.fromkeys(r.stage for r in runs))
   scripts = []

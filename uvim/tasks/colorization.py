@@ -57,4 +57,4 @@ def categories(config, model_config) -> list:
 
 def save(outputs: dict, image: np.ndarray, stem: Path, categories=None) -> None:
   """`<stem>.jpg`: the colorized image at the input's size."""
-  visualize.save_jpeg(stem.with_suffix(".jpg"), render(outputs, image))
+  visualize.save_jpeg(visualize.beside(stem, ".jpg"), render(outputs, image))

@@ -82,6 +82,6 @@ def categories(config, model_config) -> list:
 
 def save(outputs: dict, image: np.ndarray, stem: Path, categories=None) -> None:
   """`<stem>.png`: 16-bit depth in millimetres at the image's size; `<stem>_preview.png`."""
-  visualize.save_png(stem.with_suffix(".png"),
+  visualize.save_png(visualize.beside(stem, ".png"),
                      visualize.depth_to_png16(_depth_at(outputs, image.shape[:2])))
-  visualize.save_png(stem.with_name(stem.name + "_preview.png"), render(outputs, image))
+  visualize.save_png(visualize.beside(stem, "_preview.png"), render(outputs, image))

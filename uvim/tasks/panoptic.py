@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uvim import visualize
+from uvim import files, visualize
 from uvim.panoptic_format import id_to_rgb, panoptic_from_two_channels, resize_nearest
 from uvim.tasks import common
 
@@ -237,11 +237,11 @@ def save(outputs: dict, image: np.ndarray, stem: Path, categories: list[dict]) -
   instances = resize_nearest(outputs["instances"], shape)
   category_ids = np.array([c["id"] for c in categories])
   ids, segments = panoptic_from_two_channels(semantics, instances, category_ids)
-  visualize.save_png(stem.with_suffix(".png"), id_to_rgb(ids))
+  visualize.save_png(visualize.beside(stem, ".png"), id_to_rgb(ids))
   isthing = {c["id"]: int(c.get("isthing", 1)) for c in categories}
   info = [{"id": int(i), "category_id": int(c), "isthing": isthing[int(c)],
            "area": int(np.sum(ids == i))}
           for i, c in zip(segments.ids, segments.category_ids, strict=True)]
-  stem.with_suffix(".json").write_text(json.dumps(
-      {"file_name": stem.with_suffix(".png").name, "segments_info": info}, indent=1))
-  visualize.save_png(stem.with_name(stem.name + "_overlay.png"), render(outputs, image))
+  files.write_text(visualize.beside(stem, ".json"), json.dumps(
+      {"file_name": visualize.beside(stem, ".png").name, "segments_info": info}, indent=1))
+  visualize.save_png(visualize.beside(stem, "_overlay.png"), render(outputs, image))

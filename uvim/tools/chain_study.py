@@ -85,9 +85,16 @@ def run(workdir: str, source: str, output: Path, *, singles: list[str],
     raise UserError(f"--targets: unknown task(s) {unknown}; the run's tasks are "
                     f"{sorted(config.oracles)}")
   split = common.input_split(config, source)
+  for single in singles:  # each a single-task stage II run of one of the tasks
+    single_config = api.load_config(single)
+    if single_config.model_name != "proj.uvim.lm" or "oracles" in single_config:
+      raise UserError(f"--singles {single}: not a single-task stage II run (model_name "
+                      f"{single_config.model_name!r})")
+    if single_config.oracle.task not in {o.task for o in config.oracles.values()}:
+      raise UserError(f"--singles {single}: a {single_config.oracle.task} run; the multi-task "
+                      f"run's tasks are {sorted(o.task for o in config.oracles.values())}")
+    common.input_split(single_config, source)
   common.prepare_output(output)
-  for single in singles:
-    common.input_split(api.load_config(single), source)
   multitask = api.load(workdir)
   stage, variables = multitask.stage, multitask.variables
   rows, start = [], time.perf_counter()

@@ -76,8 +76,9 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def config_and_checkpoint(argv: list[str], model_name: str, why: str, what: str):
-  """A tool's parsed `--config` (a `model_name` model, else a usage error saying `why`) and
-  `--checkpoint`, else `--workdir` (a usage error naming `what` when neither is given)."""
+  """A tool's config (the run's recorded one where `--checkpoint`, else `--workdir`, records one,
+  with the `--config.<key>` overrides; else `--config`: a `model_name` model, else a usage error
+  saying `why`) and that checkpoint (a usage error naming `what` when none is given)."""
   from absl import app, flags
 
   from uvim import cli
@@ -91,7 +92,12 @@ def config_and_checkpoint(argv: list[str], model_name: str, why: str, what: str)
   source = flags.FLAGS.checkpoint or flags.FLAGS.workdir
   if not source:
     raise app.UsageError(f"Give --workdir or --checkpoint (the trained {what}).")
-  return config, source
+  from uvim import api
+
+  try:  # the run's recorded config holds, but for what the command line sets
+    return api.run_config(config, source, cli.explicit_keys()), source
+  except UserError as e:
+    sys.exit(f"FATAL {e}")
 
 
 def report_written(run: Callable[[], list[Path]]) -> None:

@@ -47,10 +47,14 @@ def settings(model: api.Model, schemes: list[str], steps: list[int], guidance: l
   scales = guidance if lm.cond_dropout else [1.0]
   if not lm.masked:
     return [dict(scheme="ar", guidance=s) for s in scales]
+  code_len = model.stage.oracle().code_len
+  wrong = [n for n in steps if not 1 <= n <= code_len]
+  if wrong:
+    raise UserError(f"--steps {wrong}: a masked model decodes its {code_len}-word code in 1 to "
+                    f"{code_len} steps")
   return [dict(scheme=scheme, steps=n, guidance=s,
                **({"choice_temperature": choice_temperature} if scheme == "maskgit" else {}))
-          for scheme in schemes for n in steps if n <= model.stage.oracle().code_len
-          for s in scales]
+          for scheme in schemes for n in steps for s in scales]
 
 
 def images_per_second(model: api.Model, batch_size: int, sampling: dict) -> float:
@@ -95,6 +99,8 @@ def run(runs: list[str], source: str, output: Path, *, schemes: list[str], steps
   metric = common.TASK_METRICS[kinds.pop()]
   plan = [(workdir, model, options) for workdir, model in models.items()
           for options in settings(model, schemes, steps, guidance, choice_temperature)]
+  for _, model, options in plan:  # every setting checked before the first is scored
+    model.options(**options)
   rows, start = [], time.perf_counter()
   for i, (workdir, model, options) in enumerate(plan):
     config = model.config

@@ -46,7 +46,8 @@ def define_flags() -> None:
                       required=True)
   flags.DEFINE_enum("codes", "stage2", ["stage2", "oracle"],
                     "Mask stage II's predicted codes or the oracle's codes of the labels.")
-  flags.DEFINE_integer("steps", 6, "Masked region sizes, from none to the whole grid.")
+  flags.DEFINE_integer("steps", 6, "Masked region sizes, from none to the whole grid.",
+                       lower_bound=2)
   flags.DEFINE_integer("sheets", 4, "Images drawn as Figure 10 sheets.")
   flags.DEFINE_float("temperature", None, "Stage II sampling temperature; default the "
                      "task's (colour 1, others 0).")
@@ -56,7 +57,7 @@ def define_flags() -> None:
 
 def region_sides(code_side: int, steps: int) -> list[int]:
   """Sides of the masked squares: `steps` sizes from 0 to `code_side` words (distinct)."""
-  return sorted({round(x) for x in np.linspace(0, code_side, max(steps, 2))})
+  return sorted({round(x) for x in np.linspace(0, code_side, steps)})
 
 
 def masked_region(code_side: int, side: int) -> np.ndarray:
@@ -179,6 +180,8 @@ def run(config, checkpoint: str, source: str, output: Path, *, codes: str, steps
   from uvim import trainer
 
   split = common.input_split(config, source)
+  if temperature is not None:
+    decoding.Sampling.of(temperature=temperature)  # its domain, before any work
   common.prepare_output(output)
   model = api.Model(config, checkpoint)
   stage = model.stage
