@@ -77,8 +77,8 @@ class ColtranFid(Evaluator):
     super().__init__(name, config, options, mesh=mesh, fns=fns)
     if "inception_weights" not in options or "ref_split" not in options:
       raise ValueError(f"config.{name}: coltran_fid needs `ref_split` and `inception_weights`")
-    self.ref_split = options["ref_split"]
-    self.inception = _inception(options["inception_weights"])
+    self.ref_split, self.weights = options["ref_split"], options["inception_weights"]
+    self.inception = _inception(self.weights)
 
     def fid_images(variables, batch):
       return quantize_8bit(area_resize(self.fns["predict"](variables, batch)["color"], FID_SIZE))
@@ -91,8 +91,9 @@ class ColtranFid(Evaluator):
       mask = input_pipeline.local_rows(batch[input_pipeline.MASK_KEY])
       features = self.inception(self._fid_images(variables, batch))
       fake.append(input_pipeline.local_rows(features)[mask])
-    real = [np.asarray(self.inception(batch))[:n] for batch, n in self._reference_batches()]
-    fake, real = np.concatenate(fake), np.concatenate(real)
+    real = _reference_features(self.config.dataset, self.config.data_dir, self.ref_split,
+                               self.weights, self.batch_size)
+    fake = np.concatenate(fake)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       fake = np.concatenate(list(multihost_utils.process_allgather(fake, tiled=False)))
@@ -100,17 +101,30 @@ class ColtranFid(Evaluator):
     stats = [(x.mean(0), np.cov(x.astype(np.float64), rowvar=False)) for x in (fake, real)]
     return {"fid": frechet_distance(*stats[0], *stats[1])}
 
-  def _reference_batches(self):
-    builder = input_pipeline.get_builder(self.config.dataset, self.config.data_dir)
-    images = []
-    for example in input_pipeline.host_examples(builder, self.ref_split):
-      square = center_crop_square(example["image"]).astype(np.float32) / 128 - 1
-      images.append(area_resize(jnp.asarray(square)[None], FID_SIZE)[0])
-      if len(images) == self.batch_size:
-        yield jnp.stack(images), len(images)
-        images = []
-    if images:  # Padded to the batch size: one compiled shape.
-      yield jnp.stack(images + images[:1] * (self.batch_size - len(images))), len(images)
+
+
+@functools.lru_cache(maxsize=4)
+def _reference_features(dataset: str, data_dir: str | None, ref_split: str, weights: str,
+                        batch_size: int) -> np.ndarray:
+  """Inception features of this host's real `ref_split` images, computed once per process:
+  every evaluation of a run (and every FID evaluator on the same reference) reuses them."""
+  inception = _inception(weights)
+  builder = input_pipeline.get_builder(dataset, data_dir)
+  features, images = [], []
+
+  def flush():
+    padded = images + images[:1] * (batch_size - len(images))  # one compiled shape
+    features.append(np.asarray(inception(jnp.stack(padded)))[:len(images)])
+    images.clear()
+
+  for example in input_pipeline.host_examples(builder, ref_split):
+    square = center_crop_square(example["image"]).astype(np.float32) / 128 - 1
+    images.append(area_resize(jnp.asarray(square)[None], FID_SIZE)[0])
+    if len(images) == batch_size:
+      flush()
+  if images:
+    flush()
+  return np.concatenate(features)
 
 
 @functools.lru_cache

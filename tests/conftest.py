@@ -3,6 +3,7 @@
 import faulthandler
 import os
 import sys
+from pathlib import Path
 
 # Before any import of jax (TF imports it through keras): simulate 8 devices on the CPU. On a
 # loaded 2-core machine a device thread can wait minutes for the others at a collective; XLA
@@ -105,54 +106,75 @@ def run_pp():
 
 
 
+def built_once(tmp_path_factory, worker_id: str, name: str, build) -> Path:
+  """The folder `name`, filled by `build(folder)` once per test run: the first xdist worker to
+  ask builds it (the others wait on a lock, then reuse it), so session fixtures that train
+  cost one worker's time, not each worker's."""
+  import fcntl
+  import shutil
+
+  base = Path(tmp_path_factory.getbasetemp())
+  root = base if worker_id == "master" else base.parent  # the run's folder, shared by workers
+  folder = root / name
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (root / f"{name}.built").exists():
+      shutil.rmtree(folder, ignore_errors=True)  # a build that failed part-way
+      folder.mkdir()
+      build(folder)
+      (root / f"{name}.built").touch()
+  return folder
+
+
 @pytest.fixture(scope="session")
-def toy_data_dir(tmp_path_factory):
+def toy_data_dir(tmp_path_factory, worker_id):
   """A tfds data dir holding `toy_scenes/tiny` (64 train / 16 validation), built once."""
-  import tensorflow_datasets as tfds
 
-  import uvim.datasets  # noqa: F401
+  def build(data_dir):
+    import tensorflow_datasets as tfds
 
-  data_dir = tmp_path_factory.mktemp("tfds")
-  tfds.builder("toy_scenes/tiny", data_dir=data_dir).download_and_prepare()
-  return data_dir
+    import uvim.datasets  # noqa: F401
+
+    tfds.builder("toy_scenes/tiny", data_dir=data_dir).download_and_prepare()
+
+  return built_once(tmp_path_factory, worker_id, "tfds", build)
 
 
 @pytest.fixture(scope="session")
-def oracle_workdir(toy_data_dir, tmp_path_factory):
+def oracle_workdir(toy_data_dir, tmp_path_factory, worker_id):
   """A tiny panoptic stage I run (4 steps), shared by the stage II and code-tool tests."""
   from test_trainer import tiny_config
 
   from uvim import trainer
 
-  workdir = tmp_path_factory.mktemp("stage1")
-  trainer.train_and_evaluate(tiny_config(toy_data_dir, total_steps=4, evals=[]), workdir)
-  return workdir
+  return built_once(tmp_path_factory, worker_id, "stage1", lambda workdir: (
+      trainer.train_and_evaluate(tiny_config(toy_data_dir, total_steps=4, evals=[]), workdir)))
 
 
 @pytest.fixture(scope="session")
-def stage2_workdir(toy_data_dir, oracle_workdir, tmp_path_factory):
+def stage2_workdir(toy_data_dir, oracle_workdir, tmp_path_factory, worker_id):
   """A tiny stage II run (4 steps) on `oracle_workdir`."""
   from test_stage2 import stage2_config
 
   from uvim import trainer
 
-  workdir = tmp_path_factory.mktemp("stage2")
-  trainer.train_and_evaluate(stage2_config(toy_data_dir, oracle_workdir), workdir)
-  return workdir
+  return built_once(tmp_path_factory, worker_id, "stage2", lambda workdir: (
+      trainer.train_and_evaluate(stage2_config(toy_data_dir, oracle_workdir), workdir)))
 
 
 @pytest.fixture(scope="session")
-def masked_stage2_workdir(toy_data_dir, oracle_workdir, tmp_path_factory):
+def masked_stage2_workdir(toy_data_dir, oracle_workdir, tmp_path_factory, worker_id):
   """`stage2_workdir`'s run with a masked decoder (parallel decoding)."""
   from test_stage2 import stage2_config
 
   from uvim import trainer
 
-  workdir = tmp_path_factory.mktemp("masked")
-  config = stage2_config(toy_data_dir, oracle_workdir)
-  config.model.masked = True
-  trainer.train_and_evaluate(config, workdir)
-  return workdir
+  def build(workdir):
+    config = stage2_config(toy_data_dir, oracle_workdir)
+    config.model.masked = True
+    trainer.train_and_evaluate(config, workdir)
+
+  return built_once(tmp_path_factory, worker_id, "masked", build)
 
 
 def run_notebook(name: str, timeout: int = 600, **parameters):

@@ -10,7 +10,7 @@ from conftest import run_notebook
 from test_images import event_images
 from test_parallel_decoding import decoder_inputs
 from test_stage2 import LM_TINY, stage2_config
-from test_trainer import TINY, tiny_config
+from test_trainer import TINY
 
 from configs import depth_stage1, multitask_stage2
 from evaluators import common as evaluators_common
@@ -41,13 +41,11 @@ def depth_oracle_config(data_dir):
 
 
 @pytest.fixture(scope="module")
-def oracles(toy_data_dir, tmp_path_factory):
-  """Tiny panoptic and depth stage I runs (codes of 16 words from 16)."""
-  dirs = {k: tmp_path_factory.mktemp(k) for k in ("panoptic", "depth")}
-  trainer.train_and_evaluate(tiny_config(toy_data_dir, total_steps=2, evals=[]),
-                             dirs["panoptic"])
-  trainer.train_and_evaluate(depth_oracle_config(toy_data_dir), dirs["depth"])
-  return dirs
+def oracles(toy_data_dir, oracle_workdir, tmp_path_factory):
+  """Tiny panoptic (the session's) and depth stage I runs (codes of 16 words from 16)."""
+  depth = tmp_path_factory.mktemp("depth")
+  trainer.train_and_evaluate(depth_oracle_config(toy_data_dir), depth)
+  return {"panoptic": oracle_workdir, "depth": depth}
 
 
 def multitask_config(data_dir, oracles, names=("panoptic", "depth"), tasks=None):
