@@ -95,7 +95,7 @@ def main(argv: list[str]) -> None:
     config = api.run_config(config, source, explicit)
     inputs = check_input_and_output(_INPUT.value, Path(_OUTPUT.value), config.data_dir,
                                     frames=_VIDEO.value)
-    decoding.Sampling.of(**_SAMPLING())  # the options' domains, before the model loads
+    check_sampling(_SAMPLING())  # the options' domains, before the model loads
     lock = prepare_output(Path(_OUTPUT.value), _OVERWRITE.value)
     model = api.Model(config, source)
     if not model.stage.multitask and (_CHAIN.value or _GIVEN.value):
@@ -151,6 +151,18 @@ def check_input_and_output(source: str, output: Path, data_dir: str | None = Non
       raise UserError(f"--video: --input {path} is a file; give the folder of the frames")
     return video.open_clip(path, files)
   return files
+
+
+MAX_SAMPLES = 256  # --num_samples: each sample's outputs are held per batch and written
+
+
+def check_sampling(options: dict) -> decoding.Sampling:
+  """The sampling options checked (their domains, and few enough samples to hold in memory)."""
+  sampling = decoding.Sampling.of(**options)
+  if sampling.num_samples > MAX_SAMPLES:
+    raise UserError(f"--num_samples {sampling.num_samples}: at most {MAX_SAMPLES} (each is "
+                    "decoded to full task outputs and written)")
+  return sampling
 
 
 PREDICTIONS = "predictions"  # the folder of the per-input folders, in --output

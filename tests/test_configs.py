@@ -114,7 +114,7 @@ def test_multitask_config_holds_the_toy_oracles_and_builds_its_pp(variant):
   assert "grayscale" not in two.pp_eval and "grayscale" in config.pp_eval
   with pytest.raises(ValueError, match="needs a dataset with both tasks' labels"):
     multitask_stage2.get_config(None)
-  with pytest.raises(ValueError, match=r"tasks=panoptic\+colour: name two or more of"):
+  with pytest.raises(ValueError, match=r"tasks=panoptic\+colour: unknown task\(s\) \['colour'\]"):
     multitask_stage2.get_config(f"{variant},tasks=panoptic+colour")
 
 

@@ -200,7 +200,7 @@ def test_condition_dropout_replaces_the_image_of_a_fraction_of_examples():
 
 def test_sampling_options_are_checked_once_with_the_option_named():
   for options, message in [
-      (dict(temperature=-1.0), r"temperature must be >= 0 \(0: argmax\), got -1.0"),
+      (dict(temperature=-1.0), r"temperature must be in \[0, 100.0\] \(0: argmax\), got -1.0"),
       (dict(num_samples=0), r"num_samples must be >= 1, got 0"),
       (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
       (dict(top_k=-2), r"top_k must be >= 0"),

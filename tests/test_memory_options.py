@@ -15,8 +15,8 @@ REMAT = re.compile(r"\b(remat\w*|checkpoint)\[")
 FUSED = re.compile(r"name=_?dot_product_attention")
 
 
-def stage1(**kw):
-  """A small stage I model, its (non-zero-head) parameters and state, and a batch."""
+def stage1_model(**kw):
+  """A small stage I model and a batch (x, ctx, labels)."""
   model = vqvae.Model(inputs={"semantics": (5, 16)}, outputs={"semantics": (5, 16)},
                       input_size=(16, 16), patch_size=(4, 4), code_len=4, width=32,
                       oracle_depth=1, base_model_depth=2, num_heads=2, mlp_dim=64, dict_size=8,
@@ -24,7 +24,13 @@ def stage1(**kw):
   labels = jax.random.randint(jax.random.key(0), (2, 16, 16), 0, 5)
   x = {"semantics": jax.nn.one_hot(labels, 5, axis=2)}  # (B, tokens, C, patch^2)
   ctx = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
-  variables = model.clone(remat=False, dtype="float32").init(
+  return model, x, ctx, labels
+
+
+def stage1(**kw):
+  """A small stage I model, its (non-zero-head) parameters and state, and a batch."""
+  model, x, ctx, labels = stage1_model(**kw)
+  variables = jax.jit(model.clone(remat=False, dtype="float32").init)(
       {"params": jax.random.key(2), "state": jax.random.key(3)}, x, ctx=ctx)
   return model, variables, x, ctx, labels
 
@@ -38,13 +44,19 @@ def stage1_loss(model, params, state, x, ctx, labels):
   return -jnp.mean(jnp.take_along_axis(logp, labels[:, :, None], axis=2)), new["state"]
 
 
-def stage2(**kw):
-  """A small stage II model (as tests/test_decoding.py), random logits head, and a batch."""
+def stage2_model(**kw):
+  """A small stage II model (as tests/test_decoding.py) and a batch (images, targets)."""
   model = lm.Model(patches={"size": (8, 8)}, num_heads=2, num_layers=2, mlp_dim=32, emb_dim=16,
                    vocab_size=11, seq_len=7, input_size=(16, 16), dropout_rate=0.1, **kw)
   images = jax.random.normal(jax.random.key(0), (3, 16, 16, 3))
   targets = jax.random.randint(jax.random.key(1), (3, 7), 1, 11)
-  params = model.clone(remat=False, dtype="float32").init(
+  return model, images, targets
+
+
+def stage2(**kw):
+  """A small stage II model, random logits head, and a batch."""
+  model, images, targets = stage2_model(**kw)
+  params = jax.jit(model.clone(remat=False, dtype="float32").init)(
       jax.random.key(2), images, targets)["params"]
   params["decoder"]["LogitsDense"]["kernel"] = 2 * jax.random.normal(jax.random.key(3), (16, 11))
   return model, params, images, targets
@@ -88,12 +100,13 @@ def shapes(variables):
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_options_keep_parameter_names_shapes_and_float32(stage):
-  def init(**kw):
+  def init(**kw):  # traced, not run: only the shapes and dtypes matter
     if stage == 1:
-      model, _, x, ctx, _ = stage1(**kw)
-      return model.init({"params": jax.random.key(0), "state": jax.random.key(1)}, x, ctx=ctx)
-    model, _, images, targets = stage2(**kw)
-    return model.init(jax.random.key(0), images, targets)
+      model, x, ctx, _ = stage1_model(**kw)
+      return jax.eval_shape(lambda: model.init(
+          {"params": jax.random.key(0), "state": jax.random.key(1)}, x, ctx=ctx))
+    model, images, targets = stage2_model(**kw)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), images, targets))
 
   expected = shapes(init())
   assert all(d == jnp.float32 for _, d in jax.tree.leaves(expected, is_leaf=lambda v: (

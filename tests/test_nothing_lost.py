@@ -149,8 +149,8 @@ def test_sampling_options_are_finite(option, value):
 
 
 def test_sampling_options_are_bounded(stage2_model):
-  with pytest.raises(UserError, match=r"num_samples must be in \[1, 256\], got 257"):
-    decoding.Sampling.of(num_samples=257)
+  with pytest.raises(UserError, match=r"--num_samples 257: at most 256"):
+    predict.check_sampling({"num_samples": 257})
   vocab = stage2_model.stage.model.vocab_size
   with pytest.raises(UserError, match=rf"top_k {vocab + 1}: more than the model's {vocab}"):
     stage2_model.options(top_k=vocab + 1)

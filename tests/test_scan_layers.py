@@ -40,11 +40,12 @@ def stage2(**kw):
 
 def init(stage, **kw):
   """The model's own variables ({'params'} and, in stage I, {'state'})."""
-  if stage == 1:
+  if stage == 1:  # jitted: one compilation, not one per operation
     model, x, ctx, _ = stage1(**kw)
-    return model.init({"params": jax.random.key(2), "state": jax.random.key(3)}, x, ctx=ctx)
+    return jax.jit(model.init)({"params": jax.random.key(2), "state": jax.random.key(3)}, x,
+                               ctx=ctx)
   model, images, targets = stage2(**kw)
-  variables = model.init(jax.random.key(2), images, targets)
+  variables = jax.jit(model.init)(jax.random.key(2), images, targets)
   variables["params"]["decoder"]["LogitsDense"]["kernel"] = 2 * jax.random.normal(
       jax.random.key(3), (16, 11))  # Not the zero init, so that every gradient is non-zero.
   return variables

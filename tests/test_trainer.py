@@ -91,8 +91,8 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(toy_data_dir, tmp
   trainer.train_and_evaluate(tiny_config(toy_data_dir), tmp_path / "a")
   assert len(final_evals()) == len(before) == len(tiny_config(toy_data_dir).evals)
 
-  # The same workdir with a different model refuses to resume and names the keys.
-  with pytest.raises(ValueError, match=r"different config.*model\.width"):
+  # The same workdir with a different model refuses to resume and names the keys and values.
+  with pytest.raises(ValueError, match=r"different config \(model\.width: 32 recorded, 64 now"):
     trainer.train_and_evaluate(tiny_config(toy_data_dir, model=dict(TINY, width=64)),
                                tmp_path / "a")
 

@@ -230,8 +230,9 @@ def run_config(config: mlc.ConfigDict, source: str,
         node[leaf] = value
   ours = checkpoint.flatten_json(json.loads(config.to_json_best_effort()))
   theirs = checkpoint.flatten_json(json.loads(recorded.to_json_best_effort()))
-  unasked = [k for k in ours if k in theirs and ours[k] != theirs[k]
-             and not any(k == e or k.startswith(f"{e}.") for e in explicit)]
+  unasked = sorted((k for k in ours if k in theirs and ours[k] != theirs[k]
+                    and not any(k == e or k.startswith(f"{e}.") for e in explicit)),
+                   key=lambda k: not k.endswith("model_init"))  # the checkpoints first
   if unasked:
     logging.warning("Using %s: --config differs from it in %s%s; the run's values hold (set "
                     "--config.<key> to change one).", config_file, ", ".join(unasked[:8]),

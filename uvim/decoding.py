@@ -33,9 +33,9 @@ def _option(default: Any, help_text: str, choices: tuple[str, ...] = ()) -> Any:
   return dataclasses.field(default=default, metadata={"help": help_text, "choices": choices})
 
 
-# Bounds of the options: beyond them a code is noise (temperature), overflows (guidance), or
-# its samples do not fit in memory; values outside are mistakes, refused before any work.
-MAX_TEMPERATURE, MAX_GUIDANCE, MAX_SAMPLES = 100.0, 100.0, 256
+# Bounds of the options: beyond them a code is noise (temperature) or overflows (guidance);
+# values outside (NaN and infinities too) are mistakes, refused before any work.
+MAX_TEMPERATURE, MAX_GUIDANCE = 100.0, 100.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,11 +83,11 @@ class Sampling:
                "temperature": 0 <= self.temperature <= MAX_TEMPERATURE,
                "choice_temperature": 0 <= self.choice_temperature <= MAX_TEMPERATURE,
                "top_k": self.top_k >= 0, "top_p": 0 < self.top_p <= 1,
-               "num_samples": 1 <= self.num_samples <= MAX_SAMPLES,
+               "num_samples": self.num_samples >= 1,
                "guidance": -MAX_GUIDANCE <= self.guidance <= MAX_GUIDANCE}
     rules = {"steps": ">= 1", "temperature": f"in [0, {MAX_TEMPERATURE}] (0: argmax)",
              "choice_temperature": f"in [0, {MAX_TEMPERATURE}]", "top_k": ">= 0 (0: all)",
-             "top_p": "in (0, 1]", "num_samples": f"in [1, {MAX_SAMPLES}]",
+             "top_p": "in (0, 1]", "num_samples": ">= 1",
              "guidance": f"in [-{MAX_GUIDANCE}, {MAX_GUIDANCE}] (1: none)"}
     for name, ok in domains.items():
       if not ok:
