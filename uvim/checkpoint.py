@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from uvim import sharding
+from uvim import files, sharding
 from uvim.errors import UserError
 from uvim.tree import leaves_by_name
 
@@ -56,11 +56,8 @@ def load_npz(path: str | Path) -> dict[str, Any]:
 
 def save_npz(path: str | Path, tree: Any) -> None:
   """Writes a nested dict of arrays as a big_vision npz (atomically: temp file, then rename)."""
-  path = Path(path)
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "wb") as f:
+  with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
     np.savez(f, **flatten(tree))
-  tmp.replace(path)
 
 
 def flatten_json(tree: Any, prefix: str = "") -> dict[str, Any]:
