@@ -1,7 +1,6 @@
 r"""Predicts panoptic segmentation, depth or colour for images with a trained UViM (stage II).
 
-  python predict.py --config configs/panoptic_stage2.py:smoke --workdir runs/panoptic_stage2 \
-      --input photos/ --output predictions/
+  python predict.py --workdir runs/panoptic_stage2 --input photos/ --output predictions/
 
 `--input` is an image file, a folder of images, a tfds split (`toy_scenes/medium:train[:8]`,
 whose ground truth then appears on the contact sheet), or a video: a clip (.mp4, .mov, .webm,
@@ -41,7 +40,9 @@ from PIL import Image
 from uvim import api, cli, decoding, files, input_pipeline, video, visualize, workdir
 from uvim.errors import UserError
 
-_CONFIG = cli.define_config_flag()
+_CONFIG = cli.define_config_flag(
+    required=False, help_extra=" (default: the run's recorded config.json; needed for a "
+    "released npz, or to change a setting with --config.<key>)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Stage II training directory (latest checkpoint).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "Stage II parameters (.npz or workdir); overrides --workdir.")
@@ -79,20 +80,20 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   cli.quiet_library_logs()
-  config = _CONFIG.value
-  if config.model_name != "proj.uvim.lm":
-    raise app.UsageError(f"predict.py runs stage II models ('proj.uvim.lm'); this config has "
-                         f"{config.model_name!r}. A stage I oracle needs labels: evaluate it with "
-                         "train.py --config.total_steps=0 --config.model_init=<checkpoint>.")
   source = _CHECKPOINT.value or _WORKDIR.value
   if not source:
     raise app.UsageError("Give --workdir or --checkpoint (the trained stage II model).")
   try:
-    explicit = cli.explicit_keys()
-    if _ORACLE.value:
-      config.oracle.model_init = _ORACLE.value
-      explicit.append("oracle.model_init")
+    config, explicit = _CONFIG.value, cli.explicit_keys() if _CONFIG.value else []
     config = api.run_config(config, source, explicit)
+    if _ORACLE.value:
+      print(f"config.oracle.model_init = {_ORACLE.value!r} (command line; the run recorded "
+            f"{config.oracle.get('model_init')!r})", file=sys.stderr)
+      config.oracle.model_init = _ORACLE.value
+    if config.model_name != "proj.uvim.lm":
+      raise UserError(f"predict.py runs stage II models ('proj.uvim.lm'); {source} is a "
+                      f"{config.model_name!r}. A stage I oracle needs labels: evaluate it with "
+                      "train.py --config.total_steps=0 --config.model_init=<checkpoint>.")
     inputs = check_input_and_output(_INPUT.value, Path(_OUTPUT.value), config.data_dir,
                                     frames=_VIDEO.value)
     check_sampling(_SAMPLING())  # the options' domains, before the model loads
@@ -214,8 +215,7 @@ def run(model: api.Model, source: "str | list[Path] | video.Clip", output: Path,
     raise UserError("--given needs a tfds --input (the ground truth of the given tasks)")
   names = (*given, *(c if isinstance(c, str) else c[0]
                      for c in options.get("chain") or stage.names))
-  categories = {n: model.tasks[n].categories(model.config, model.oracles[n].config)
-                for n in names}
+  categories = {n: model.categories(n) for n in names}
   sheet = (ChainSheet(model, names, given) if stage.multitask
            else TaskSheet(model, options, sheet_samples))
   num_samples = options.get("num_samples", 1)
@@ -228,10 +228,11 @@ def run(model: api.Model, source: "str | list[Path] | video.Clip", output: Path,
   for batch_examples in batched(examples, batch_size):
     batch = pad_batch([e["model"] for e in batch_examples], batch_size,
                       [model.oracles[n].labels_key for n in given])
+    draft = None
     if from_previous:  # the first frame from nothing (-1: every word decoded), in one trace
-      batch["start_code"] = (film.codes[-1] if film.codes
-                             else np.full(model.stage.model.seq_len, -1, np.int32))[None]
-    outputs = model.predict_batch(batch, **options)
+      draft = (film.codes[-1] if film.codes
+               else np.full(model.stage.model.seq_len, -1, np.int32))[None]
+    outputs = model.predict_batch(batch, draft=draft, **options)
     extra = sheet.predict(batch) if len(rows) < sheet_rows else None
     for i, example in enumerate(batch_examples):
       for n in names:

@@ -23,15 +23,16 @@ def register(name: str) -> Callable[[type], type]:
 
 
 def register_all() -> None:
-  """Imports the evaluator modules, which register their types in EVALUATORS."""
-  from evaluators import (  # noqa: F401
-      colorization,
-      depth,
-      images,
-      panoptic,
-      save_predictions,
-      validation,
-  )
+  """Imports the evaluator modules and the tasks, which register their types in EVALUATORS."""
+  import importlib
+  import pkgutil
+
+  import evaluators
+  from uvim import tasks
+
+  for info in pkgutil.iter_modules(evaluators.__path__):
+    importlib.import_module(f"evaluators.{info.name}")
+  tasks.all_tasks()
 
 
 def from_config(config, **kwargs) -> list:
@@ -73,9 +74,10 @@ class Evaluator:
   def __init__(self, name: str, config, options: dict, *, mesh, fns: dict):
     from uvim import input_pipeline
 
-    predict_kwargs = dict(options.get("predict_kwargs") or {})
-    if predict_kwargs:  # checked against the model by its stage, before the first step
-      checked = fns["options"](predict_kwargs, f"config.{name}.predict_kwargs")
+    # The prediction plan (task defaults applied), checked by the stage before the first step.
+    if "options" in fns:
+      checked = fns["options"](dict(options.get("predict_kwargs") or {}),
+                               f"config.{name}.predict_kwargs")
       fns = {**fns, "predict": functools.partial(fns["predict"], **checked)}
     self.config, self.mesh, self.fns = config, mesh, fns
     self.split, self.pp = options["split"], options["pp"]

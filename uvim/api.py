@@ -21,7 +21,7 @@ The stage I oracle alone is a tokenizer of task outputs:
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,8 @@ import numpy as np
 from absl import logging
 from PIL import Image, ImageOps
 
-from uvim import checkpoint, cli, stages
+from uvim import checkpoint, cli, input_pipeline, stages
 from uvim import workdir as workdir_lib
-from uvim.decoding import Sampling
 from uvim.errors import UserError
 from uvim.oracle import Oracle
 
@@ -57,8 +56,7 @@ class Model:
     params, _ = self.stage.load_init(checkpoint, shapes["params"], {})
     self.variables = jax.device_put(self.stage.variables(params, {},
                                                          self.stage.frozen_variables()))
-    self._predict = jax.jit(self.stage.predict_samples,
-                            static_argnames=("sampling", "chain", "given"))
+    self._predict = jax.jit(self.stage.predict_samples, static_argnames="plan")
     self._pp = None
 
   def preprocess(self, image: np.ndarray) -> dict[str, np.ndarray]:
@@ -70,40 +68,130 @@ class Model:
     out = self._pp({"image": np.asarray(image), "image/id": 0})
     return {k: np.asarray(v) for k, v in out.items() if k in ("image", "image_ctx")}
 
-  def options(self, *, temperature: float | None = None, chain: Any = None,
-              **options: Any) -> dict:
-    """`predict_samples`'s checked keyword arguments for these options (`decoding.Sampling`'s
-    fields, `chain`, `given`); `temperature` None is each decoded task's own default."""
-    if temperature is not None:
-      options["temperature"] = temperature
-    else:
-      chain = [self._at_task_temperature(step)
-               for step in (self.stage.names if chain is None else chain)]
-    return self.stage.prediction_options({**options, "chain": chain}, "predict_batch")
+  def plan(self, **options: Any) -> stages.Plan:
+    """The checked prediction plan of `options` (`decoding.Sampling`'s fields, `chain`,
+    `given`; `temperature` left out or None: each decoded task's own default)."""
+    if options.get("temperature", 0) is None:
+      del options["temperature"]
+    return self.stage.plan(options, "predict_batch")
 
-  def _at_task_temperature(self, step: Any) -> tuple[str, Any]:
-    """A chain step (name, or (name, options)) sampled at its task's default temperature
-    unless its options say otherwise."""
-    name, options = (step, {}) if isinstance(step, str) else step
-    if isinstance(options, Sampling) or name not in self.tasks:
-      return name, options
-    return name, {"temperature": self.tasks[name].DEFAULT_TEMPERATURE, **options}
+  def options(self, **options: Any) -> dict[str, stages.Plan]:
+    """`predict_samples`'s keyword arguments for `options` (see `plan`)."""
+    return {"plan": self.plan(**options)}
 
-  def predict_batch(self, batch: dict[str, np.ndarray], **options: Any) -> dict[str, np.ndarray]:
+  def predict_batch(self, batch: dict[str, np.ndarray], *, draft: np.ndarray | None = None,
+                    **options: Any) -> dict[str, np.ndarray]:
     """Task outputs for a batch of preprocessed inputs, each (B, num_samples, ...), plus the
     sampled `code` and its `code_logprob`. `options` are `decoding.Sampling`'s fields
     (`temperature`, None or left out: the task's default; `num_samples`, `top_k`, `top_p`,
     `scheme` and `steps` (`ar`, or `maskgit` / `roar` on a masked model), `guidance`
     (classifier-free guidance's scale, 1 = none; the model needs cond_dropout), their
     schedules, `seed`), `chain` (the tasks decoded in turn; default all) and `given` (tasks
-    whose code comes from the oracle of their labels in the batch): see `StageII`."""
-    return jax.device_get(self._predict(self.variables, batch, **self.options(**options)))
+    whose code comes from the oracle of their labels in the batch), or `plan` (a `plan`'s
+    result); a masked model decodes from a `draft` (B, seq_len) of word ids: see `StageII`."""
+    plan = options.pop("plan", None) or self.plan(**options)
+    return jax.device_get(self._predict(self.variables, batch, plan=plan, draft=draft))
 
   def predict(self, images: Sequence[np.ndarray], **options: Any) -> dict[str, np.ndarray]:
     """Task outputs for uint8 RGB images of any sizes (see `predict_batch` for `options`)."""
     inputs = [self.preprocess(image) for image in images]
     batch = {k: np.stack([x[k] for x in inputs]) for k in inputs[0]}
     return self.predict_batch(batch, **options)
+
+  def evaluate(self, split: str, *, evaluator: str | None = None,
+               **options: Any) -> dict[str, float]:
+    """The run's evaluator `evaluator` (a name in `config.evals`; default: the one scoring the
+    chain's last task) on `split` of the run's dataset, scoring the first sample of each
+    prediction with `options` (as `predict_batch`): the trainer's numbers for those options."""
+    plan = self.plan(**options)
+    name = evaluator or evaluator_of(self.config, self.tasks[plan.chain[-1][0]])
+    predict = lambda v, batch: jax.tree.map(lambda x: x[:, 0],
+                                            self.stage.predict_samples(v, batch, plan))
+    return evaluate(self.config, predict, self.variables, split, name)
+
+  def categories(self, name: str | None = None) -> Any:
+    """What task `name`'s `save` needs of the run's dataset (panoptic: its categories)."""
+    task = self.tasks[name] if name else self.task
+    return task.categories(lambda: input_pipeline.dataset_categories(self.config),
+                           self.oracles[name or self.stage.names[0]].config)
+
+
+def tasks_of(config: mlc.ConfigDict) -> dict[str, Any]:
+  """The task modules of a run, by name: a stage I run's task, or a stage II run's oracles'."""
+  from uvim import tasks
+
+  if config.model_name != "proj.uvim.lm":
+    return {config.task: tasks.get_task(config.task)}
+  sections = config.oracles if "oracles" in config else {config.oracle.task: config.oracle}
+  return {name: tasks.get_task(section.task) for name, section in sections.items()}
+
+
+def evaluator_of(config: mlc.ConfigDict, task: Any = None) -> str:
+  """The name of the run's evaluator that scores `task` (a task module; default: the run's
+  only task), as `config.evals` lists it."""
+  if task is None:
+    (task, *others) = tasks_of(config).values()
+    if others:
+      raise UserError("a multi-task run: name the task whose evaluator to use")
+  for name, kind in config.evals:
+    if kind == task.EVALUATOR:
+      return name
+  raise UserError(f"config.evals has no {task.EVALUATOR!r} evaluator to score {task.NAME}: "
+                  f"{list(config.evals)}")
+
+
+def evaluator(config: mlc.ConfigDict, split: str, name: str, fns: dict | None = None, *,
+              pp: str | None = None):
+  """The run's evaluator `name` (of `config.evals`) on `split` of its dataset (with pp `pp`,
+  if given), built as the trainer builds it but without its `predict_kwargs` and files,
+  scoring the model functions `fns` ({'predict': (variables, batch) -> outputs})."""
+  from evaluators import common as evaluators_common
+  from uvim import trainer
+
+  evaluators_common.register_all()
+  kinds = dict(config.evals)
+  if name not in kinds:
+    raise UserError(f"config.evals has no evaluator {name!r}: {list(config.evals)}")
+  options = {k: v for k, v in dict(config[name]).items()
+             if k not in ("write_predictions", "predict_kwargs")}
+  options["split"] = split
+  if pp:
+    options["pp"] = pp
+  return evaluators_common.EVALUATORS[kinds[name]](name, config, options,
+                                                  mesh=trainer.make_mesh(config), fns=fns or {})
+
+
+def evaluate(config: mlc.ConfigDict, predict: Any, variables: Any, split: str, name: str, *,
+             pp: str | None = None) -> dict[str, float]:
+  """The run's evaluator `name` on `split` (see `evaluator`), scoring `predict(variables,
+  batch)`: e.g. a tokenizer's reconstructions or codes edited by hand."""
+  return evaluator(config, split, name, {"predict": predict}, pp=pp).run(variables)
+
+
+def iter_examples(config: mlc.ConfigDict, split: str,
+                  dataset: str | None = None) -> Iterator[tuple[np.ndarray, dict]]:
+  """(the uint8 image, the model inputs: `image` and the labels at the model's resolution) of
+  each example of `split` of the run's dataset (or `dataset`), through `config.pp_eval` as the
+  trainer's evaluators see them."""
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+
+  from pp.builder import get_preprocess_fn
+
+  builder = input_pipeline.get_builder(dataset or config.dataset, config.data_dir)
+  pp = get_preprocess_fn(config.pp_eval, config.pp_modules)
+  skip = {"image": tfds.decode.SkipDecoding()}
+  for example in builder.as_dataset(split=split, decoders=skip, shuffle_files=False):
+    image = tf.io.decode_image(example["image"], channels=3, expand_animations=False).numpy()
+    yield image, {k: np.asarray(v) for k, v in pp(dict(example)).items()
+                  if np.asarray(v).dtype.kind in "biuf"}
+
+
+def examples(config: mlc.ConfigDict, split: str) -> tuple[list[np.ndarray], dict]:
+  """The uint8 images of `split` and their model inputs as one batch (see `iter_examples`)."""
+  images, inputs = zip(*iter_examples(config, split), strict=True)
+  return list(images), {k: np.stack([x[k] for x in inputs]) for k in inputs[0]}
+
 
 def load(source: str, *, checkpoint: str | None = None, oracle: str | None = None,
          overrides: dict[str, Any] | None = None) -> Model:
@@ -148,6 +236,11 @@ class Tokenizer:
     self._encode = jax.jit(lambda v, labels, image: self.oracle.encode(
         v, {"labels": labels, "image": image})[0])
     self._decode = jax.jit(self.oracle.decode)
+
+  def reconstruct_batch(self, variables: dict, batch: dict) -> dict:
+    """The task outputs of a batch's `labels` (and context image) through the code: what the
+    stage I evaluators score (`evaluate(config, tokenizer.reconstruct_batch, ...)`)."""
+    return self.oracle.reconstruct(variables, batch)
 
   @property
   def codewords(self) -> np.ndarray:
@@ -204,18 +297,22 @@ def load_config(source: str) -> mlc.ConfigDict:
   return cli.load_config(source)
 
 
-def run_config(config: mlc.ConfigDict, source: str,
+def run_config(config: mlc.ConfigDict | None, source: str,
                explicit: Sequence[str] = ()) -> mlc.ConfigDict:
   """The config to load the trained model `source` (a workdir, or a run's exported params.npz)
   with: the config its run recorded, every setting (its oracle included) as trained, with the
-  dotted keys `explicit` (set on the command line) taken from `config`, each named on stderr.
-  `config` itself when `source` records nothing (a released npz). Keys where `config` differs
-  from the record unasked are named in a warning: the record's values hold."""
+  dotted keys `explicit` (set on the command line) taken from `config` (None: none), each named
+  on stderr. `config` itself when `source` records nothing (a released npz). Keys where `config`
+  differs from the record unasked are named in a warning: the record's values hold."""
   found = checkpoint.recorded_config(source)
   if found is None:
+    if config is None:
+      raise UserError(f"{source} records no config (a released npz?): give --config")
     return config
   saved, config_file = found
   recorded = mlc.ConfigDict(workdir_lib.resolve_paths(saved, config_file.parent))
+  if config is None:
+    return recorded
   for key in explicit:
     value, before = cli.lookup(config, key), cli.lookup(recorded, key)
     if value != before:

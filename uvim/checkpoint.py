@@ -370,3 +370,44 @@ def _first_line(error: BaseException) -> str:
   """The first non-empty line of an error message (tensorstore's run over many lines)."""
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   return lines[0] if lines else type(error).__name__
+
+
+def stage2_init(model_init: Any, params: Any, model: Any, implied: Mapping[str, Any]) -> Any:
+  """Stage II parameters `params` (shapes) from `model_init`: a whole stage II model (npz or
+  workdir; its recorded model, parameter shapes, position embeddings and condition dropout
+  checked against `model`), or `{'encoder': ViT name or npz}` (the image encoder alone)."""
+  if isinstance(model_init, str):
+    check_recorded_model(model_init, model, model_name="proj.uvim.lm", key="config",
+                         implied=implied)
+    tree = load_variables(model_init)
+    loaded = in_layout(tree["params"], model.scan_layers)
+    check_same_model(params, loaded, model_init)
+    learned = "pos_embedding_decoder" in tree["params"]
+    if learned != (model.posemb_type == "learn"):
+      raise UserError(f"{model_init} has {'learned' if learned else 'no learned'} position "
+                      f"embeddings; set config.model.posemb_type to "
+                      f"{'learn' if learned else 'sincos2d'!r} (it is {model.posemb_type!r}): "
+                      "big_vision's models use 'learn'")
+    guided = "null_image" in tree["params"]
+    if guided != bool(model.cond_dropout):
+      raise UserError(f"{model_init} was trained {'with' if guided else 'without'} condition "
+                      "dropout (a learned no-image input); set config.model.cond_dropout "
+                      f"{'> 0 (e.g. 0.1)' if guided else 'to 0'}")
+    return merge_into(params, loaded, model_init)
+  unknown = set(model_init) - {"encoder"}
+  if unknown:
+    raise UserError(f"config.model_init: unknown part(s) {sorted(unknown)}; stage II takes a "
+                    "checkpoint path or {'encoder': <ViT name or .npz>}")
+  if not model_init.get("encoder"):
+    return params
+  if model.posemb_type != "learn":
+    raise UserError(f"config.model_init.encoder={model_init['encoder']} is a ViT with learned "
+                    f"position embeddings; config.model.posemb_type={model.posemb_type!r} has "
+                    "none: set it to 'learn'")
+  from uvim.models import vit, vit_init
+
+  grid = vit.patch_grid(model.input_size, model.patches["size"])
+  logging.info("Stage II encoder from %s", model_init["encoder"])
+  unscanned = in_layout(jax.device_get(params), scanned=False)
+  return in_layout(vit_init.load_encoder(model_init["encoder"], unscanned, grid=grid),
+                   model.scan_layers)

@@ -21,12 +21,13 @@ from uvim.errors import did_you_mean
 CONFIG_FLAG = "config"
 
 
-def define_config_flag() -> flags.FlagHolder:
-  """Defines the required, locked `--config` flag (a typo'd key cannot be set by code either)."""
+def define_config_flag(required: bool = True, help_extra: str = "") -> flags.FlagHolder:
+  """Defines the locked `--config` flag (a typo'd key cannot be set by code either)."""
   holder = config_flags.DEFINE_config_file(
-      CONFIG_FLAG, None, "Config file and variant, e.g. configs/panoptic_stage1.py:smoke",
-      lock_config=True)
-  flags.mark_flag_as_required(CONFIG_FLAG)
+      CONFIG_FLAG, None, "Config file and variant, e.g. configs/panoptic_stage1.py:smoke"
+      + help_extra, lock_config=True)
+  if required:
+    flags.mark_flag_as_required(CONFIG_FLAG)
   return holder
 
 

@@ -69,6 +69,18 @@ def get_builder(name: str, data_dir: str | None = None,
       f"$TFDS_DATA_DIR at the directory that holds it, or {how}.")
 
 
+def dataset_categories(config) -> list[dict] | None:
+  """The COCO categories of `config.dataset` (what panoptic predictions are written with); None,
+  with a warning, where it has none or cannot be read."""
+  from uvim.panoptic_format import panoptic_categories
+
+  try:
+    return panoptic_categories(get_builder(config.dataset, config.data_dir))
+  except Exception as e:  # any reason: the task falls back on its own
+    logging.warning("No categories from %s (%s)", config.dataset, e)
+    return None
+
+
 def num_examples(builder: tfds.core.DatasetBuilder, split: str, key: str) -> int:
   """The number of examples of `split`; a split that does not exist or is empty is a UserError
   naming the config `key` it came from."""

@@ -121,6 +121,12 @@ class Oracle:
                                  method=self.model.decode)
     return self.task.predict_outputs(logits, self.config)
 
+  def reconstruct(self, variables: dict, batch: dict) -> dict:
+    """The task outputs of the batch's labels through the code (eval mode: no code dropout, no
+    dictionary update): what stage I's evaluators score."""
+    inputs, ctx, _ = self.inputs(batch)
+    return self.task.predict_outputs(self.model.apply(variables, inputs, ctx=ctx)[0], self.config)
+
   def codewords(self, variables: dict) -> jnp.ndarray:
     """The words (dict_size, dim) as the decoder sees them."""
     return self.model.apply(variables, method=self.model.codewords)

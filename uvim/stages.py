@@ -18,19 +18,19 @@ the image context -> task output), used by the evaluators during training, by pr
 by `uvim.api`. One StageII serves one task (`config.oracle`) or several (`config.oracles`).
 """
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from absl import logging
 
 from uvim import checkpoint, decoding, models
+from uvim.code_layout import CodeLayout
 from uvim.decoding import Sampling
 from uvim.errors import UserError, did_you_mean
-from uvim.models import lm, vit, vit_init
+from uvim.models import lm
 from uvim.oracle import Oracle, with_state
 
 
@@ -61,7 +61,7 @@ class StageI:
     (logits, aux), new_vars = self.model.apply(
         {"params": params, "state": model_state}, inputs, ctx=ctx, train=True,
         mutable=["state"], rngs={"dropout": rng_dropout, "vqvae": rng_vqvae})
-    loss, parts = self.task.loss_fn(logits, batch, self.model_config)
+    loss, parts = self.task.loss_fn(logits, batch, self.model_config, inputs)
     metrics = {**{k: jnp.mean(v) for k, v in parts.items()}, **stats,
                **{k: v for k, v in aux.items() if k.startswith("codebook_")}}
     return jnp.mean(loss), (metrics, with_state(new_vars)["state"])
@@ -69,21 +69,25 @@ class StageI:
   def variables(self, params, model_state, frozen) -> dict:
     return {"params": params, "state": model_state}
 
-  def _logits(self, variables: dict, batch: dict) -> dict:
-    """Logits in eval mode (no code dropout, no dictionary update)."""
+  def _logits(self, variables: dict, batch: dict) -> tuple[dict, dict]:
+    """Logits in eval mode (no code dropout, no dictionary update), and the inputs."""
     inputs, ctx, _ = self.oracle.inputs(batch)
-    return self.model.apply(variables, inputs, ctx=ctx)[0]
+    return self.model.apply(variables, inputs, ctx=ctx)[0], inputs
 
   def eval_fns(self) -> dict[str, Callable]:
     """`predict` is the oracle's reconstruction: labels + image -> code -> labels."""
     def options(kwargs: dict, where: str) -> dict:
-      raise UserError(f"{where}: stage I predictions take no options, got {sorted(kwargs)}")
+      if kwargs:
+        raise UserError(f"{where}: stage I predictions take no options, got {sorted(kwargs)}")
+      return {}
+
+    def loss(v, batch):
+      logits, inputs = self._logits(v, batch)
+      return self.task.loss_fn(logits, batch, self.model_config, inputs)
 
     return {
-        "loss": lambda v, batch: self.task.loss_fn(self._logits(v, batch), batch,
-                                                   self.model_config),
-        "predict": lambda v, batch: self.task.predict_outputs(self._logits(v, batch),
-                                                              self.model_config),
+        "loss": loss,
+        "predict": self.oracle.reconstruct,
         "options": options,
         "oracles": self.oracles,
     }
@@ -106,34 +110,47 @@ def oracles_of(config) -> dict[str, Oracle]:
   return {config.oracle.task: Oracle(config.oracle, **overrides)}
 
 
-class StageII:
-  """`proj.uvim.lm`: image -> guiding code(s), trained on the codes the frozen oracles give the
-  (augmented) labels of each batch; predictions decode sampled codes with the oracles.
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What a prediction does, checked once against the model (`StageII.plan`): the sampler's
+  options (`num_samples` and `seed` are the whole chain's), the chain of (task, Sampling) steps
+  decoded in turn, each given every code before it, and the tasks `given` the oracle's code of
+  their labels. Hashable: static under jit."""
 
-  The sequence holds every oracle's code in the order of their names, word w of oracle k as
-  token first_id[k] + w (id 0 is BOS / MASK), so the model's `seq_len`, `vocab_size` and
-  `num_tasks` follow from the oracles (a config that states other values is an error). With
-  one oracle (`config.oracle`) this is the paper's stage II, causal or masked. With several
-  (`config.oracles`, a masked model) every training example gives each task a role: condition
-  (its code visible whole, probability `config.condition_rate`) or target (a cosine-scheduled
-  part hidden, the loss on it), at least one target; so the model learns image -> any task and
-  image + some tasks' codes -> the others, and predicts chains (`predict_samples`)."""
+  sampling: Sampling
+  chain: tuple[tuple[str, Sampling], ...]
+  given: tuple[str, ...] = ()
+
+
+class StageII:
+  """`proj.uvim.lm`: image -> guiding code(s), trained on the codes the frozen oracles (a
+  mapping, by task name, of one or more) give the (augmented) labels of each batch; predictions
+  decode sampled codes with the oracles.
+
+  The sequence holds every oracle's code (`layout`, a `CodeLayout`), so the model's `seq_len`,
+  `vocab_size` and `num_tasks` follow from the oracles (a config that states other values is an
+  error). With one oracle (`config.oracle`) this is the paper's stage II, causal or masked. With
+  several (`config.oracles`, a masked model) every training example gives each task a role:
+  condition (its code visible whole, probability `config.condition_rate`) or target (a
+  cosine-scheduled part hidden, the loss on it), at least one target; so the model learns
+  image -> any task and image + some tasks' codes -> the others, and predicts chains."""
 
   def __init__(self, config):
     self.oracles = oracles_of(config)
     self.names = tuple(self.oracles)
     self.multitask = "oracles" in config
     self.condition_rate = config.get("condition_rate", 0.5)
-    sizes = [o.dict_size for o in self.oracles.values()]
-    self.first_id = dict(zip(self.names, 1 + np.cumsum([0, *sizes[:-1]]), strict=True))
-    lens = {k: o.code_len for k, o in self.oracles.items()}
-    if self.multitask and len(set(lens.values())) != 1:
+    self.layout = CodeLayout.of({k: o.code_len for k, o in self.oracles.items()},
+                                {k: o.dict_size for k, o in self.oracles.items()})
+    self.first_id, lens = self.layout.first_id, self.layout.code_lens
+    if self.multitask and len(set(lens)) != 1:
       raise UserError(f"config.oracles: every oracle's model.code_len must be the same, got "
-                      f"{lens}")
+                      f"{dict(zip(self.names, lens, strict=True))}")
     # What the oracles imply of the model, and why; a config may state it (the paper's do).
     source = "config.oracles" if self.multitask else "config.oracle.model"
-    implied = {"seq_len": (sum(lens.values()), f"the code_len of {source}"),
-               "vocab_size": (1 + sum(sizes), f"1 + the dict_size of {source} {sizes}"),
+    implied = {"seq_len": (self.layout.seq_len, f"the code_len of {source}"),
+               "vocab_size": (self.layout.vocab_size,
+                              f"1 + the dict_size of {source} {list(self.layout.dict_sizes)}"),
                "num_tasks": (len(self.names) if self.multitask else 1, "one per oracle")}
     if self.multitask:
       implied["masked"] = (True, "a multi-task model (chains decode in any order)")
@@ -147,37 +164,30 @@ class StageII:
                         f"{why}")
 
   def oracle(self, name: str | None = None) -> Oracle:
-    """The oracle of task `name` (default: the only one)."""
+    """The oracle of task `name` (default: the first)."""
     return self.oracles[name or self.names[0]]
 
   def span(self, name: str) -> tuple[int, int]:
-    """The positions of task `name`'s code in the sequence."""
-    first = sum(self.oracles[n].code_len for n in self.names[:self.names.index(name)])
-    return first, first + self.oracles[name].code_len
-
-  def vocab(self, name: str) -> tuple[int, int]:
-    """The token ids of task `name`'s words."""
-    first = int(self.first_id[name])
-    return first, first + self.oracles[name].dict_size
+    return self.layout.span(name)
 
   def by_name(self, oracle_variables: dict) -> dict:
-    """The oracles' variables by task name (a single-task run holds its oracle's alone)."""
-    return oracle_variables if self.multitask else {self.names[0]: oracle_variables}
+    """The oracles' variables by task name (also from one oracle's own {'params', 'state'})."""
+    if set(oracle_variables) == set(self.names):
+      return oracle_variables
+    return {self.names[0]: oracle_variables}
 
   def init_variables(self, rng: jax.Array, batch: dict) -> dict:
     targets = jnp.zeros((batch["image"].shape[0], self.model.seq_len), jnp.int32)
     return {"params": self.model.init(rng, batch["image"], targets)["params"], "state": {}}
 
   def frozen_shapes(self) -> dict:
-    """Shapes of the oracles' {'params', 'state'}."""
-    shapes = {k: o.shapes() for k, o in self.oracles.items()}
-    return shapes if self.multitask else shapes[self.names[0]]
+    """Shapes of the oracles' {'params', 'state'}, by task name."""
+    return {k: o.shapes() for k, o in self.oracles.items()}
 
   def frozen_variables(self) -> dict:
-    """The oracles' {'params', 'state'} from their `model_init`, checked against the oracle
-    sections of the config."""
-    loaded = {k: o.load() for k, o in self.oracles.items()}
-    return loaded if self.multitask else loaded[self.names[0]]
+    """The oracles' {'params', 'state'} by task name, from their `model_init`, checked against
+    the oracle sections of the config."""
+    return {k: o.load() for k, o in self.oracles.items()}
 
   def abstract_batch(self, batch_size: int) -> dict:
     """Shapes of a training batch (for planning and compiling without data)."""
@@ -189,15 +199,13 @@ class StageII:
   def targets(self, oracle_variables: dict, batch: dict) -> tuple[jnp.ndarray, dict]:
     """Every oracle's code of the batch's labels as one sequence of tokens (B, seq_len), and
     the code statistics (`oracle_codebook_*`; by task, `<name>/...`, with several tasks)."""
-    codes, stats = [], {}
+    codes, stats = {}, {}
     for name, variables in self.by_name(oracle_variables).items():
-      code, task_stats = self.oracles[name].encode(variables, batch)
-      codes.append(code + self.first_id[name])
-      task_stats = {("oracle_" if k.startswith("codebook_") else "") + k: v
-                    for k, v in task_stats.items()}
-      stats.update({(f"{name}/" if self.multitask else "") + k: v
+      codes[name], task_stats = self.oracles[name].encode(variables, batch)
+      stats.update({(f"{name}/" if self.multitask else "")
+                    + ("oracle_" if k.startswith("codebook_") else "") + k: v
                     for k, v in task_stats.items()})
-    return jnp.concatenate(codes, axis=1), stats
+    return self.layout.pack(codes), stats
 
   def _training_mask(self, rng: jax.Array, batch: int) -> jnp.ndarray | None:
     """(B, L) positions hidden from a masked model in training (None for a causal model):
@@ -242,19 +250,13 @@ class StageII:
     xent = optax.softmax_cross_entropy_with_integer_labels(logits, targets_BxL)
     return xent, (jnp.argmax(logits, -1) == targets_BxL).astype(jnp.float32)
 
-  def _code_loss(self, params: Any, images: jnp.ndarray, targets_BxL: jnp.ndarray,
-                 hidden_BxL: jnp.ndarray | None, **apply_kw) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(per-example cross-entropy, token accuracy), over the hidden positions if any."""
-    xent, correct = self._token_losses(params, images, targets_BxL, hidden_BxL, **apply_kw)
-    return _mean(xent, hidden_BxL), _mean(correct, hidden_BxL, axis=None)
-
   def _per_task(self, values_BxL: jnp.ndarray, weights_BxL: jnp.ndarray | None,
                 axis: int | None = None) -> dict:
     """Means of `values` over each task's positions (weighted), over the whole batch or
     per example (`axis` 1)."""
-    return {name: _mean(values_BxL[:, slice(*self.span(name))],
-                        None if weights_BxL is None else weights_BxL[:, slice(*self.span(name))],
-                        axis=axis) for name in self.names}
+    weights = {} if weights_BxL is None else self.layout.per_task(weights_BxL)
+    return {name: _mean(values, weights.get(name), axis=axis)
+            for name, values in self.layout.per_task(values_BxL).items()}
 
   def loss(self, params, model_state, frozen, batch: dict, rng: jax.Array):
     targets, stats = self.targets(frozen, batch)
@@ -272,82 +274,62 @@ class StageII:
   def variables(self, params, model_state, frozen) -> dict:
     return {"params": params, "oracle": frozen}
 
-  def chain_steps(self, chain: Any, sampling: Sampling) -> tuple[tuple[str, Sampling], ...]:
-    """`chain` (task names, or (name, options) pairs, options a mapping of `Sampling` fields or
-    a `Sampling`; None: every task in order) as checked (name, Sampling) steps."""
-    steps = []
-    for c in self.names if chain is None else chain:
-      name, options = (c, {}) if isinstance(c, str) else c
-      if name not in self.names:
-        raise UserError(f"chain: unknown task {name!r}; {did_you_mean(name, self.names)}the "
-                        f"model's tasks are {self.names}")
-      step = options if isinstance(options, Sampling) else Sampling.of(sampling, **options)
-      if (step.num_samples, step.seed) != (sampling.num_samples, sampling.seed):
-        raise UserError(f"chain step {name!r}: num_samples and seed are the whole chain's")
-      step.check(self.model, self.oracles[name].code_len)
-      steps.append((name, step))
-    if not steps:
-      raise UserError(f"chain is empty: name the task(s) to decode, of {self.names}")
-    names = [n for n, _ in steps]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-      raise UserError(f"chain: {twice} named twice; each task is decoded once")
-    return tuple(steps)
-
-  def prediction_options(self, options: Mapping[str, Any], where: str) -> dict:
-    """`options` (Sampling's fields, `chain`, `given`) checked against this model, as the
-    keyword arguments of `predict_samples` (hashable: static under jit); errors name `where`."""
+  def plan(self, options: Mapping[str, Any], where: str = "predict") -> Plan:
+    """`options` (Sampling's fields, or `sampling`, a base Sampling; `chain`: task names or
+    (name, options) pairs, options a mapping of Sampling's fields or a Sampling, default every
+    task in order; `given`: task names) checked against this model; a step whose temperature
+    no option sets samples at its task's DEFAULT_TEMPERATURE. Errors name `where`."""
     options = dict(options)
-    chain, given = options.pop("chain", None), tuple(options.pop("given", ()))
+    chain, given = options.pop("chain", None), tuple(options.pop("given", None) or ())
     try:
-      sampling = Sampling.of(**options)
-      steps = self.chain_steps(chain, sampling)
-      self._check_given(given, steps)
+      sampling = Sampling.of(options.pop("sampling", None), **options)
+      steps = []
+      for item in self.names if chain is None else chain:
+        name, step = (item, {}) if isinstance(item, str) else item
+        if name not in self.names:
+          raise UserError(f"chain: unknown task {name!r}; {did_you_mean(name, self.names)}the "
+                          f"model's tasks are {self.names}")
+        if not isinstance(step, Sampling):
+          if "temperature" not in options:
+            step = {"temperature": self.oracles[name].task.DEFAULT_TEMPERATURE, **step}
+          step = Sampling.of(sampling, **step)
+        if (step.num_samples, step.seed) != (sampling.num_samples, sampling.seed):
+          raise UserError(f"chain step {name!r}: num_samples and seed are the whole chain's")
+        step.check(self.model, self.oracles[name].code_len)
+        steps.append((name, step))
+      check_chain(tuple(n for n, _ in steps), given, self.names)
     except UserError as e:
       raise UserError(f"{where}: {e}") from None
-    return {"sampling": sampling, "chain": steps, "given": given}
+    return Plan(sampling, tuple(steps), given)
 
-  def _check_given(self, given: Sequence[str], steps: Sequence[tuple[str, Sampling]]) -> None:
-    for name in given:
-      if name not in self.names:
-        raise UserError(f"given: unknown task {name!r}; the model's tasks are {self.names}")
-      if name in (n for n, _ in steps):
-        raise UserError(f"chain: task {name!r} is both given and decoded")
-
-  def predict_samples(self, variables: dict, batch: dict, sampling: Sampling | None = None, *,
-                      chain: Any = None, given: Sequence[str] = (), **options: Any) -> dict:
+  def predict_samples(self, variables: dict, batch: dict, plan: Plan | None = None, *,
+                      draft: jnp.ndarray | None = None, **options: Any) -> dict:
     """Task outputs for `num_samples` sampled codes per image, each (B, num_samples, ...), plus
     the sequence `code` (B, num_samples, seq_len) of word ids and its log-probability
-    `code_logprob` (and with several tasks each task's `code_<name>`). A masked model decodes
-    from a draft where the batch holds `start_code` (B, seq_len) word ids, -1 where none: the
-    words the model would not write itself are decoded again (`decoding.sample`'s `revise`).
-
-    The options are `sampling` with `options` replaced (`decoding.Sampling`: the scheme, steps,
-    temperature, filters, classifier-free guidance...). `given` tasks take the oracle's code of
-    the batch's labels; then each step of `chain` (default: every task in order; items a name
-    or (name, options of that step)) decodes its task's code given every code so far. Every
-    decoded or given code is decoded by its oracle with the image context."""
-    sampling = Sampling.of(sampling, **options)
-    steps = self.chain_steps(chain, sampling)
-    self._check_given(given, steps)
-    images, oracles = batch["image"], self.by_name(variables["oracle"])
-    samples, length = sampling.num_samples, self.model.seq_len
-    tokens = jnp.full((len(images), samples, length), lm.MASK, jnp.int32)
-    draft = batch.get("start_code")  # word ids (B, seq_len), -1 where none: revised, not kept
+    `code_logprob` (and with several tasks each task's `code_<name>`), as `plan` (default: the
+    plan of `options`) says: `given` tasks take the oracle's code of the batch's labels; then
+    each step of the chain decodes its task's code given every code so far. Every decoded or
+    given code is decoded by its oracle with the image context. A masked model decodes from a
+    `draft` (B, seq_len) of word ids, -1 where none: the words the model would not write itself
+    are decoded again (`decoding.sample`'s `revise`; e.g. a video's previous frame)."""
+    plan = plan or self.plan(options)
+    images, oracles, layout = batch["image"], self.by_name(variables["oracle"]), self.layout
+    samples = plan.sampling.num_samples
+    tokens = jnp.full((len(images), samples, layout.seq_len), lm.MASK, jnp.int32)
     if draft is not None:
       if not self.model.masked:
-        raise UserError("start_code (decoding from a draft, e.g. the previous frame's code) "
-                        "needs a masked model")
+        raise UserError("a draft (decoding from e.g. the previous frame's code) needs a masked "
+                        "model")
       tokens = jnp.broadcast_to(jnp.where(draft >= 0, draft + 1, lm.MASK)[:, None], tokens.shape)
-    for name in given:
-      code = self.oracles[name].encode(oracles[name], batch)[0] + self.first_id[name]
-      tokens = tokens.at[:, :, slice(*self.span(name))].set(code[:, None])
-    rngs = decoding.image_rngs(images, sampling.seed)
+    for name in plan.given:
+      code = self.oracles[name].encode(oracles[name], batch)[0] + layout.first_id[name]
+      tokens = tokens.at[:, :, slice(*layout.span(name))].set(code[:, None])
+    rngs = decoding.image_rngs(images, plan.sampling.seed)
     logprob = jnp.zeros((len(images), samples), jnp.float32)
-    for i, (name, step) in enumerate(steps):
-      part = {} if self.span(name) == (0, length) else {"span": self.span(name),
-                                                       "vocab": self.vocab(name)}
-      if given or i or draft is not None:
+    for i, (name, step) in enumerate(plan.chain):
+      part = {} if layout.whole(name) else {"span": layout.span(name),
+                                            "vocab": layout.vocab(name)}
+      if plan.given or i or draft is not None:
         part["given"] = tokens
       if draft is not None:
         part["revise"] = True
@@ -358,8 +340,8 @@ class StageII:
       logprob = logprob + step_logprob
     outputs = {"code": tokens - 1, "code_logprob": logprob}
     per_sample = lambda x: x.reshape(len(images), samples, *x.shape[1:])
-    for name in (*given, *(n for n, _ in steps)):
-      code = tokens[:, :, slice(*self.span(name))] - self.first_id[name]
+    for name in (*plan.given, *(n for n, _ in plan.chain)):
+      code = layout.unpack(tokens, name)
       ctx = jnp.repeat(self.oracles[name].context(batch), samples, axis=0)
       decoded = self.oracles[name].decode(oracles[name], code.reshape(-1, code.shape[-1]), ctx)
       outputs.update(jax.tree.map(per_sample, decoded))
@@ -370,8 +352,8 @@ class StageII:
   def eval_fns(self) -> dict[str, Callable]:
     """`loss`: the code's cross-entropy (causal: teacher-forced; masked: positions drawn from
     each image's key, reproducibly; several tasks: each from the image alone, every position
-    hidden, by task too); `predict`: the end task from one sampled code per image (greedy
-    unless `predict_kwargs` say otherwise); `options`: `prediction_options`."""
+    hidden, by task too); `predict`: the end task from one sampled code per image, as `plan`
+    says; `options`: the evaluators' `predict_kwargs` -> {'plan': checked}."""
     def loss(v, batch):
       targets, _ = self.targets(v["oracle"], batch)
       if self.multitask:
@@ -388,49 +370,29 @@ class StageII:
         parts.update({f"loss_{k}": x for k, x in self._per_task(xent, None, axis=1).items()})
       return parts["loss_code"], parts
 
-    def predict(v, batch, **kwargs):
-      return jax.tree.map(lambda x: x[:, 0], self.predict_samples(v, batch, **kwargs))
+    def predict(v, batch, plan=None):
+      return jax.tree.map(lambda x: x[:, 0], self.predict_samples(v, batch, plan))
 
-    return {"loss": loss, "predict": predict, "options": self.prediction_options,
-            "oracles": self.oracles}
+    return {"loss": loss, "predict": predict, "options": lambda kwargs, where: {
+        "plan": self.plan(kwargs, where)}, "oracles": self.oracles}
 
   def load_init(self, model_init: Any, params, model_state):
     """A whole stage II model (npz or workdir), or `{'encoder': ViT name or npz}`."""
-    if isinstance(model_init, str):
-      checkpoint.check_recorded_model(model_init, self.model, model_name="proj.uvim.lm",
-                                      key="config", implied=self.implied)
-      tree = checkpoint.load_variables(model_init)
-      loaded = checkpoint.in_layout(tree["params"], self.model.scan_layers)
-      checkpoint.check_same_model(params, loaded, model_init)
-      learned = "pos_embedding_decoder" in tree["params"]
-      if learned != (self.model.posemb_type == "learn"):
-        raise UserError(f"{model_init} has {'learned' if learned else 'no learned'} position "
-                         f"embeddings; set config.model.posemb_type to "
-                         f"{'learn' if learned else 'sincos2d'!r} (it is "
-                         f"{self.model.posemb_type!r}): big_vision's models use 'learn'")
-      guided = "null_image" in tree["params"]
-      if guided != bool(self.model.cond_dropout):
-        raise UserError(f"{model_init} was trained {'with' if guided else 'without'} condition "
-                         "dropout (a learned no-image input); set config.model.cond_dropout "
-                         f"{'> 0 (e.g. 0.1)' if guided else 'to 0'}")
-      return checkpoint.merge_into(params, loaded, model_init), model_state
-    unknown = set(model_init) - {"encoder"}
-    if unknown:
-      raise UserError(f"config.model_init: unknown part(s) {sorted(unknown)}; stage II "
-                       "takes a checkpoint path or {'encoder': <ViT name or .npz>}")
-    if model_init.get("encoder") and self.model.posemb_type != "learn":
-      raise UserError(f"config.model_init.encoder={model_init['encoder']} is a ViT with learned "
-                       f"position embeddings; config.model.posemb_type="
-                       f"{self.model.posemb_type!r} has none: set it to 'learn'")
-    if model_init.get("encoder"):
-      grid = vit.patch_grid(self.model.input_size, self.model.patches["size"])
-      logging.info("Stage II encoder from %s", model_init["encoder"])
-      unscanned = checkpoint.in_layout(jax.device_get(params), scanned=False)
-      params = checkpoint.in_layout(
-          vit_init.load_encoder(model_init["encoder"], unscanned, grid=grid),
-          self.model.scan_layers)
-    return params, model_state
+    return checkpoint.stage2_init(model_init, params, self.model, self.implied), model_state
 
+
+def check_chain(chain: Sequence[str], given: Sequence[str], names: Sequence[str]) -> None:
+  """A chain decodes some of `names` once each, none of them `given` (also of `names`)."""
+  if not chain:
+    raise UserError(f"chain is empty: name the task(s) to decode, of {tuple(names)}")
+  twice = sorted({n for n in chain if list(chain).count(n) > 1})
+  if twice:
+    raise UserError(f"chain: {twice} named twice; each task is decoded once")
+  for name in given:
+    if name not in names:
+      raise UserError(f"given: unknown task {name!r}; the model's tasks are {tuple(names)}")
+    if name in chain:
+      raise UserError(f"chain: task {name!r} is both given and decoded")
 
 
 def _mean(values: jnp.ndarray, weights: jnp.ndarray | None, axis: int | None = -1) -> jnp.ndarray:

@@ -4,6 +4,7 @@ Stage I sees the bins one-hot ("depth"), is trained with cross-entropy masked wh
 missing (<= min), and predicts the centre of the most likely bin.
 """
 
+from collections.abc import Callable
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -11,13 +12,20 @@ import numpy as np
 
 from uvim import visualize
 from uvim.panoptic_format import resize_nearest
-from uvim.tasks import common
+from uvim.tasks import Scoring, common, mean_scoring
 
 MIN_DEPTH, MAX_DEPTH = 1e-3, 10.0
 
 
+NAME = "depth"
 LABELS = (1, "float32")  # metres per pixel
 DEFAULT_TEMPERATURE = 0.0
+EVALUATOR, METRIC, HIGHER_IS_BETTER = "nyu_depth", "rmse", False
+TRUTH = "batch"
+MULTITASK = dict(name="depth", config="configs.depth_stage2",
+                 labels='nyu_depth(outkey="labels_depth")|', finish="",
+                 eval_labels='copy("labels_depth", "ground_truth")|', eval_keep='"ground_truth"')
+
 
 def depth_to_bins(depth: jnp.ndarray, num_bins: int) -> jnp.ndarray:
   """floor((d - min) / (max - min) * bins), clipped to [0, bins - 1]."""
@@ -36,9 +44,10 @@ def input_pp(batch: dict, model_config) -> tuple[dict, dict]:
   return {"depth": common.class_patches(bins, model_config.patch_size)}, {}
 
 
-def loss_fn(logits: dict, batch: dict, model_config) -> tuple[jnp.ndarray, dict]:
+def loss_fn(logits: dict, batch: dict, model_config,
+            inputs: dict | None = None) -> tuple[jnp.ndarray, dict]:
   """Per-example cross-entropy over the bins, averaged over pixels with a depth."""
-  inputs, _ = input_pp(batch, model_config)
+  inputs = inputs or input_pp(batch, model_config)[0]
   valid = common.patchify(batch["labels"], model_config.patch_size)[:, :, 0] > MIN_DEPTH
   xent = common.softmax_xent(logits["depth"], inputs["depth"])
   loss = jnp.sum(xent * valid, axis=(1, 2)) / jnp.maximum(jnp.sum(valid, axis=(1, 2)), 1)
@@ -75,9 +84,8 @@ def error_map(outputs: dict, labels: np.ndarray) -> np.ndarray:
   return np.where(truth > MIN_DEPTH, np.minimum(error, 1.0), 0.0).astype(np.float32)
 
 
-def categories(config, model_config) -> list:
+def categories(dataset_categories: Callable[[], list[dict] | None], model_config) -> None:
   """What `save` needs of the dataset: nothing."""
-  return []
 
 
 def save(outputs: dict, image: np.ndarray, stem: Path, categories=None) -> None:
@@ -85,3 +93,21 @@ def save(outputs: dict, image: np.ndarray, stem: Path, categories=None) -> None:
   visualize.save_png(visualize.beside(stem, ".png"),
                      visualize.depth_to_png16(_depth_at(outputs, image.shape[:2])))
   visualize.save_png(visualize.beside(stem, "_preview.png"), render(outputs, image))
+
+
+def _rmse(outputs: dict, truth: dict) -> np.ndarray:
+  """Per-sample RMSE (N,) against `ground_truth`, as the nyu_depth evaluator scores it."""
+  import jax
+
+  from evaluators.depth import depth_metrics
+
+  gt = truth["ground_truth"][..., 0]
+  pred = jax.image.resize(jnp.asarray(outputs["depth"]), (len(outputs["depth"]), *gt.shape),
+                          method="nearest")
+  return np.asarray(depth_metrics(pred, jnp.broadcast_to(gt, pred.shape))["rmse"])
+
+
+def scoring(categories=None) -> Scoring:
+  """RMSE per image; diversity: mean |depth difference| (m)."""
+  return mean_scoring(_rmse, lambda a, b: float(np.mean(np.abs(a["depth"] - b["depth"]))),
+                      "mean |depth difference| (m)")

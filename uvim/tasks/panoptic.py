@@ -9,6 +9,7 @@ disagree. Predictions are written in COCO panoptic format.
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -17,10 +18,17 @@ import numpy as np
 
 from uvim import files, visualize
 from uvim.panoptic_format import id_to_rgb, panoptic_from_two_channels, resize_nearest
-from uvim.tasks import common
+from uvim.tasks import Scoring, common
 
+NAME = "panoptic_segmentation"
 LABELS = (2, "int32")  # (semantic class + 1, instance id) per pixel
 DEFAULT_TEMPERATURE = 0.0
+EVALUATOR, METRIC, HIGHER_IS_BETTER = "coco_panoptic", "PQ", True
+TRUTH = "examples"  # PQ is scored at each image's own resolution, from the tfds example
+MULTITASK = dict(name="panoptic", config="configs.panoptic_stage2",
+                 labels='coco_panoptic|concat(["semantics","instances"], "labels_panoptic")|',
+                 finish='make_canonical(key="labels_panoptic")|', eval_labels="",
+                 eval_keep='"image/id"')
 # How the oracle numbers the instances (the model's `instance_ids`). "raster": the labels' own
 # canonical ids (1..N by centre of mass, top to bottom, as in the original), so an id depends on
 # every instance above it, which a left-to-right decoder reads off its prefix and an any-order
@@ -155,9 +163,10 @@ def location_instances(slots_BxHxW: jnp.ndarray, model_config) -> jnp.ndarray:
   return jnp.where(inside, 1 + y * grid[1] + x, 0)
 
 
-def loss_fn(logits: dict, batch: dict, model_config) -> tuple[jnp.ndarray, dict]:
+def loss_fn(logits: dict, batch: dict, model_config,
+            inputs: dict | None = None) -> tuple[jnp.ndarray, dict]:
   """Per-example loss: mean cross-entropy of semantics plus that of instances."""
-  inputs, _ = input_pp(batch, model_config)
+  inputs = inputs or input_pp(batch, model_config)[0]
   losses = {f"loss_{k}": jnp.mean(common.softmax_xent(logits[k], inputs[k]), axis=(1, 2))
             for k in ("semantics", "instances")}
   return losses["loss_semantics"] + losses["loss_instances"], losses
@@ -212,21 +221,15 @@ def error_map(outputs: dict, labels: np.ndarray) -> np.ndarray:
   return ((matched != truth) | wrong_class).astype(np.float32)
 
 
-def categories(config, model_config) -> list[dict]:
-  """What `save` writes the segments with: the dataset's COCO categories when known, else ids
-  1..N for the N classes."""
-  from absl import logging
-
-  from uvim import input_pipeline
-  from uvim.panoptic_format import panoptic_categories
-
-  try:
-    return panoptic_categories(input_pipeline.get_builder(config.dataset, config.data_dir))
-  except Exception as e:  # any reason: fall back to class indices
-    logging.warning("No categories from %s (%s); category_id = class index + 1", config.dataset,
-                    e)
-    num_classes = model_config.inputs["semantics"][0] - 1
-    return [{"id": k + 1, "name": f"class {k + 1}", "isthing": 1} for k in range(num_classes)]
+def categories(dataset_categories: Callable[[], list[dict] | None],
+               model_config) -> list[dict]:
+  """What `save` writes the segments with: the dataset's COCO categories (read by
+  `dataset_categories`) when it has them, else ids 1..N for the N classes."""
+  known = dataset_categories()
+  if known:
+    return known
+  num_classes = model_config.inputs["semantics"][0] - 1
+  return [{"id": k + 1, "name": f"class {k + 1}", "isthing": 1} for k in range(num_classes)]
 
 
 def save(outputs: dict, image: np.ndarray, stem: Path, categories: list[dict]) -> None:
@@ -245,3 +248,29 @@ def save(outputs: dict, image: np.ndarray, stem: Path, categories: list[dict]) -
   files.write_text(visualize.beside(stem, ".json"), json.dumps(
       {"file_name": visualize.beside(stem, ".png").name, "segments_info": info}, indent=1))
   visualize.save_png(visualize.beside(stem, "_overlay.png"), render(outputs, image))
+
+
+def scoring(categories: list[dict]) -> Scoring:
+  """PQ: the state of an image is its PQ sums (true/false positives, misses, IoU per class);
+  diversity: the fraction of pixels whose class differs."""
+  from evaluators import panoptic
+
+  category_ids = np.array([c["id"] for c in categories])
+
+  def states(outputs, truth):
+    gt_ids, gt_segments = panoptic.ground_truth_segments(truth, category_ids)
+    rows = []
+    for semantics, instances in zip(outputs["semantics"], outputs["instances"], strict=True):
+      accumulator = panoptic.PQAccumulator(categories)
+      accumulator.add(gt_ids, gt_segments, *panoptic.predicted_segments(
+          semantics, instances, gt_ids.shape, category_ids))
+      rows.append(accumulator.state().ravel())
+    return np.stack(rows)
+
+  def value(state):
+    accumulator = panoptic.PQAccumulator(categories)
+    accumulator.load_state(state.reshape(4, -1))
+    return 100 * accumulator.results()["All"]["pq"]
+
+  return Scoring(states, value, lambda a, b: float(np.mean(a["semantics"] != b["semantics"])),
+                 "fraction of pixels whose class differs")

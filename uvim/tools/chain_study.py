@@ -12,7 +12,6 @@ sampling flags (default: --scheme maskgit, 8 steps, each task's temperature; --g
 tasks, scored the same way (their own scheme if causal). Writes `chains.md` and `chains.csv`.
 """
 
-import functools
 import itertools
 import sys
 import time
@@ -21,13 +20,9 @@ from pathlib import Path
 
 from absl import app, flags
 
-from uvim import api, cli, trainer
+from uvim import api, cli
 from uvim.errors import UserError
 from uvim.tools import common
-
-# The evaluator type that scores each task.
-TASK_EVALUATORS = {"panoptic_segmentation": "coco_panoptic", "depth": "nyu_depth",
-                   "colorization": "psnr"}
 
 
 def define_flags() -> Callable[[], dict]:
@@ -62,16 +57,6 @@ def chains(names: tuple[str, ...]) -> list[tuple[str, dict]]:
   return rows
 
 
-def evaluator_of(config, task: str) -> str:
-  """The name of the run's evaluator that scores `task` (an oracle's task type)."""
-  kind = TASK_EVALUATORS[task]
-  for name, evaluator in config.evals:
-    if evaluator == kind:
-      return name
-  raise UserError(f"config.evals has no {kind!r} evaluator to score {task}: "
-                  f"{list(config.evals)}")
-
-
 def run(workdir: str, source: str, output: Path, *, singles: list[str],
         sampling: dict, targets: list[str] = ()) -> list[Path]:
   """Scores every chain of the multi-task run, then the single-task runs, with the sampler's
@@ -96,51 +81,37 @@ def run(workdir: str, source: str, output: Path, *, singles: list[str],
     common.input_split(single_config, source)
   common.prepare_output(output)
   multitask = api.load(workdir)
-  stage, variables = multitask.stage, multitask.variables
   rows, start = [], time.perf_counter()
-  plan = [(label, options) for label, options in chains(stage.names)
+  plan = [(label, options) for label, options in chains(multitask.stage.names)
           if not targets or options["chain"][-1] in targets]
   for i, (label, options) in enumerate(plan):
     target = options["chain"][-1]
-    evaluator = evaluator_of(config, config.oracles[target].task)
-    predict = functools.partial(stage.eval_fns()["predict"],
-                                **multitask.options(**sampling, **options))
-    metrics = _evaluate(config, predict, evaluator, split, variables)
+    metrics = multitask.evaluate(split, **sampling, **options)
     rows.append({"run": Path(workdir).name, "target": target, "chain": label, **metrics})
-    print(f"{i + 1}/{len(plan)} {label}: {_headline(config, target, metrics)} "
+    print(f"{i + 1}/{len(plan)} {label}: {_headline(multitask.tasks[target], metrics)} "
           f"({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
   for single in singles:
     model = api.load(single)
-    task = model.config.oracle.task
-    target = next((n for n in stage.names if config.oracles[n].task == task), task)
+    target = next((n for n, t in multitask.tasks.items() if t is model.task), model.task.NAME)
     options = sampling if model.stage.model.masked else {
         k: v for k, v in sampling.items() if k in ("temperature", "seed")}
-    predict = functools.partial(model.stage.eval_fns()["predict"], **model.options(**options))
-    metrics = _evaluate(model.config, predict, evaluator_of(model.config, task),
-                        common.split_of(model.config, source), model.variables)
+    metrics = model.evaluate(common.split_of(model.config, source), **options)
     rows.append({"run": Path(single).name, "target": target,
                  "chain": f"image -> {target} (single-task)", **metrics})
-  return write_results(rows, config, output, f"{Path(workdir).name} on {source}")
+  return write_results(rows, multitask.tasks, output, f"{Path(workdir).name} on {source}")
 
 
-def _evaluate(config, predict, evaluator: str, split: str, variables) -> dict:
-  fns = {"predict": predict}
-  ev = common.make_evaluator(config, fns, split, trainer.make_mesh(config), name=evaluator)
-  return ev.run(variables)
+def _headline(task, metrics: dict) -> str:
+  return f"{task.METRIC} {metrics[task.METRIC]:.4g}"
 
 
-def _headline(config, target: str, metrics: dict) -> str:
-  metric = common.TASK_METRICS[TASK_EVALUATORS[config.oracles[target].task]]
-  return f"{metric} {metrics[metric]:.4g}"
-
-
-def write_results(rows: list[dict], config, output: Path, title: str) -> list[Path]:
+def write_results(rows: list[dict], tasks: dict, output: Path, title: str) -> list[Path]:
   """chains.csv (every metric) and chains.md (each target's headline metric)."""
   common.write_csv(rows, output / "chains.csv")
   lines = [f"# Chained generation: {title}", "", "| run | chain | metric | value |",
            "|---|---|---|---|"]
   for row in rows:
-    metric = common.TASK_METRICS[TASK_EVALUATORS[config.oracles[row["target"]].task]]
+    metric = tasks[row["target"]].METRIC
     lines.append(f"| {row['run']} | {row['chain']} | {metric} | {row[metric]:.4g} |")
   (output / "chains.md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))

@@ -1,4 +1,4 @@
-"""What the study tools (mask_code, reconstruct) share: the input split, the task's evaluator."""
+"""What the study tools share: the input split, the output folder, the config and checkpoint."""
 
 import csv
 import sys
@@ -8,9 +8,6 @@ from pathlib import Path
 import numpy as np
 
 from uvim.errors import UserError
-
-# The evaluator type of each task's end-task metric, and the metric it reports first.
-TASK_METRICS = {"coco_panoptic": "PQ", "nyu_depth": "rmse", "psnr": "psnr"}
 
 
 def split_of(config, source: str) -> str:
@@ -43,31 +40,6 @@ def prepare_output(output: Path, flag: str = "--output") -> Path:
   except OSError as e:
     raise UserError(f"{flag} {output}: {e.strerror}") from None
   return output
-
-
-def task_evaluator(config) -> tuple[str, str]:
-  """(name, type) of the config's end-task evaluator (PQ, depth metrics or PSNR)."""
-  for name, kind in config.evals:
-    if kind in TASK_METRICS:
-      return name, kind
-  raise UserError(f"config.evals has no end-task evaluator (one of {sorted(TASK_METRICS)}): "
-                  f"{list(config.evals)}")
-
-
-def make_evaluator(config, fns: dict[str, Callable], split: str, mesh, pp: str | None = None,
-                   name: str | None = None):
-  """The config's end-task evaluator (or its evaluator `name`) on `split` (with pp `pp`, if
-  given), scoring `fns`."""
-  from evaluators import common as evaluators_common
-
-  evaluators_common.register_all()
-  name, kind = (name, dict(config.evals)[name]) if name else task_evaluator(config)
-  options = {k: v for k, v in dict(config[name]).items()
-             if k not in ("write_predictions", "predict_kwargs")}
-  options["split"] = split
-  if pp:
-    options["pp"] = pp
-  return evaluators_common.EVALUATORS[kind](name, config, options, mesh=mesh, fns=fns)
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

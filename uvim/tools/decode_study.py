@@ -12,7 +12,6 @@ cond_dropout (others: scale 1 only). The metric comes from the run's own end-tas
 Writes `decoding.md`, `decoding.csv` and `decoding.png` (metric and images/s against steps).
 """
 
-import functools
 import sys
 import time
 from pathlib import Path
@@ -78,7 +77,6 @@ def run(runs: list[str], source: str, output: Path, *, schemes: list[str], steps
         guidance: list[float], choice_temperature: float, speed_batch: int) -> list[Path]:
   """Scores and times every setting of every run (the tables rewritten after each); the files
   written."""
-  from uvim import trainer
 
   if not runs:
     raise UserError("--runs: give at least one stage II workdir")
@@ -92,11 +90,11 @@ def run(runs: list[str], source: str, output: Path, *, schemes: list[str], steps
   if several:
     raise UserError(f"--runs: {several[0]} is a multi-task run; compare its chains with "
                     "python -m uvim.tools.chain_study")
-  kinds = {common.task_evaluator(m.config)[1] for m in models.values()}
+  kinds = {m.task.EVALUATOR for m in models.values()}
   if len(kinds) > 1:
     raise UserError(f"--runs: the runs are scored by different evaluators {sorted(kinds)}; "
                     "compare runs of one task")
-  metric = common.TASK_METRICS[kinds.pop()]
+  metric = next(iter(models.values())).task.METRIC
   plan = [(workdir, model, options) for workdir, model in models.items()
           for options in settings(model, schemes, steps, guidance, choice_temperature)]
   for _, model, options in plan:  # every setting checked before the first is scored
@@ -105,12 +103,8 @@ def run(runs: list[str], source: str, output: Path, *, schemes: list[str], steps
   for i, (workdir, model, options) in enumerate(plan):
     config = model.config
     split = common.split_of(config, source)
-    sampling = dict(options, temperature=model.task.DEFAULT_TEMPERATURE)
-    predict = functools.partial(model.stage.eval_fns()["predict"], **model.options(**sampling))
-    evaluator = common.make_evaluator(config, {"predict": predict}, split,
-                                      trainer.make_mesh(config))
-    metrics = evaluator.run(model.variables)
-    speed = images_per_second(model, speed_batch, sampling) if speed_batch else np.nan
+    metrics = model.evaluate(split, **options)  # at the task's temperature
+    speed = images_per_second(model, speed_batch, options) if speed_batch else np.nan
     rows.append({"run": Path(workdir).name, **options,
                  "steps": options.get("steps", model.stage.model.seq_len),
                  "images_per_s": speed, **metrics})

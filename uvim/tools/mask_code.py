@@ -87,18 +87,19 @@ def masked_vectors(codewords_NxD: jnp.ndarray, code_BxL: jnp.ndarray, mask_L: jn
   return jnp.where(mask_L[None, :, None], replaced, words)
 
 
-def masked_predict(stage, mode: str, mask_L: np.ndarray, codes: str, temperature: float,
-                   seed: int) -> Callable:
+def masked_predict(stage, mode: str, mask_L: np.ndarray, codes: str,
+                   temperature: float | None, seed: int) -> Callable:
   """(variables, batch) -> the task outputs decoded from each image's masked code (and the
-  `code` before masking): what the evaluators run."""
+  `code` before masking): what the evaluators run. `temperature` None: the task's."""
   oracle = stage.oracle()
+  plan = stage.plan({"seed": seed} if temperature is None
+                    else {"temperature": temperature, "seed": seed})
 
   def predict(variables: dict, batch: dict) -> dict:
     if codes == "oracle":
       code = oracle.encode(variables["oracle"], batch)[0]
     else:
-      code = stage.predict_samples(variables, batch, temperature=temperature,
-                                   seed=seed)["code"][:, 0]
+      code = stage.predict_samples(variables, batch, plan)["code"][:, 0]
     codewords = oracle.codewords(variables["oracle"])
     # One key per image from its pixels, apart from the sampler's stream.
     rngs = jax.vmap(jax.random.fold_in, (0, None))(
@@ -186,12 +187,11 @@ def run(config, checkpoint: str, source: str, output: Path, *, codes: str, steps
   model = api.Model(config, checkpoint)
   stage = model.stage
   mesh = trainer.make_mesh(config)
-  temperature = model.task.DEFAULT_TEMPERATURE if temperature is None else temperature
   code_side = stage.oracle().code_side
   # Oracle codes need labels, which panoptic's evaluator pp leaves out (it reads its own).
   labelled_pp = config.pp_eval if codes == "oracle" else None
   sides = region_sides(code_side, steps)
-  metric = common.TASK_METRICS[common.task_evaluator(config)[1]]
+  metric, evaluator = model.task.METRIC, api.evaluator_of(config)
   predicts = {mode: {s: masked_predict(stage, mode, masked_region(code_side, s), codes,
                                        temperature, seed) for s in sides} for mode in MODES}
   written = []
@@ -211,9 +211,8 @@ def run(config, checkpoint: str, source: str, output: Path, *, codes: str, steps
       if s == 0 and rows:  # nothing masked: every mode decodes the same code
         rows.append({**rows[0], "mode": mode})
         continue
-      evaluator = common.make_evaluator(config, {"predict": predicts[mode][s]}, split, mesh,
-                                        pp=labelled_pp)
-      metrics = evaluator.run(model.variables)
+      metrics = api.evaluate(config, predicts[mode][s], model.variables, split, evaluator,
+                             pp=labelled_pp)
       rows.append({"mode": mode, "fraction": s * s / code_side**2, **metrics})
       done += 1
       elapsed = time.perf_counter() - start

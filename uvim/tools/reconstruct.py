@@ -19,7 +19,7 @@ import ml_collections as mlc
 import numpy as np
 from absl import app, flags
 
-from uvim import api, cli, input_pipeline, stages, visualize
+from uvim import api, cli, input_pipeline, visualize
 from uvim.oracle import context
 from uvim.tools import common
 
@@ -80,9 +80,9 @@ def run(config: mlc.ConfigDict, checkpoint: str, source: str, output: Path,
   oracle = mlc.ConfigDict(dict(task=config.task, model_name=config.model_name,
                                model=config.model))
   tokenizer = api.Tokenizer(oracle, checkpoint)
-  stage, mesh = stages.StageI(config), trainer.make_mesh(config)
-  metrics = common.make_evaluator(config, stage.eval_fns(), split, mesh).run(
-      tokenizer.variables)
+  mesh = trainer.make_mesh(config)
+  metrics = api.evaluate(config, tokenizer.reconstruct_batch, tokenizer.variables, split,
+                         api.evaluator_of(config))
 
   batches, _ = input_pipeline.eval_data(config, split, config.pp_eval, config.batch_size, mesh)
   codes, rows = [], []

@@ -24,25 +24,24 @@ against the ground truth with the run's evaluator metric (PQ, depth RMSE, PSNR):
 Writes samples.csv (every number), samples.md and samples_<axis>.png.
 """
 
-import dataclasses
 import itertools
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from matplotlib.figure import Figure
 
 from uvim import api, cli, input_pipeline
 from uvim.errors import UserError
+from uvim.tasks import Scoring
 from uvim.tools import common
 
 AXES = ("temperature", "top_k", "top_p")
 BASE = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}  # the setting each axis varies
+COLUMNS = ("axis", "mean", "std", "best_of_n", "model_pick", "diversity")  # and sample_<n>
 
 
 def define_flags() -> None:
@@ -54,103 +53,6 @@ def define_flags() -> None:
   flags.DEFINE_list("top_k", ["2", "8"], "top-k values at T = 1 (empty: none).")
   flags.DEFINE_list("top_p", ["0.5", "0.8", "0.95"], "top-p values at T = 1 (empty: none).")
   flags.DEFINE_integer("samples", 4, "Codes sampled per image and setting (>= 2).")
-
-
-@dataclasses.dataclass(frozen=True)
-class Scoring:
-  """How a task's samples are scored. `states(outputs, truth)` gives each of N samples of one
-  image a state (N, S) that sums over images; `value(state)` is the metric of a sum of states
-  (of one image: its per-image score); `difference(a, b)` is the per-pixel difference of two
-  samples' outputs (the diversity), in `difference_unit`."""
-
-  metric: str
-  higher_is_better: bool
-  states: Callable[[dict, dict], np.ndarray]
-  value: Callable[[np.ndarray], float]
-  difference: Callable[[dict, dict], float]
-  difference_unit: str
-
-
-def mean_scoring(metric: str, higher_is_better: bool, per_image: Callable,
-                 difference: Callable, difference_unit: str) -> Scoring:
-  """A metric averaged over images: the state of an image is (score, 1)."""
-  return Scoring(metric, higher_is_better,
-                 lambda outputs, truth: np.stack([per_image(outputs, truth),
-                                                  np.ones(len(outputs[next(iter(outputs))]))], 1),
-                 lambda state: float(state[0] / state[1]), difference, difference_unit)
-
-
-def panoptic_scoring(categories: list[dict]) -> Scoring:
-  """PQ: the state of an image is its PQ sums (true/false positives, misses, IoU per class)."""
-  from evaluators import panoptic
-
-  category_ids = np.array([c["id"] for c in categories])
-
-  def states(outputs, truth):
-    gt_ids, gt_segments = panoptic.ground_truth_segments(truth, category_ids)
-    rows = []
-    for semantics, instances in zip(outputs["semantics"], outputs["instances"], strict=True):
-      accumulator = panoptic.PQAccumulator(categories)
-      accumulator.add(gt_ids, gt_segments, *panoptic.predicted_segments(
-          semantics, instances, gt_ids.shape, category_ids))
-      rows.append(accumulator.state().ravel())
-    return np.stack(rows)
-
-  def value(state):
-    accumulator = panoptic.PQAccumulator(categories)
-    accumulator.load_state(state.reshape(4, -1))
-    return 100 * accumulator.results()["All"]["pq"]
-
-  return Scoring("PQ", True, states, value,
-                 lambda a, b: float(np.mean(a["semantics"] != b["semantics"])),
-                 "fraction of pixels whose class differs")
-
-
-def depth_rmse(outputs: dict, truth: dict) -> np.ndarray:
-  """Per-sample RMSE (N,) against `ground_truth`, as the nyu_depth evaluator scores it."""
-  from evaluators.depth import depth_metrics
-
-  gt = truth["ground_truth"][..., 0]
-  pred = jax.image.resize(jnp.asarray(outputs["depth"]), (len(outputs["depth"]), *gt.shape),
-                          method="nearest")
-  return np.asarray(depth_metrics(pred, jnp.broadcast_to(gt, pred.shape))["rmse"])
-
-
-def color_psnr(outputs: dict, truth: dict) -> np.ndarray:
-  """Per-sample PSNR (N,) against `labels`, as the psnr evaluator scores it."""
-  from evaluators.colorization import psnr
-
-  colors = jnp.asarray(outputs["color"])
-  return np.asarray(psnr(colors, jnp.broadcast_to(truth["labels"], colors.shape)))
-
-
-def colourfulness(images: np.ndarray) -> np.ndarray:
-  """Hasler & Suesstrunk's colourfulness of images (..., H, W, 3) in [-1, 1], on 8-bit levels:
-  std_rgyb + 0.3 mean_rgyb of the opponent channels rg = R - G, yb = (R + G) / 2 - B."""
-  rgb = (np.asarray(images, np.float64) + 1) * 127.5
-  rg = rgb[..., 0] - rgb[..., 1]
-  yb = (rgb[..., 0] + rgb[..., 1]) / 2 - rgb[..., 2]
-  axes = (-2, -1)
-  return (np.sqrt(rg.std(axes) ** 2 + yb.std(axes) ** 2)
-          + 0.3 * np.sqrt(rg.mean(axes) ** 2 + yb.mean(axes) ** 2))
-
-
-SCORINGS = {
-    "nyu_depth": lambda builder: mean_scoring(
-        "rmse", False, depth_rmse, lambda a, b: float(np.mean(np.abs(a["depth"] - b["depth"]))),
-        "mean |depth difference| (m)"),
-    "psnr": lambda builder: mean_scoring(
-        "psnr", True, color_psnr,
-        lambda a, b: float(np.mean(np.abs(a["color"] - b["color"])) * 127.5),
-        "mean |colour difference| (8-bit levels)"),
-    "coco_panoptic": lambda builder: panoptic_scoring(_categories(builder)),
-}
-
-
-def _categories(builder) -> list[dict]:
-  from uvim.panoptic_format import panoptic_categories
-
-  return panoptic_categories(builder)
 
 
 def diversity(samples: list[dict], difference: Callable[[dict, dict], float]) -> float:
@@ -165,11 +67,11 @@ def settings(temperatures: list[float], top_ks: list[int], top_ps: list[float]) 
   return [{"axis": axis, **BASE, axis: value} for axis in AXES for value in values[axis]]
 
 
-def score_setting(model: api.Model, evaluator, scoring: Scoring, truths: Callable,
+def score_setting(model: api.Model, batches: Callable, scoring: Scoring, truths: Callable,
                   options: dict, samples: int) -> dict:
   """Every number of one setting (see the module docstring), from one pass over the input."""
-  states, picks, diversities, colour = [], [], [], []
-  for batch in evaluator.batches():
+  states, picks, diversities, extras = [], [], [], []
+  for batch in batches():
     outputs = model.predict_batch(batch, **options, num_samples=samples)
     mask = input_pipeline.local_rows(batch[input_pipeline.MASK_KEY])
     for i, truth in zip(np.nonzero(mask)[0], truths(batch, mask), strict=True):
@@ -178,29 +80,24 @@ def score_setting(model: api.Model, evaluator, scoring: Scoring, truths: Callabl
       picks.append(int(np.argmax(image["code_logprob"])))
       diversities.append(diversity([{k: v[n] for k, v in image.items()}
                                     for n in range(samples)], scoring.difference))
-      if "color" in image:
-        colour.append(colourfulness(image["color"]) / max(colourfulness(truth["labels"]), 1e-6))
+      extras.append(scoring.extras(image, truth))
   states = np.stack(states)  # (images, samples, S)
   per_sample = [scoring.value(states[:, n].sum(0)) for n in range(samples)]
   per_image = np.vectorize(lambda i, n: scoring.value(states[i, n]))(
       *np.indices(states.shape[:2]))
-  best = (np.argmax if scoring.higher_is_better else np.argmin)(per_image, axis=1)
+  best = (np.argmax if model.task.HIGHER_IS_BETTER else np.argmin)(per_image, axis=1)
   rows = np.arange(len(states))
-  row = {"mean": float(np.mean(per_sample)), "std": float(np.std(per_sample)),
-         "best_of_n": scoring.value(states[rows, best].sum(0)),
-         "model_pick": scoring.value(states[rows, np.array(picks)].sum(0)),
-         "diversity": float(np.mean(diversities)),
-         **{f"sample_{n}": v for n, v in enumerate(per_sample)}}
-  if colour:
-    row["colourfulness"] = float(np.mean(colour))
-  return row
+  return {"mean": float(np.mean(per_sample)), "std": float(np.std(per_sample)),
+          "best_of_n": scoring.value(states[rows, best].sum(0)),
+          "model_pick": scoring.value(states[rows, np.array(picks)].sum(0)),
+          "diversity": float(np.mean(diversities)),
+          **{f"sample_{n}": v for n, v in enumerate(per_sample)},
+          **{k: float(np.mean([e[k] for e in extras])) for k in extras[0]}}
 
 
 def run(workdir: str, source: str, output: Path, *, temperatures: list[float],
         top_ks: list[int], top_ps: list[float], samples: int) -> list[Path]:
   """Scores every setting (the table and plots rewritten after each); the files written."""
-  from uvim import trainer
-
   if samples < 2:
     raise UserError(f"--samples {samples}: diversity and best of N need at least 2")
   plan = settings(temperatures, top_ks, top_ps)
@@ -215,46 +112,34 @@ def run(workdir: str, source: str, output: Path, *, temperatures: list[float],
                     "python -m uvim.tools.chain_study")
   for value in plan:
     model.options(**{k: v for k, v in value.items() if k != "axis"})  # checked before any work
-  kind = common.task_evaluator(config)[1]
-  evaluator = common.make_evaluator(config, {"predict": lambda v, b: {}}, split,
-                                    trainer.make_mesh(config))  # its input alone
-  builder = input_pipeline.get_builder(config.dataset, config.data_dir)
-  scoring = SCORINGS[kind](builder)
+  task = model.task
+  batches = api.evaluator(config, split, api.evaluator_of(config)).batches  # its input alone
+  scoring = task.scoring(model.categories())
   fid = next((name for name, k in config.evals if k == "coltran_fid"), None)
   rows, start = [], time.perf_counter()
   for i, value in enumerate(plan):
     options = {k: v for k, v in value.items() if k != "axis"}
-    truths = _truths(kind, builder, split)
-    rows.append({**value, **score_setting(model, evaluator, scoring, truths, options,
-                                          samples)})
+    truths = _truths(task.TRUTH, config, split)
+    rows.append({**value, **score_setting(model, batches, scoring, truths, options, samples)})
     if fid:
-      rows[-1]["fid"] = first_sample_metrics(model, options, split, fid)["fid"]
-    written = write_results(rows, scoring, output, f"{Path(workdir).name} on {source}")
+      rows[-1]["fid"] = model.evaluate(split, evaluator=fid, **options)["fid"]
+    written = write_results(rows, task, scoring.difference_unit, output,
+                            f"{Path(workdir).name} on {source}")
     elapsed = time.perf_counter() - start
-    print(f"{i + 1}/{len(plan)} {options}: {scoring.metric} {rows[-1]['mean']:.4g} "
+    print(f"{i + 1}/{len(plan)} {options}: {task.METRIC} {rows[-1]['mean']:.4g} "
           f"(best of {samples} {rows[-1]['best_of_n']:.4g}), diversity "
           f"{rows[-1]['diversity']:.3g}; ETA {elapsed / (i + 1) * (len(plan) - i - 1):.0f}s",
           file=sys.stderr, flush=True)
   return written
 
 
-def first_sample_metrics(model: api.Model, options: dict, split: str, name: str) -> dict:
-  """The run's evaluator `name` on `split`, scoring the first sample of `options` (what the
-  evaluator scores with these `predict_kwargs`)."""
-  from uvim import trainer
-
-  predict = lambda v, b: {k: x[:, 0] for k, x in model.stage.predict_samples(
-      v, b, **model.options(**options)).items()}
-  evaluator = common.make_evaluator(model.config, {"predict": predict}, split,
-                                    trainer.make_mesh(model.config), name=name)
-  return evaluator.run(model.variables)
-
-
-def _truths(kind: str, builder, split: str) -> Callable:
-  """(batch, mask) -> the ground truth of each valid row: the raw tfds examples for PQ (read
-  in step with the batches, as the evaluator does), else the batch's own rows."""
-  if kind == "coco_panoptic":
-    examples = input_pipeline.host_examples(builder, split)
+def _truths(where: str, config, split: str) -> Callable:
+  """(batch, mask) -> the ground truth of each valid row: the raw tfds examples (the task's
+  TRUTH "examples": read in step with the batches, as its evaluator does), else the batch's own
+  rows."""
+  if where == "examples":
+    examples = input_pipeline.host_examples(
+        input_pipeline.get_builder(config.dataset, config.data_dir), split)
     return lambda batch, mask: [next(examples) for _ in np.nonzero(mask)[0]]
 
   def rows(batch, mask):
@@ -264,13 +149,13 @@ def _truths(kind: str, builder, split: str) -> Callable:
   return rows
 
 
-def write_results(rows: list[dict], scoring: Scoring, output: Path, title: str) -> list[Path]:
+def write_results(rows: list[dict], task, unit: str, output: Path, title: str) -> list[Path]:
   """samples.csv, samples.md and a plot per axis studied."""
   common.write_csv(rows, output / "samples.csv")
   keys = list(dict.fromkeys(k for row in rows for k in row))
   n = sum(k.startswith("sample_") for k in keys)
-  extra = [k for k in ("colourfulness", "fid") if k in keys]
-  header = ["axis", "T", "top-k", "top-p", f"{scoring.metric} (mean ± std of {n})",
+  extra = [k for k in keys if k not in (*AXES, *COLUMNS) and not k.startswith("sample_")]
+  header = ["axis", "T", "top-k", "top-p", f"{task.METRIC} (mean ± std of {n})",
             f"best of {n}", "model's pick", "diversity", *extra]
   lines = [f"# Sampling: {title}", "", "| " + " | ".join(header) + " |",
            "|---" * len(header) + "|"]
@@ -281,12 +166,12 @@ def write_results(rows: list[dict], scoring: Scoring, output: Path, title: str) 
              *(f"{r[k]:.2f}" for k in extra)]
     lines.append("| " + " | ".join(cells) + " |")
   (output / "samples.md").write_text("\n".join(lines) + "\n")
-  plots = [plot(rows, axis, scoring, output, title) for axis in AXES
+  plots = [plot(rows, axis, task, unit, output, title) for axis in AXES
            if any(r["axis"] == axis for r in rows)]
   return [output / "samples.csv", output / "samples.md", *plots]
 
 
-def plot(rows: list[dict], axis: str, scoring: Scoring, output: Path, title: str) -> Path:
+def plot(rows: list[dict], axis: str, task, unit: str, output: Path, title: str) -> Path:
   """The metric (mean ± std over samples, best of N, the model's pick) and the diversity
   against one axis."""
   rows = sorted((r for r in rows if r["axis"] == axis), key=lambda r: r[axis])
@@ -299,14 +184,17 @@ def plot(rows: list[dict], axis: str, scoring: Scoring, output: Path, title: str
                 label="a sample (mean ± std)")
   left.plot(x, [r["best_of_n"] for r in rows], "^--", label="best of N (per image)")
   left.plot(x, [r["model_pick"] for r in rows], "s:", label="the model's pick")
-  left.set_ylabel(scoring.metric + ("" if scoring.higher_is_better else " (lower is better)"))
+  left.set_ylabel(task.METRIC + ("" if task.HIGHER_IS_BETTER else " (lower is better)"))
   left.legend(fontsize=8)
   right.plot(x, [r["diversity"] for r in rows], "o-", color="C3", label="diversity")
-  right.set_ylabel(f"diversity: {scoring.difference_unit}", fontsize=9)
-  if "colourfulness" in rows[0]:
+  right.set_ylabel(f"diversity: {unit}", fontsize=9)
+  extras = [k for k in rows[0] if k not in (*AXES, *COLUMNS, "fid")
+            and not k.startswith("sample_")]  # the task's own numbers (Scoring.extras)
+  if extras:
     twin = right.twinx()
-    twin.plot(x, [r["colourfulness"] for r in rows], "s--", color="C2")
-    twin.set_ylabel("colourfulness / ground truth's", color="C2")
+    for k, style in zip(extras, ("s--", "d-."), strict=False):
+      twin.plot(x, [r[k] for r in rows], style, color="C2", label=k)
+    twin.set_ylabel(", ".join(extras), color="C2")
   if fid:
     axes[2].plot(x, [r["fid"] for r in rows], "o-", color="C4")
     axes[2].set_ylabel("FID of a sample (lower is better)")
