@@ -4,7 +4,7 @@ r"""UViM stage II for ImageNet colorization: a language model over the stage I g
       --config.oracle.model_init=color_stageI_params.npz
 
 Data, pp and evaluators are those of `colorization_stage1.py`; the oracle is its model. Colour
-predictions are sampled at T = 1 (T = 0 gives washed-out colours; the paper's colabs do the same).
+predictions are sampled at the task's temperature, 1 (uvim/tasks/colorization.py).
 Variants: smoke (tiny model on `toy_scenes`, oracle = the stage I `:smoke` run in
 runs/colorization_stage1), cpu (40 epochs, oracle runs/colorization_stage1_cpu), singlehost,
 res=N, masked (the parallel decoder with its neighbour view, as in panoptic_stage2.py).
@@ -21,10 +21,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
                             masked=False)
   stage1 = colorization_stage1.get_config(common.stage1_arg(arg))
   res = stage1.model.input_size[0]
-  config = common.stage2_from_stage1(
+  return common.stage2_from_stage1(
       stage1, parsed,
       common.oracle_init(parsed, "runs/colorization_stage1", "color_stageI_params.npz"),
       predict_pp=(f'resize({res})|rgb_to_grayscale_to_rgb|value_range(-1, 1)|keep("image")'))
-  for name in ("colorization_val", "colorization_val_fid"):
-    config[name].predict_kwargs = dict(temperature=1.0)
-  return config

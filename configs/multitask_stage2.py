@@ -18,50 +18,48 @@ trained with (panoptic and depth: the RGB `image_ctx`, as predict.py gives it fr
 photo; colour: the grayscale image). docs/multitask.md measures what grayscale costs panoptic
 and depth.
 
-A task is one entry of TASKS (docs/extending.md): its single-task stage II config (the oracle
-section and the evaluator), the pp ops that put its labels in `labels_<name>`, and those that
-finish them at the model's resolution; the model's sequence follows from the oracles.
+A task takes part through its module's MULTITASK (uvim/tasks/, docs/extending.md): its
+single-task stage II config (the oracle section and the evaluator), the pp ops that put its
+labels in `labels_<name>`, and those that finish them at the model's resolution; the model's
+sequence follows from the oracles.
 """
 
 import functools
+import importlib
 import operator
 
 import ml_collections as mlc
 
-from configs import colorization_stage2, common, depth_stage2, panoptic_stage2
+from configs import common
+from uvim import tasks
 
-# name -> stage2: the task's stage II config module (its `oracle` section and evaluator
-#                 `evaluator`, scoring the chain image -> this task);
-#         labels: pp ops giving `labels_<name>` from a decoded example;
-#         finish: pp ops on the labels at the model's resolution (after flips, crops, resizes);
-#         eval_labels / eval_keep: what the evaluator's pp adds before resizing / keeps
-#         (evaluator None: no end-task evaluator, the task is scored by its loss);
-#         optional resize: how its labels are resized (default nearest); gray_input: the model
-#         reads the grayscale image; context: the batch key of its oracle's context image
-#         (default `image_ctx`).
-# The sequence holds the codes in the sorted order of the names.
-TASKS = {
-    "colorization": dict(stage2=colorization_stage2, evaluator="colorization_val",
-                         labels='copy("image", "labels_colorization")|',
-                         finish='copy("labels_colorization", "labels")|',
-                         eval_labels="", eval_keep='"labels"', resize="bilinear",
-                         gray_input=True, context="image"),
-    "panoptic": dict(stage2=panoptic_stage2, evaluator="panoptic_val",
-                     labels='coco_panoptic|concat(["semantics","instances"], "labels_panoptic")|',
-                     finish='make_canonical(key="labels_panoptic")|',
-                     eval_labels="", eval_keep='"image/id"'),
-    "depth": dict(stage2=depth_stage2, evaluator="nyu_depth_val",
-                  labels='nyu_depth(outkey="labels_depth")|', finish="",
-                  eval_labels='copy("labels_depth", "ground_truth")|',
-                  eval_keep='"ground_truth"'),
-}
+
+def task_entries() -> dict[str, dict]:
+  """Each task's part of a multi-task model, from its module's MULTITASK (uvim/tasks/), by
+  its name here: `stage2` (its single-task stage II config module: the `oracle` section and
+  the evaluator `evaluator`, scoring the chain image -> this task); `labels`: pp ops giving
+  `labels_<name>` from a decoded example; `finish`: pp ops on the labels at the model's
+  resolution (after flips, crops, resizes); `eval_labels` / `eval_keep`: what the evaluator's
+  pp adds before resizing / keeps (evaluator None: no end-task evaluator, the task is scored by
+  its loss); optional `resize`: how its labels are resized (default nearest); `gray_input`: the
+  model reads the grayscale image; `context`: the batch key of its oracle's context image
+  (default `image_ctx`); `default`: among the tasks of `tasks=` left out (default True)."""
+  entries = {}
+  for task in tasks.all_tasks().values():
+    entry = dict(task.MULTITASK)
+    entries[entry.pop("name")] = {**entry, "stage2": importlib.import_module(entry["config"])}
+  return entries
+
+
+TASKS = task_entries()
+DEFAULT_TASKS = [name for name, entry in TASKS.items() if entry.get("default", True)]
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """The multi-task stage II config (toy scenes only); `tasks=a+b` picks some of TASKS."""
   pieces = [p.strip() for p in (arg or "").split(",") if p.strip()]
   chosen = [p.partition("=")[2] for p in pieces if p.partition("=")[0].strip() == "tasks"]
-  names = chosen[-1].split("+") if chosen else list(TASKS)
+  names = chosen[-1].split("+") if chosen else DEFAULT_TASKS
   unknown = sorted(set(names) - set(TASKS))
   twice = sorted({n for n in names if names.count(n) > 1})
   if unknown or twice or len(names) < 2:

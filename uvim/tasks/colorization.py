@@ -22,6 +22,7 @@ TRUTH = "batch"
 # In a multi-task model the colours are the image, which the model then reads in grayscale
 # (else colour would be read off its input); its oracle decodes with that grayscale image.
 MULTITASK = dict(name="colorization", config="configs.colorization_stage2",
+                 evaluator="colorization_val",
                  labels='copy("image", "labels_colorization")|',
                  finish='copy("labels_colorization", "labels")|', eval_labels="",
                  eval_keep='"labels"', resize="bilinear", gray_input=True, context="image")

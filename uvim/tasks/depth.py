@@ -22,7 +22,7 @@ LABELS = (1, "float32")  # metres per pixel
 DEFAULT_TEMPERATURE = 0.0
 EVALUATOR, METRIC, HIGHER_IS_BETTER = "nyu_depth", "rmse", False
 TRUTH = "batch"
-MULTITASK = dict(name="depth", config="configs.depth_stage2",
+MULTITASK = dict(evaluator="nyu_depth_val", name="depth", config="configs.depth_stage2",
                  labels='nyu_depth(outkey="labels_depth")|', finish="",
                  eval_labels='copy("labels_depth", "ground_truth")|', eval_keep='"ground_truth"')
 

@@ -25,7 +25,7 @@ LABELS = (2, "int32")  # (semantic class + 1, instance id) per pixel
 DEFAULT_TEMPERATURE = 0.0
 EVALUATOR, METRIC, HIGHER_IS_BETTER = "coco_panoptic", "PQ", True
 TRUTH = "examples"  # PQ is scored at each image's own resolution, from the tfds example
-MULTITASK = dict(name="panoptic", config="configs.panoptic_stage2",
+MULTITASK = dict(evaluator="panoptic_val", name="panoptic", config="configs.panoptic_stage2",
                  labels='coco_panoptic|concat(["semantics","instances"], "labels_panoptic")|',
                  finish='make_canonical(key="labels_panoptic")|', eval_labels="",
                  eval_keep='"image/id"')
