@@ -7,14 +7,18 @@ import ml_collections as mlc
 
 from uvim.errors import did_you_mean
 
-# Stage I (`proj.uvim.vit`) and stage II (`proj.uvim.lm`) sizes. 'base'/'large' are the paper's;
-# 'smoke' trains in minutes on a CPU.
+# Stage I (`proj.uvim.vit`) and stage II (`proj.uvim.lm`) sizes, each with its code. 'base' and
+# 'large' are the paper's; 'smoke' trains in minutes on a CPU.
 STAGE_I_MODELS = {
-    "base": dict(oracle_depth=6, base_model_depth=12, num_heads=12, mlp_dim=3072, width=768),
+    "base": dict(oracle_depth=6, base_model_depth=12, num_heads=12, mlp_dim=3072, width=768,
+                 code_len=256, dict_size=4096, codeword_dim=768, with_encoder_ctx=True),
     # Oracle depth 0: the oracle's encoder is its label embedding alone, so each code word
-    # describes its own patch, which a small stage II learns to read off the image in minutes
-    # (with one attention layer, words carry scene-wide facts and stage II finds few objects).
-    "smoke": dict(oracle_depth=0, base_model_depth=2, num_heads=4, mlp_dim=512, width=128),
+    # describes its own patch (one word per 8x8 patch), which a small stage II learns to read
+    # off the image in minutes (with one attention layer, words carry scene-wide facts and
+    # stage II finds few objects). A code of the labels alone (no encoder context): what the
+    # image shows needs no word, and stage II can learn to predict it.
+    "smoke": dict(oracle_depth=0, base_model_depth=2, num_heads=4, mlp_dim=512, width=128,
+                  code_len=64, dict_size=256, codeword_dim=32, with_encoder_ctx=False),
 }
 LM_MODELS = {
     "base": dict(num_layers=12, num_heads=12, mlp_dim=3072, emb_dim=768),
@@ -145,17 +149,12 @@ def add_prediction_images(config: mlc.ConfigDict, split: str, log_steps: int) ->
 
 def stage1_model(size: str, res: int, patch_size: int, inputs: dict) -> mlc.ConfigDict:
   """The stage I (`proj.uvim.vit`) model section of the paper, at `size` ('base' or 'smoke')."""
-  model = mlc.ConfigDict(STAGE_I_MODELS[size])
+  model = mlc.ConfigDict(STAGE_I_MODELS[size])  # its code too
   model.input_size = (res, res)
   model.patch_size = (patch_size, patch_size)
-  model.code_len = 64 if size == "smoke" else 256  # smoke: one word per 8x8 patch
-  model.dict_size = 256 if size == "smoke" else 4096
-  model.codeword_dim = 32 if size == "smoke" else 768
   model.dict_momentum = 0.995
   model.min_count = 0.1  # a word whose discounted count falls below is replaced by a split
   set_quantizer(model)
-  # smoke: a code of the labels alone (what the image shows needs no word), see STAGE_I_MODELS.
-  model.with_encoder_ctx = size != "smoke"
   model.with_decoder_ctx = True
   model.code_dropout = "random"
   model.bottleneck_resize = True

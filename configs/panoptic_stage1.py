@@ -69,27 +69,14 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   # Model section.
   config.model_name = "proj.uvim.vit"
   config.model_init = mlc.config_dict.placeholder(str)  # a *_stageI_params.npz or a workdir
-  config.model = mlc.ConfigDict(common.STAGE_I_MODELS["smoke" if toy else "base"])
-  config.model.input_size = (res, res)
-  config.model.patch_size = (patch_size, patch_size)
-  config.model.code_len = 256
-  config.model.dict_size = 4096  # Number of words in the dictionary.
-  config.model.codeword_dim = 768
-  config.model.dict_momentum = 0.995
-  config.model.min_count = 0.1  # a word whose discounted count falls below is replaced by a split
-  common.set_quantizer(config.model)
-  config.model.with_encoder_ctx = True
-  config.model.with_decoder_ctx = True
-  config.model.code_dropout = "random"
-  config.model.bottleneck_resize = True
   instances = common.panoptic_instances(arg.ids, toy, patch_size)
+  classes = common.TOY_NUM_CLASSES if toy else 133
+  config.model = common.stage1_model("smoke" if toy else "base", res, patch_size, {
+      "semantics": (classes + 1, patch_size**2),  # +1 for the void label.
+      "instances": instances["instances"],
+  })
   config.model.instance_ids = instances["instance_ids"]
   config.model.thing_classes = instances["thing_classes"]
-  config.model.inputs = {
-      "semantics": (133 + 1, patch_size**2),  # +1 for the void label.
-      "instances": instances["instances"],
-  }
-  config.model.outputs = config.model.inputs
 
   # Optimizer section.
   config.optax_name = "scale_by_adafactor"
@@ -129,16 +116,6 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     # In minutes of training the decoder needs the whole code to learn the things; code
     # dropout (which teaches it to fall back on the image) pays off over longer runs.
     config.model.code_dropout = "none"
-    config.model.code_len = 64  # one word per 8x8 patch
-    config.model.dict_size = 256
-    config.model.codeword_dim = 32
-    # A code of the labels alone (see common.STAGE_I_MODELS): stage II can learn to predict it.
-    config.model.with_encoder_ctx = False
-    config.model.inputs = {
-        "semantics": (common.TOY_NUM_CLASSES + 1, patch_size**2),
-        "instances": instances["instances"],
-    }
-    config.model.outputs = config.model.inputs
     for name in ("panoptic_train", "panoptic_holdout", "panoptic_val"):
       config[name].log_steps = common.toy_eval_steps(arg.cpu)
     config.panoptic_train.split = "train[256:512]"

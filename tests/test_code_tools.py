@@ -78,7 +78,7 @@ def test_decoder_receives_exactly_the_declared_inputs(stage2_model):
       seen.append(np.asarray(args[0]))
     return next_fun(*args, **kwargs)
 
-  codewords = np.asarray(stage.oracle().codewords(model.variables["oracle"]))
+  codewords = np.asarray(stage.oracle().codewords(model.variables["oracle"][stage.names[0]]))
   for mode in mask_code.MODES:
     seen.clear()
     predict = mask_code.masked_predict(stage, mode, mask, "stage2", 0.0, seed=0)

@@ -267,7 +267,8 @@ def test_condition_dropout_of_codes_hides_exactly_the_condition_tasks(toy_data_d
   config.model.cond_dropout = 0.5
   stage = stages.get_stage(config)
   hidden = stage._training_mask(jax.random.key(0), 4000)
-  dropped = np.asarray(stage._dropped_conditions(jax.random.key(1), hidden)).reshape(4000, 2, 16)
+  dropped = np.asarray(stage.layout.dropped_conditions(
+      jax.random.key(1), hidden, stage.model.cond_dropout)).reshape(4000, 2, 16)
   hidden = np.asarray(hidden).reshape(4000, 2, 16)
   condition = ~hidden.any(axis=2)
   # A task's code is dropped whole or not at all, and only a condition's (no target loses

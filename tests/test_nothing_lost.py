@@ -182,7 +182,7 @@ def test_each_task_once_in_a_multitask_config_and_a_chain():
       multitask_stage2.get_config(f"smoke,tasks={tasks}")
   stage = stages.StageII(multitask_stage2.get_config("smoke,tasks=panoptic+depth"))
   with pytest.raises(UserError, match=r"chain: \['panoptic'\] named twice"):
-    stage.chain_steps(("panoptic", "depth", "panoptic"), decoding.Sampling())
+    stage.plan({"chain": ("panoptic", "depth", "panoptic")})
 
 
 # ------------------------------------------------------------------------------------------

@@ -6,15 +6,16 @@ import csv
 import numpy as np
 import pytest
 
-from uvim import api, input_pipeline, trainer
-from uvim.tools import common, sample_study
+from uvim import api, input_pipeline
+from uvim.tasks import colorization, panoptic
+from uvim.tools import sample_study
 
 
 def test_diversity_is_the_mean_pairwise_difference():
   a = {"semantics": np.array([[1, 1], [1, 1]])}
   b = {"semantics": np.array([[1, 1], [1, 2]])}  # 1 of 4 pixels differs from a
   c = {"semantics": np.array([[1, 1], [3, 3]])}  # 2 of 4 from a; 2 of 4 from b
-  differ = sample_study.panoptic_scoring([{"id": 1, "isthing": 0}]).difference
+  differ = panoptic.scoring([{"id": 1, "isthing": 0}]).difference
   assert sample_study.diversity([a, b, c], differ) == pytest.approx((0.25 + 0.5 + 0.5) / 3)
   assert sample_study.diversity([a], differ) == 0.0
 
@@ -23,7 +24,7 @@ def test_colourfulness_of_gray_and_of_pure_red():
   gray = np.full((4, 4, 3), 0.2)
   red = np.zeros((4, 4, 3))
   red[..., 0], red[..., 1:] = 1.0, -1.0  # 8-bit (255, 0, 0): rg 255, yb 127.5, no spread
-  np.testing.assert_allclose(sample_study.colourfulness(np.stack([gray, red])),
+  np.testing.assert_allclose(colorization.colourfulness(np.stack([gray, red])),
                              [0.0, 0.3 * np.hypot(255, 127.5)], atol=1e-9)
 
 
@@ -53,8 +54,8 @@ def test_sample_study_rows_equal_the_evaluator_and_predict_batch(stage2_workdir,
                        (table[2], {"temperature": 1.0, "top_p": 0.5})):
     predict = lambda v, b, options=options: {k: x[:, 0] for k, x in model.stage.predict_samples(
         v, b, **model.options(**options)).items()}
-    evaluator = common.make_evaluator(config, {"predict": predict}, "validation[:8]",
-                                      trainer.make_mesh(config))
+    evaluator = api.evaluator(config, "validation[:8]", api.evaluator_of(config),
+                              {"predict": predict})
     assert float(row["sample_0"]) == pytest.approx(evaluator.run(model.variables)["PQ"],
                                                    abs=1e-9)
     # The diversity: the fraction of pixels whose class differs between the two samples.

@@ -20,8 +20,7 @@ def brute_miou(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> float:
     inter = union = 0
     for p, t in zip(pred.ravel(), truth.ravel(), strict=True):
       if t == 0:
-        if p == c:
-          continue  # a void pixel counts for no class
+        continue  # a void pixel counts for no class
       inter += (p == c) and (t == c)
       union += (p == c) or (t == c)
     if union:

@@ -5,12 +5,14 @@ import sys
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 from test_trainer import ROOT, devices_env, losses, tiny_config
 
-from uvim import checkpoint, sharding, trainer
+from uvim import checkpoint, optim, sharding, trainer
+from uvim.errors import UserError
 
 
 def mesh_of(**axes):
@@ -102,3 +104,31 @@ def test_fsdp_shrinks_state_per_device_and_restores_on_another_mesh(toy_data_dir
                             text=True, env={**devices_env(8), "PYTHONPATH": str(ROOT / "tests")},
                             timeout=600)
     assert result.returncode == 0, (part, result.stderr[-3000:])
+
+
+def test_adafactor_factored_states_keep_their_parameters_tensor_dimension():
+  """v_row averages a parameter's largest axis away, v_col its second largest: the tensor axis
+  splits what is left of the parameter's split dimension (the MLP's hidden units), or nothing
+  where that dimension went; the same-shaped states follow the parameter."""
+  mesh = mesh_of(fsdp=2, tensor=4)
+  params = {"MlpBlock_0": {"Dense_0": {"kernel": np.zeros((64, 256))},  # hidden: axis 1
+                           "Dense_1": {"kernel": np.zeros((256, 64))}}}  # hidden: axis 0
+  state = optim.scale_by_factored_rms().init(params)
+  specs = jax.tree.map(lambda s: s.spec, sharding.tree_shardings(
+      {"params": params, "opt": state}, mesh, params=params))
+  for layer in ("Dense_0", "Dense_1"):
+    assert specs["opt"].v_row["MlpBlock_0"][layer]["kernel"] == P("fsdp")  # hidden went
+    assert specs["opt"].v_col["MlpBlock_0"][layer]["kernel"] == P("tensor")  # hidden kept
+  assert specs["params"]["MlpBlock_0"]["Dense_0"]["kernel"] == P("fsdp", "tensor")
+
+
+def test_a_config_states_its_own_tensor_rules():
+  mesh = mesh_of(fsdp=2, tensor=4)
+  config = ml_collections.ConfigDict({"tensor_rules": [("(^|/)monkey/kernel$", -2)]})
+  rules = sharding.config_rules(config)
+  assert sharding.fsdp_spec((768, 3072), mesh, "monkey/kernel", rules) == P("tensor", "fsdp")
+  assert sharding.config_rules(ml_collections.ConfigDict()) == sharding.TENSOR_RULES
+  for bad in ([("monkey", 1)], [("(", -1)], ["monkey"]):
+    config.tensor_rules = bad
+    with pytest.raises(UserError, match=r"config\.tensor_rules"):
+      sharding.config_rules(config)

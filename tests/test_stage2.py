@@ -97,7 +97,7 @@ def test_predict_path_decodes_codes_like_the_oracle_reconstructs(toy_data_dir, o
   got = jax.jit(stage.predict_samples, static_argnames="num_samples")(variables, one,
                                                                       num_samples=1)
   np.testing.assert_array_equal(got["code"][0, 0], code)
-  want = oracle.eval_fns()["predict"](frozen, one)
+  want = oracle.eval_fns()["predict"](frozen[stage.names[0]], one)
   for key in ("semantics", "instances"):
     np.testing.assert_array_equal(got[key][:, 0], want[key])
   segments = want["semantics"] * 1000 + want["instances"]
@@ -222,7 +222,7 @@ def test_predict_cli_writes_each_input_in_its_own_folder_with_the_recorded_oracl
     model = api.load(str(stage2_workdir), oracle=oracle)
     outputs = model.predict([image])
     model.task.save({k: v[0, 0] for k, v in outputs.items()}, image, tmp_path / "ref" / "x",
-                    model.task.categories(model.config, model.oracles[task].config))
+                    model.categories(task))
     expected = rgb_to_id(np.asarray(Image.open(tmp_path / "ref/x.png")))
     assert np.array_equal(written, expected) == same
 
@@ -316,7 +316,8 @@ def test_masked_loss_counts_only_the_hidden_positions(toy_data_dir):
   params["decoder"]["LogitsDense"]["kernel"] = jax.random.normal(
       jax.random.key(3), params["decoder"]["LogitsDense"]["kernel"].shape)
   hidden = stage._training_mask(jax.random.key(4), 4)
-  xent, accuracy = stage._code_loss(params, images, targets, hidden)
+  xent, accuracy = stage._token_losses(params, images, targets, hidden)
+  xent, accuracy = stages._mean(xent, hidden), stages._mean(accuracy, hidden, axis=None)
   logits = np.asarray(stage.model.apply({"params": params}, images,
                                         jnp.where(hidden, 0, targets)))
   want, everywhere, correct = [], [], []

@@ -140,7 +140,7 @@ def evaluator_of(config: mlc.ConfigDict, task: Any = None) -> str:
                   f"{list(config.evals)}")
 
 
-def evaluator(config: mlc.ConfigDict, split: str, name: str, fns: dict | None = None, *,
+def evaluator(config: mlc.ConfigDict, split: str, name: str, fns: dict, *,
               pp: str | None = None):
   """The run's evaluator `name` (of `config.evals`) on `split` of its dataset (with pp `pp`,
   if given), built as the trainer builds it but without its `predict_kwargs` and files,
@@ -158,7 +158,7 @@ def evaluator(config: mlc.ConfigDict, split: str, name: str, fns: dict | None = 
   if pp:
     options["pp"] = pp
   return evaluators_common.EVALUATORS[kinds[name]](name, config, options,
-                                                  mesh=trainer.make_mesh(config), fns=fns or {})
+                                                  mesh=trainer.make_mesh(config), fns=fns)
 
 
 def evaluate(config: mlc.ConfigDict, predict: Any, variables: Any, split: str, name: str, *,
@@ -166,6 +166,18 @@ def evaluate(config: mlc.ConfigDict, predict: Any, variables: Any, split: str, n
   """The run's evaluator `name` on `split` (see `evaluator`), scoring `predict(variables,
   batch)`: e.g. a tokenizer's reconstructions or codes edited by hand."""
   return evaluator(config, split, name, {"predict": predict}, pp=pp).run(variables)
+
+
+def eval_batches(config: mlc.ConfigDict, split: str, name: str) -> Any:
+  """A function giving the global batches the run's evaluator `name` reads on `split` (its pp
+  and batch size; padding rows have `_mask` False), read anew at each call."""
+  from uvim import trainer
+
+  options = config[name]
+  batch_size = options.get("batch_size", config.batch_size)
+  input_pipeline.check_eval_input(config, split, options.pp, f"config.{name}")
+  mesh = trainer.make_mesh(config)
+  return lambda: input_pipeline.eval_data(config, split, options.pp, batch_size, mesh)[0]
 
 
 def iter_examples(config: mlc.ConfigDict, split: str,

@@ -81,10 +81,9 @@ def load_params_from_workdir(workdir: str | Path) -> dict[str, Any]:
                     "a big_vision .npz file)")
   for step in steps:
     try:
-      restored = checkpoints.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore()))
-      state = restored["state"]
-      return {"params": state["params"], "state": state["model_state"]}
+      state = checkpoints.restore(step, args=ocp.args.Composite(
+          state=_model_only(checkpoints.directory / str(step) / "state")))["state"]
+      return {"params": state["params"], "state": state.get("model_state", {})}
     except Exception as e:  # orbax and tensorstore raise many types for damaged files
       logging.warning("Skipping the checkpoint of step %d in %s: it does not restore (%s: %s); "
                       "trying the previous one.", step, checkpoints.directory,
@@ -94,6 +93,18 @@ def load_params_from_workdir(workdir: str | Path) -> dict[str, Any]:
       checkpoints = manager(workdir)
   raise UserError(f"{checkpoints.directory}: none of the checkpoints {steps} restores (damaged); "
                   "see the warnings above")
+
+
+def _model_only(state_dir: Path) -> ocp.args.PyTreeRestore:
+  """Restores the parameters and model state of a saved TrainState alone (not the optimizer's
+  state, twice their size), on the first local device, in the layout they were saved in."""
+  saved = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  wanted = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        {k: saved[k] for k in ("params", "model_state") if saved.get(k)})
+  return ocp.args.PyTreeRestore(
+      wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
+      partial_restore=True)
 
 
 def load_variables(path: str | Path) -> dict[str, Any]:

@@ -8,8 +8,11 @@ The sequence holds every oracle's code in the order of their names; word w of ta
 import dataclasses
 from collections.abc import Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+from uvim.models import lm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,3 +67,30 @@ class CodeLayout:
   def per_task(self, values_BxL: jnp.ndarray) -> dict[str, jnp.ndarray]:
     """`values` (B, seq_len) split into each task's positions (B, code_len)."""
     return {n: values_BxL[:, slice(*self.span(n))] for n in self.names}
+
+  def roles_mask(self, rng: jax.Array, batch: int, condition_rate: float,
+                 min_mask_ratio: float) -> jnp.ndarray:
+    """(B, L) positions hidden in a multi-task training batch: per example each task is a
+    condition (nothing hidden) with probability `condition_rate`, else a target hiding
+    `lm.training_mask` of its code, and an example whose tasks all drew "condition" has one, at
+    random, as a target. Every task's code has the same length."""
+    role_rng, pick_rng, mask_rng = jax.random.split(rng, 3)
+    num_tasks, code_len = len(self.names), self.code_lens[0]
+    condition = jax.random.bernoulli(role_rng, condition_rate, (batch, num_tasks))
+    pick = jax.random.randint(pick_rng, (batch, 1), 0, num_tasks) == jnp.arange(num_tasks)
+    condition = condition & ~(jnp.all(condition, axis=1, keepdims=True) & pick)
+    hidden = lm.training_mask(mask_rng, batch * num_tasks, code_len,
+                              min_mask_ratio).reshape(batch, num_tasks, -1)
+    return (hidden & ~condition[:, :, None]).reshape(batch, -1)
+
+  def dropped_conditions(self, rng: jax.Array, hidden_BxL: jnp.ndarray,
+                         rate: float) -> jnp.ndarray:
+    """(B, L) positions of condition codes dropped (shown as MASK, no loss) for guidance: an
+    example drops every condition task's code (one with no hidden position) with probability
+    `rate` (the model's cond_dropout, as it drops its image), so that the model also learns
+    p(target | neither image nor other codes), guidance's `everything` pass."""
+    batch, num_tasks = len(hidden_BxL), len(self.names)
+    condition = ~hidden_BxL.reshape(batch, num_tasks, -1).any(axis=2, keepdims=True)
+    drop = jax.random.bernoulli(rng, rate, (batch, 1, 1))
+    return jnp.broadcast_to(condition & drop,
+                            (batch, num_tasks, self.code_lens[0])).reshape(batch, -1)

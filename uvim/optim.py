@@ -43,6 +43,18 @@ def _factored_dims(shape: Sequence[int], min_dim_size_to_factor: int) -> tuple[i
   return int(order[-2]), int(order[-1])
 
 
+def factored_away(shape: Sequence[int], state_path: Sequence[str]) -> int | None:
+  """The axis of a parameter of `shape` that the factored state on `state_path` (path parts,
+  holding `v_row` or `v_col`) averages away: v_row the largest, v_col the second largest
+  (`_factored_dims`); None for other states."""
+  dims = _factored_dims(shape, 0)
+  if dims is None:
+    return None
+  if "v_row" in state_path:
+    return dims[1]
+  return dims[0] if "v_col" in state_path else None
+
+
 def scale_by_factored_rms(beta2_cap: float = 0.999, decay_rate: float = 0.8,
                           min_dim_size_to_factor: int = 32,
                           epsilon: float = 1e-30) -> optax.GradientTransformation:

@@ -15,19 +15,42 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from uvim.tree import path_name
+from uvim import optim
+from uvim.errors import UserError
+from uvim.tree import leaves_by_name, path_name
 
 FSDP_AXIS = "fsdp"
 TENSOR_AXIS = "tensor"
-# Parameter path (ending) -> the dimension, counted from the end so that scanned layers' leading
-# depth axis does not matter, that the `tensor` axis splits: heads of the attention projections
+# (parameter path regex, the dimension the `tensor` axis splits, counted from the end so that
+# scanned layers' leading depth axis does not matter): heads of the attention projections
 # (flax's (E, H, D) / out (H, D, E)) and the hidden units of the MLP ((E, M), (M,), (M, E)).
+# The names are big_vision's parameter names, which its checkpoints fix: a ViT block's MLP
+# (`MlpBlock_0` in stage I and the stage II encoder, `MLP` in the stage II decoder) holds its
+# layers as Flax numbers them, `Dense_0` (E -> M) then `Dense_1` (M -> E). A config states
+# other rules as `config.tensor_rules` (same form); the first rule that matches applies.
 TENSOR_RULES = (
-    (re.compile(r"(^|/)(query|key|value)/(kernel|bias)$"), -2),
-    (re.compile(r"(^|/)out/kernel$"), -3),
-    (re.compile(r"(^|/)(MlpBlock_0|MLP)/Dense_0/(kernel|bias)$"), -1),
-    (re.compile(r"(^|/)(MlpBlock_0|MLP)/Dense_1/kernel$"), -2),
+    (r"(^|/)(query|key|value)/(kernel|bias)$", -2),
+    (r"(^|/)out/kernel$", -3),
+    (r"(^|/)(MlpBlock_0|MLP)/Dense_0/(kernel|bias)$", -1),
+    (r"(^|/)(MlpBlock_0|MLP)/Dense_1/kernel$", -2),
 )
+Rules = Sequence[tuple[str, int]]
+
+
+def config_rules(config: Any) -> Rules:
+  """`config.tensor_rules` (default `TENSOR_RULES`), checked: (regex, negative int) pairs."""
+  rules = config.get("tensor_rules") or TENSOR_RULES
+  for rule in rules:
+    ok = (isinstance(rule, list | tuple) and len(rule) == 2 and isinstance(rule[0], str)
+          and isinstance(rule[1], int) and not isinstance(rule[1], bool) and rule[1] < 0)
+    try:
+      ok = ok and re.compile(rule[0]) is not None
+    except re.error as e:
+      raise UserError(f"config.tensor_rules: {rule[0]!r} is not a regex ({e})") from None
+    if not ok:
+      raise UserError(f"config.tensor_rules holds (parameter path regex, dimension counted "
+                      f"from the end, e.g. -1) pairs, got {rule!r}")
+  return tuple((str(p), int(d)) for p, d in rules)
 
 
 def make_mesh(axes: Sequence[tuple[str, int]], devices=None) -> Mesh:
@@ -51,25 +74,36 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def tensor_dim(path: str, shape: Sequence[int], mesh: Mesh) -> int | None:
+def tensor_dim(path: str, shape: Sequence[int], mesh: Mesh,
+               rules: Rules = TENSOR_RULES) -> int | None:
   """The dimension of the array at `path` that the `tensor` axis splits, if any rule names one
   and the axis divides it."""
-  n = dict(mesh.shape).get(TENSOR_AXIS, 1)
-  if n == 1:
+  if dict(mesh.shape).get(TENSOR_AXIS, 1) == 1:
     return None
-  for pattern, dim in TENSOR_RULES:
-    if pattern.search(path) and len(shape) >= -dim and shape[dim] % n == 0:
-      return len(shape) + dim
+  for pattern, dim in rules:
+    if re.search(pattern, path) and len(shape) >= -dim:
+      return _divisible(len(shape) + dim, shape, mesh)
   return None
 
 
-def fsdp_spec(shape: Sequence[int], mesh: Mesh, path: str = "") -> PartitionSpec:
+def _divisible(dim: int | None, shape: Sequence[int], mesh: Mesh) -> int | None:
+  """`dim` if the `tensor` axis divides it, else None."""
+  n = dict(mesh.shape).get(TENSOR_AXIS, 1)
+  return dim if dim is not None and shape[dim] % n == 0 else None
+
+
+def fsdp_spec(shape: Sequence[int], mesh: Mesh, path: str = "",
+              rules: Rules = TENSOR_RULES) -> PartitionSpec:
   """The array's sharding: its `tensor` dimension (see `TENSOR_RULES`), then the largest other
   dimension that the `fsdp` axis divides; the rest replicated (every dimension when no axis
   applies)."""
+  return _spec(shape, mesh, tensor_dim(path, shape, mesh, rules))
+
+
+def _spec(shape: Sequence[int], mesh: Mesh, tensor: int | None) -> PartitionSpec:
   spec: list[str | None] = [None] * len(shape)
-  if (dim := tensor_dim(path, shape, mesh)) is not None:
-    spec[dim] = TENSOR_AXIS
+  if tensor is not None:
+    spec[tensor] = TENSOR_AXIS
   n = dict(mesh.shape).get(FSDP_AXIS, 1)
   if n > 1:
     for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
@@ -81,11 +115,29 @@ def fsdp_spec(shape: Sequence[int], mesh: Mesh, path: str = "") -> PartitionSpec
   return PartitionSpec(*spec)
 
 
-def tree_shardings(tree: Any, mesh: Mesh) -> Any:
-  """NamedShardings for every array of `tree` (arrays or shapes) by the tensor and FSDP rules
-  (optimizer states follow their parameters' paths)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: NamedSharding(mesh, fsdp_spec(np.shape(x), mesh, path_name(path))), tree)
+def tree_shardings(tree: Any, mesh: Mesh, rules: Rules = TENSOR_RULES,
+                   params: Any = None) -> Any:
+  """NamedShardings for every array of `tree` (arrays or shapes) by the tensor `rules` and FSDP.
+  Optimizer states follow the parameter (of `params`) whose path their path ends with: its
+  tensor dimension where they have its shape; where Adafactor factored a dimension away
+  (`optim.factored_away`) the same dimension of what is left, none if that one went."""
+  shapes = {} if params is None else {k: np.shape(v) for k, v in leaves_by_name(params).items()}
+
+  def one(path, x):
+    name, shape = path_name(path), np.shape(x)
+    parts = name.split("/")
+    param = next(("/".join(parts[i:]) for i in range(len(parts))
+                  if "/".join(parts[i:]) in shapes), None)
+    if param is None or shapes[param] == shape:
+      return NamedSharding(mesh, fsdp_spec(shape, mesh, name, rules))
+    away = optim.factored_away(shapes[param], parts[:len(parts) - len(param.split("/"))])
+    dim = tensor_dim(param, shapes[param], mesh, rules)
+    factored = away is not None and list(np.delete(shapes[param], away)) == list(shape)
+    kept = factored and dim is not None and dim != away
+    return NamedSharding(mesh, _spec(shape, mesh, _divisible(dim - (dim > away), shape, mesh)
+                                     if kept else None))
+
+  return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def bytes_per_device(tree: Any) -> int:

@@ -123,17 +123,12 @@ class Plan:
 
 
 class StageII:
-  """`proj.uvim.lm`: image -> guiding code(s), trained on the codes the frozen oracles (a
-  mapping, by task name, of one or more) give the (augmented) labels of each batch; predictions
-  decode sampled codes with the oracles.
-
-  The sequence holds every oracle's code (`layout`, a `CodeLayout`), so the model's `seq_len`,
-  `vocab_size` and `num_tasks` follow from the oracles (a config that states other values is an
-  error). With one oracle (`config.oracle`) this is the paper's stage II, causal or masked. With
-  several (`config.oracles`, a masked model) every training example gives each task a role:
-  condition (its code visible whole, probability `config.condition_rate`) or target (a
-  cosine-scheduled part hidden, the loss on it), at least one target; so the model learns
-  image -> any task and image + some tasks' codes -> the others, and predicts chains."""
+  """`proj.uvim.lm`: image -> guiding code(s), trained on the codes the frozen oracles (by task
+  name, one or more) give the (augmented) labels of each batch, whose layout in the sequence
+  (`CodeLayout`) sets `seq_len`, `vocab_size` and `num_tasks`. With one oracle (`config.oracle`)
+  this is the paper's stage II, causal or masked; with several (`config.oracles`, masked) each
+  training example makes each task a condition (code visible) or a target (part hidden, the
+  loss on it), so the model learns image (+ some codes) -> the others and predicts chains."""
 
   def __init__(self, config):
     self.oracles = oracles_of(config)
@@ -142,18 +137,8 @@ class StageII:
     self.condition_rate = config.get("condition_rate", 0.5)
     self.layout = CodeLayout.of({k: o.code_len for k, o in self.oracles.items()},
                                 {k: o.dict_size for k, o in self.oracles.items()})
-    self.first_id, lens = self.layout.first_id, self.layout.code_lens
-    if self.multitask and len(set(lens)) != 1:
-      raise UserError(f"config.oracles: every oracle's model.code_len must be the same, got "
-                      f"{dict(zip(self.names, lens, strict=True))}")
-    # What the oracles imply of the model, and why; a config may state it (the paper's do).
-    source = "config.oracles" if self.multitask else "config.oracle.model"
-    implied = {"seq_len": (self.layout.seq_len, f"the code_len of {source}"),
-               "vocab_size": (self.layout.vocab_size,
-                              f"1 + the dict_size of {source} {list(self.layout.dict_sizes)}"),
-               "num_tasks": (len(self.names) if self.multitask else 1, "one per oracle")}
-    if self.multitask:
-      implied["masked"] = (True, "a multi-task model (chains decode in any order)")
+    self.first_id = self.layout.first_id
+    implied = implied_settings(self.layout, self.multitask)
     self.implied = {k: v for k, (v, _) in implied.items()}
     unstated = {k: v for k, v in self.implied.items() if k not in config.model}
     self.model = models.get_model(config.model_name, config.model, **unstated,
@@ -209,35 +194,13 @@ class StageII:
 
   def _training_mask(self, rng: jax.Array, batch: int) -> jnp.ndarray | None:
     """(B, L) positions hidden from a masked model in training (None for a causal model):
-    `lm.training_mask` of the code; with several tasks, per example each task is a condition
-    (nothing hidden) with probability `condition_rate`, else a target hiding `lm.training_mask`
-    of its code, and an example whose tasks all drew "condition" has one, at random, as a
-    target."""
+    `lm.training_mask` of the code; with several tasks, each task's role drawn per example
+    (`CodeLayout.roles_mask`)."""
     if not self.model.masked:
       return None
     if not self.multitask:
       return lm.training_mask(rng, batch, self.model.seq_len, self.model.min_mask_ratio)
-    role_rng, pick_rng, mask_rng = jax.random.split(rng, 3)
-    num_tasks, code_len = len(self.names), self.oracle().code_len
-    condition = jax.random.bernoulli(role_rng, self.condition_rate, (batch, num_tasks))
-    pick = jax.random.randint(pick_rng, (batch, 1), 0, num_tasks) == jnp.arange(num_tasks)
-    condition = condition & ~(jnp.all(condition, axis=1, keepdims=True) & pick)
-    hidden = lm.training_mask(mask_rng, batch * num_tasks, code_len,
-                              self.model.min_mask_ratio).reshape(batch, num_tasks, -1)
-    return (hidden & ~condition[:, :, None]).reshape(batch, -1)
-
-  def _dropped_conditions(self, rng: jax.Array, hidden_BxL: jnp.ndarray) -> jnp.ndarray | None:
-    """(B, L) positions of condition codes dropped (shown as MASK, no loss) for guidance: with
-    several tasks and `cond_dropout`, an example drops every condition task's code (one with no
-    hidden position) with probability `cond_dropout`, as the model drops its image, so that it
-    also learns p(target | neither image nor other codes), guidance's `everything` pass."""
-    if not (self.multitask and self.model.cond_dropout):
-      return None
-    batch = len(hidden_BxL)
-    condition = ~hidden_BxL.reshape(batch, len(self.names), -1).any(axis=2, keepdims=True)
-    drop = jax.random.bernoulli(rng, self.model.cond_dropout, (batch, 1, 1))
-    return jnp.broadcast_to(condition & drop, (batch, len(self.names),
-                                               self.oracle().code_len)).reshape(batch, -1)
+    return self.layout.roles_mask(rng, batch, self.condition_rate, self.model.min_mask_ratio)
 
   def _token_losses(self, params: Any, images: jnp.ndarray, targets_BxL: jnp.ndarray,
                     hidden_BxL: jnp.ndarray | None, dropped_BxL: jnp.ndarray | None = None,
@@ -261,8 +224,9 @@ class StageII:
   def loss(self, params, model_state, frozen, batch: dict, rng: jax.Array):
     targets, stats = self.targets(frozen, batch)
     hidden = self._training_mask(jax.random.fold_in(rng, 1), len(targets))
-    dropped = (None if hidden is None
-               else self._dropped_conditions(jax.random.fold_in(rng, 2), hidden))
+    dropped = (self.layout.dropped_conditions(jax.random.fold_in(rng, 2), hidden,
+                                              self.model.cond_dropout)
+               if self.multitask and self.model.cond_dropout and hidden is not None else None)
     xent, correct = self._token_losses(params, batch["image"], targets, hidden, dropped,
                                        train=True, rngs={"dropout": rng})
     metrics = {"token_accuracy": _mean(correct, hidden, axis=None), **stats}
@@ -275,32 +239,8 @@ class StageII:
     return {"params": params, "oracle": frozen}
 
   def plan(self, options: Mapping[str, Any], where: str = "predict") -> Plan:
-    """`options` (Sampling's fields, or `sampling`, a base Sampling; `chain`: task names or
-    (name, options) pairs, options a mapping of Sampling's fields or a Sampling, default every
-    task in order; `given`: task names) checked against this model; a step whose temperature
-    no option sets samples at its task's DEFAULT_TEMPERATURE. Errors name `where`."""
-    options = dict(options)
-    chain, given = options.pop("chain", None), tuple(options.pop("given", None) or ())
-    try:
-      sampling = Sampling.of(options.pop("sampling", None), **options)
-      steps = []
-      for item in self.names if chain is None else chain:
-        name, step = (item, {}) if isinstance(item, str) else item
-        if name not in self.names:
-          raise UserError(f"chain: unknown task {name!r}; {did_you_mean(name, self.names)}the "
-                          f"model's tasks are {self.names}")
-        if not isinstance(step, Sampling):
-          if "temperature" not in options:
-            step = {"temperature": self.oracles[name].task.DEFAULT_TEMPERATURE, **step}
-          step = Sampling.of(sampling, **step)
-        if (step.num_samples, step.seed) != (sampling.num_samples, sampling.seed):
-          raise UserError(f"chain step {name!r}: num_samples and seed are the whole chain's")
-        step.check(self.model, self.oracles[name].code_len)
-        steps.append((name, step))
-      check_chain(tuple(n for n, _ in steps), given, self.names)
-    except UserError as e:
-      raise UserError(f"{where}: {e}") from None
-    return Plan(sampling, tuple(steps), given)
+    """`options` as a checked `Plan` for this model (see `make_plan`); errors name `where`."""
+    return make_plan(options, self.oracles, self.model, where)
 
   def predict_samples(self, variables: dict, batch: dict, plan: Plan | None = None, *,
                       draft: jnp.ndarray | None = None, **options: Any) -> dict:
@@ -379,6 +319,53 @@ class StageII:
   def load_init(self, model_init: Any, params, model_state):
     """A whole stage II model (npz or workdir), or `{'encoder': ViT name or npz}`."""
     return checkpoint.stage2_init(model_init, params, self.model, self.implied), model_state
+
+
+def implied_settings(layout: CodeLayout, multitask: bool) -> dict[str, tuple[Any, str]]:
+  """What the oracles' codes imply of a stage II model, and why: {setting: (value, reason)}. A
+  config may state them (the paper's do); a value that differs is an error."""
+  if multitask and len(set(layout.code_lens)) != 1:
+    raise UserError(f"config.oracles: every oracle's model.code_len must be the same, got "
+                    f"{dict(zip(layout.names, layout.code_lens, strict=True))}")
+  source = "config.oracles" if multitask else "config.oracle.model"
+  implied = {"seq_len": (layout.seq_len, f"the code_len of {source}"),
+             "vocab_size": (layout.vocab_size,
+                            f"1 + the dict_size of {source} {list(layout.dict_sizes)}"),
+             "num_tasks": (len(layout.names) if multitask else 1, "one per oracle")}
+  if multitask:
+    implied["masked"] = (True, "a multi-task model (chains decode in any order)")
+  return implied
+
+
+def make_plan(options: Mapping[str, Any], oracles: Mapping[str, Oracle], model: Any,
+              where: str = "predict") -> Plan:
+  """`options` (Sampling's fields, or `sampling`, a base Sampling; `chain`: task names or
+  (name, options) pairs, options a mapping of Sampling's fields or a Sampling, default every
+  task in order; `given`: task names) checked against a stage II `model` over `oracles`; a
+  step whose temperature no option sets samples at its task's DEFAULT_TEMPERATURE. Errors
+  name `where`."""
+  options, names = dict(options), tuple(oracles)
+  chain, given = options.pop("chain", None), tuple(options.pop("given", None) or ())
+  try:
+    sampling = Sampling.of(options.pop("sampling", None), **options)
+    steps = []
+    for item in names if chain is None else chain:
+      name, step = (item, {}) if isinstance(item, str) else item
+      if name not in names:
+        raise UserError(f"chain: unknown task {name!r}; {did_you_mean(name, names)}the "
+                        f"model's tasks are {names}")
+      if not isinstance(step, Sampling):
+        if "temperature" not in options:
+          step = {"temperature": oracles[name].task.DEFAULT_TEMPERATURE, **step}
+        step = Sampling.of(sampling, **step)
+      if (step.num_samples, step.seed) != (sampling.num_samples, sampling.seed):
+        raise UserError(f"chain step {name!r}: num_samples and seed are the whole chain's")
+      step.check(model, oracles[name].code_len)
+      steps.append((name, step))
+    check_chain(tuple(n for n, _ in steps), given, names)
+  except UserError as e:
+    raise UserError(f"{where}: {e}") from None
+  return Plan(sampling, tuple(steps), given)
 
 
 def check_chain(chain: Sequence[str], given: Sequence[str], names: Sequence[str]) -> None:

@@ -42,6 +42,7 @@ KNOWN_KEYS = {
     "model_name", "model", "model_init", "optax_name", "optax", "lr", "wd", "schedule",
     "grad_clip_norm", "lr_mults", "evals", "mesh", "oracle", "grad_accum_steps",
     "compute_dtype", "remat", "scan_layers", "attention", "oracles", "condition_rate",
+    "tensor_rules",
 }
 # Keys that must not change when a run resumes from its workdir: the model and its optimizer,
 RESUME_KEYS = ("task", "model_name", "model", "optax_name", "optax", "oracle", "oracles")
@@ -296,9 +297,10 @@ def build_step(config: mlc.ConfigDict, stage, mesh: jax.sharding.Mesh, total_ste
   tx, schedule = optim.make(config, abstract_params, total_steps)
   init = state_init_fn(init_variables, tx)
   abstract_state = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
-  state_sharding = sharding.tree_shardings(abstract_state, mesh)
+  rules = sharding.config_rules(config)
+  state_sharding = sharding.tree_shardings(abstract_state, mesh, rules, abstract_state.params)
   batch_sharding = input_pipeline.batch_sharding(mesh)
-  frozen_sharding = sharding.tree_shardings(stage.frozen_shapes(), mesh)
+  frozen_sharding = sharding.tree_shardings(stage.frozen_shapes(), mesh, rules)
   fn = jax.jit(partial(train_step, stage=stage, tx=tx,
                        lr_fn=lambda step: config.lr * schedule(step),
                        accum_steps=grad_accum_steps(config, mesh),

@@ -210,6 +210,19 @@ def png16_to_depth(arr: np.ndarray) -> np.ndarray:
   return (np.asarray(arr).astype(np.float32) / np.float32(1000.0)).astype(np.float32)
 
 
+def show(image: np.ndarray, title: str | None = None, width: float = 10) -> None:
+  """One picture in a notebook (matplotlib), `width` inches wide."""
+  import matplotlib.pyplot as plt
+
+  height, w = image.shape[:2]
+  plt.figure(figsize=(width, width * height / w))
+  plt.imshow(image)
+  plt.axis("off")
+  if title:
+    plt.title(title)
+  plt.show()
+
+
 def from_model_range(pixels: np.ndarray) -> np.ndarray:
   """A model input image (values in [-1, 1], HxWx1 or HxWx3) as uint8 HxWx3 RGB."""
   pixels = np.round((np.asarray(pixels, np.float32) + 1) * 127.5).clip(0, 255).astype(np.uint8)

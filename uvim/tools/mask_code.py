@@ -96,16 +96,17 @@ def masked_predict(stage, mode: str, mask_L: np.ndarray, codes: str,
                     else {"temperature": temperature, "seed": seed})
 
   def predict(variables: dict, batch: dict) -> dict:
+    oracle_variables = stage.by_name(variables["oracle"])[stage.names[0]]
     if codes == "oracle":
-      code = oracle.encode(variables["oracle"], batch)[0]
+      code = oracle.encode(oracle_variables, batch)[0]
     else:
       code = stage.predict_samples(variables, batch, plan)["code"][:, 0]
-    codewords = oracle.codewords(variables["oracle"])
+    codewords = oracle.codewords(oracle_variables)
     # One key per image from its pixels, apart from the sampler's stream.
     rngs = jax.vmap(jax.random.fold_in, (0, None))(
         decoding.image_rngs(batch["image"], seed), 1)
     vectors = masked_vectors(codewords, code, jnp.asarray(mask_L), mode, rngs)
-    return {**oracle.decode(variables["oracle"], vectors, context(batch)), "code": code}
+    return {**oracle.decode(oracle_variables, vectors, context(batch)), "code": code}
 
   return predict
 

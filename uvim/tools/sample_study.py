@@ -113,7 +113,7 @@ def run(workdir: str, source: str, output: Path, *, temperatures: list[float],
   for value in plan:
     model.options(**{k: v for k, v in value.items() if k != "axis"})  # checked before any work
   task = model.task
-  batches = api.evaluator(config, split, api.evaluator_of(config)).batches  # its input alone
+  batches = api.eval_batches(config, split, api.evaluator_of(config))
   scoring = task.scoring(model.categories())
   fid = next((name for name, k in config.evals if k == "coltran_fid"), None)
   rows, start = [], time.perf_counter()
