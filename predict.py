@@ -216,8 +216,9 @@ def run(model: api.Model, source: "str | list[Path] | video.Clip", output: Path,
   names = (*given, *(c if isinstance(c, str) else c[0]
                      for c in options.get("chain") or stage.names))
   categories = {n: model.categories(n) for n in names}
+  plan = model.plan(**options)  # checked once, for every batch
   sheet = (ChainSheet(model, names, given) if stage.multitask
-           else TaskSheet(model, options, sheet_samples))
+           else TaskSheet(model, options, plan, sheet_samples))
   num_samples = options.get("num_samples", 1)
   film = Film(model, names, source.fps) if isinstance(source, video.Clip) else None
   output.mkdir(parents=True, exist_ok=True)
@@ -232,8 +233,8 @@ def run(model: api.Model, source: "str | list[Path] | video.Clip", output: Path,
     if from_previous:  # the first frame from nothing (-1: every word decoded), in one trace
       draft = (film.codes[-1] if film.codes
                else np.full(model.stage.model.seq_len, -1, np.int32))[None]
-    outputs = model.predict_batch(batch, draft=draft, **options)
-    extra = sheet.predict(batch) if len(rows) < sheet_rows else None
+    outputs = model.predict_batch(batch, draft=draft, plan=plan)
+    extra = sheet.predict(batch, outputs) if len(rows) < sheet_rows else None
     for i, example in enumerate(batch_examples):
       for n in names:
         for k in range(num_samples):
@@ -262,15 +263,17 @@ class TaskSheet:
   """A single-task contact sheet, like the paper's Figures 7-9: ground truth | the model's
   input | T=0 | T=1 samples (the other sampling options as given)."""
 
-  def __init__(self, model: api.Model, options: dict, samples: int = 2):
-    self.model, self.options, self.task, self.samples = model, options, model.task, samples
+  def __init__(self, model: api.Model, options: dict, plan, samples: int = 2):
+    self.model, self.task, self.samples = model, model.task, samples
+    options = {k: v for k, v in options.items() if k not in ("temperature", "num_samples")}
+    self.plans = (model.plan(**options, temperature=0.0, num_samples=1),
+                  model.plan(**options, temperature=1.0, num_samples=samples))
+    self.predicted = plan  # what the batch's own predictions are: reused where they are a column
     self.titles = ["ground truth", "input", "T=0", *(f"T=1 #{k + 1}" for k in range(samples))]
 
-  def predict(self, batch: dict) -> tuple[dict, dict]:
-    options = {k: v for k, v in self.options.items() if k not in ("temperature", "num_samples")}
-    return (self.model.predict_batch(batch, **options, temperature=0.0, num_samples=1),
-            self.model.predict_batch(batch, **options, temperature=1.0,
-                                     num_samples=self.samples))
+  def predict(self, batch: dict, outputs: dict) -> tuple[dict, ...]:
+    return tuple(outputs if plan == self.predicted else self.model.predict_batch(batch, plan=plan)
+                 for plan in self.plans)
 
   def row(self, example: dict, outputs: dict, extra: tuple[dict, dict], i: int) -> list:
     image, (greedy, samples) = example["image"], extra
@@ -290,7 +293,7 @@ class ChainSheet:
     self.titles = ["input", *(t for n in names for t in (
         f"{n}: truth", f"{n}: " + ("given" if n in given else "chain")))]
 
-  def predict(self, batch: dict) -> tuple:
+  def predict(self, batch: dict, outputs: dict) -> tuple:
     return ()
 
   def row(self, example: dict, outputs: dict, extra: tuple, i: int) -> list:

@@ -28,8 +28,11 @@ def one_hot_task(task: types.ModuleType) -> types.SimpleNamespace:
     return {k: jax.nn.one_hot(x, model_config.inputs[k][0], axis=-2)
                if np.issubdtype(x.dtype, np.integer) else x for k, x in inputs.items()}, stats
 
+  def loss_fn(logits: dict, batch: dict, model_config, inputs=None):
+    return task.loss_fn(logits, batch, model_config)  # on its class ids, not the one-hot inputs
+
   public = {k: getattr(task, k) for k in dir(task) if not k.startswith("_")}
-  return types.SimpleNamespace(**{**public, "input_pp": input_pp})
+  return types.SimpleNamespace(**{**public, "input_pp": input_pp, "loss_fn": loss_fn})
 
 
 @contextlib.contextmanager

@@ -43,7 +43,7 @@ def task_entries() -> dict[str, dict]:
   pp adds before resizing / keeps (evaluator None: no end-task evaluator, the task is scored by
   its loss); optional `resize`: how its labels are resized (default nearest); `gray_input`: the
   model reads the grayscale image; `context`: the batch key of its oracle's context image
-  (default `image_ctx`); `default`: among the tasks of `tasks=` left out (default True)."""
+  (default `image_ctx`)."""
   entries = {}
   for task in tasks.all_tasks().values():
     entry = dict(task.MULTITASK)
@@ -52,14 +52,14 @@ def task_entries() -> dict[str, dict]:
 
 
 TASKS = task_entries()
-DEFAULT_TASKS = [name for name, entry in TASKS.items() if entry.get("default", True)]
+DEFAULT_TASKS = ("colorization", "panoptic", "depth")  # the README's model, in its order
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """The multi-task stage II config (toy scenes only); `tasks=a+b` picks some of TASKS."""
   pieces = [p.strip() for p in (arg or "").split(",") if p.strip()]
   chosen = [p.partition("=")[2] for p in pieces if p.partition("=")[0].strip() == "tasks"]
-  names = chosen[-1].split("+") if chosen else DEFAULT_TASKS
+  names = chosen[-1].split("+") if chosen else list(DEFAULT_TASKS)
   unknown = sorted(set(names) - set(TASKS))
   twice = sorted({n for n in names if names.count(n) > 1})
   if unknown or twice or len(names) < 2:

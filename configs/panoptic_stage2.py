@@ -41,7 +41,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     config[key] = stage1[key].replace(f"resize({res})|", f"{context}resize({res})|", 1).replace(
         "value_range(-1, 1)|", in_range).replace('keep("image","labels")',
                                                  'keep("image", "image_ctx", "labels")')
-  config.val.pp, config.val.log_steps = config.pp_eval, config.get_ref("log_eval_steps")
+  config.val.pp, config.val.split = config.pp_eval, config.get_ref("val_split")
+  config.val.log_steps = config.get_ref("log_eval_steps")
   config.shuffle_buffer_size = 50_000
   config.num_epochs = 200
   config.log_eval_steps = 1000

@@ -127,7 +127,7 @@ def chain_reference(stage, params, images, given_tokens, chain, steps):
   tokens = np.array(given_tokens)
   for name in chain:
     first, end = stage.span(name)
-    low, high = stage.vocab(name)
+    low, high = stage.layout.vocab(name)
     for count in decoding.tokens_per_step(end - first, steps, "cosine"):
       logits = np.asarray(stage.model.apply({"params": params}, images, jnp.asarray(tokens)))
       allowed = np.full(logits.shape[-1], -np.inf)
@@ -189,7 +189,7 @@ def test_a_one_task_model_predicts_like_the_single_task_stage(toy_data_dir, orac
   params = jitter(single.init_variables(jax.random.key(0), batch)["params"])
   oracle = single.frozen_variables()
   options = dict(scheme="maskgit", steps=4, choice_temperature=0.0)
-  ours = multi.predict_samples({"params": params, "oracle": {"panoptic": oracle}},
+  ours = multi.predict_samples({"params": params, "oracle": {"panoptic": oracle[single.names[0]]}},
                                {**batch, "labels_panoptic": batch["labels"]}, **options)
   theirs = single.predict_samples({"params": params, "oracle": oracle}, batch, **options)
   for k in ("code", "semantics", "instances"):
@@ -240,7 +240,7 @@ def test_a_third_task_is_one_entry_of_the_config(toy_data_dir, oracles):
   stage = stages.get_stage(config)
   assert stage.names == ("depth", "far", "panoptic")
   assert [stage.span(n) for n in stage.names] == [(0, 16), (16, 32), (32, 48)]
-  assert [stage.vocab(n) for n in stage.names] == [(1, 17), (17, 33), (33, 49)]
+  assert [stage.layout.vocab(n) for n in stage.names] == [(1, 17), (17, 33), (33, 49)]
   batch = first_batch(config)
   variables = stage.variables(stage.init_variables(jax.random.key(0), batch)["params"], {},
                               stage.frozen_variables())
@@ -300,7 +300,7 @@ def guided_chain_reference(stage, params, images, tokens, name, steps, scale):
   at every step, in Python."""
   tokens = np.array(tokens)
   first, end = stage.span(name)
-  low, high = stage.vocab(name)
+  low, high = stage.layout.vocab(name)
   model, variables = stage.model, {"params": params}
   encoded = model.apply(variables, images, method=model.encode)
   null = model.apply(variables, encoded, method=model.encode_unconditional)

@@ -234,9 +234,10 @@ def test_predict_cli_writes_each_input_in_its_own_folder_with_the_recorded_oracl
   assert result.returncode == 1 and sorted(images.iterdir()) == before
   assert f"FATAL --output {images} holds the --input images" in result.stderr
 
+  # The README's form: the workdir alone (its config.json says everything, data_dir too).
   out = tmp_path / "tfds"
-  result = subprocess.run([*common, "--input=toy_scenes/tiny:validation[:3]",
-                           f"--config.data_dir={toy_data_dir}", f"--output={out}",
+  result = subprocess.run([sys.executable, "predict.py", f"--workdir={stage2_workdir}",
+                           "--input=toy_scenes/tiny:validation[:3]", f"--output={out}",
                            "--num_samples=2", "--temperature=1"],
                           cwd=ROOT, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-2000:]

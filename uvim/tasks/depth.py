@@ -90,9 +90,9 @@ def categories(dataset_categories: Callable[[], list[dict] | None], model_config
 
 def save(outputs: dict, image: np.ndarray, stem: Path, categories=None) -> None:
   """`<stem>.png`: 16-bit depth in millimetres at the image's size; `<stem>_preview.png`."""
-  visualize.save_png(visualize.beside(stem, ".png"),
-                     visualize.depth_to_png16(_depth_at(outputs, image.shape[:2])))
-  visualize.save_png(visualize.beside(stem, "_preview.png"), render(outputs, image))
+  depth = _depth_at(outputs, image.shape[:2])  # resized once
+  visualize.save_png(visualize.beside(stem, ".png"), visualize.depth_to_png16(depth))
+  visualize.save_png(visualize.beside(stem, "_preview.png"), render({"depth": depth}, image))
 
 
 def _rmse(outputs: dict, truth: dict) -> np.ndarray:

@@ -247,7 +247,8 @@ def save(outputs: dict, image: np.ndarray, stem: Path, categories: list[dict]) -
           for i, c in zip(segments.ids, segments.category_ids, strict=True)]
   files.write_text(visualize.beside(stem, ".json"), json.dumps(
       {"file_name": visualize.beside(stem, ".png").name, "segments_info": info}, indent=1))
-  visualize.save_png(visualize.beside(stem, "_overlay.png"), render(outputs, image))
+  visualize.save_png(visualize.beside(stem, "_overlay.png"),  # already at the image's size
+                     render({"semantics": semantics, "instances": instances}, image))
 
 
 def scoring(categories: list[dict]) -> Scoring:

@@ -26,7 +26,7 @@ EVALUATOR, METRIC, HIGHER_IS_BETTER = "miou", "miou", True
 TRUTH = "batch"
 MULTITASK = dict(name="semantic", config="configs.semantic_stage2", evaluator="semantic_val",
                  labels='coco_panoptic|copy("semantics", "labels_semantic")|', finish="",
-                 eval_labels="", eval_keep='"labels_semantic"', default=False)
+                 eval_labels="", eval_keep='"labels_semantic"')
 
 
 def input_pp(batch: dict, model_config) -> tuple[dict, dict]:
@@ -140,7 +140,8 @@ def save(outputs: dict, image: np.ndarray, stem: Path, categories=None) -> None:
   semantics = resize_nearest(np.asarray(outputs["semantics"]), image.shape[:2])
   dtype = np.uint8 if semantics.max(initial=0) < 256 else np.uint16
   visualize.save_png(visualize.beside(stem, ".png"), semantics.astype(dtype))
-  visualize.save_png(visualize.beside(stem, "_overlay.png"), render(outputs, image))
+  visualize.save_png(visualize.beside(stem, "_overlay.png"),  # already at the image's size
+                     render({"semantics": semantics}, image))
 
 
 def scoring(categories=None) -> Scoring:
