@@ -3,19 +3,21 @@
 The trainer (uvim/trainer.py) is the same for both. A stage provides
   init_variables(rng, batch)          -> {'params', 'state'} of a fresh model
   loss(params, model_state, frozen, batch, rng) -> (loss, (metrics, new model_state))
-  frozen_variables()                  -> variables of fixed models (stage II: the oracles),
-                                         passed to every step as an argument, never optimised
+  frozen_variables()                  -> variables of fixed models (stage II: the oracles, by
+                                         task name), passed to every step, never optimised
   frozen_shapes(), abstract_batch(n)  -> their shapes and a batch's, for planning without data
   variables(params, model_state, frozen) -> what `eval_fns` take
   eval_fns()                          -> {'loss': per-example losses, 'predict': task outputs,
-                                         'options': checks the evaluators' `predict_kwargs`,
+                                         'options': the evaluators' `predict_kwargs` -> the
+                                         checked keyword arguments of `predict` (a `Plan`),
                                          'oracles': the stage I models, by task, which say
                                          how to draw each task's labels and predictions}
   load_init(model_init, params, model_state) -> (params, model_state) from `config.model_init`
 
 `StageII.predict_samples` is the one predict path (image -> sampled code -> stage I decoder with
-the image context -> task output), used by the evaluators during training, by predict.py and
-by `uvim.api`. One StageII serves one task (`config.oracle`) or several (`config.oracles`).
+the image context -> task output), doing what a `Plan` (`make_plan`) says; the evaluators
+during training, predict.py and `uvim.api` use it. One StageII serves one task
+(`config.oracle`) or several (`config.oracles`), a mapping of oracles in either case.
 """
 
 import dataclasses
