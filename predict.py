@@ -380,8 +380,6 @@ def read_inputs(source: "str | list[Path] | video.Clip", model: api.Model,
                 failures: list[str]) -> Inputs:
   """Image files, a tfds split or a video's frames; unreadable files are appended to
   `failures`."""
-  from pp.builder import get_preprocess_fn
-
   config = model.config
   if isinstance(source, video.Clip):
     names = [f"frame_{i:05d}" for i in range(source.count)]
@@ -394,10 +392,12 @@ def read_inputs(source: "str | list[Path] | video.Clip", model: api.Model,
     return Inputs(_file_examples(source, [f.name for f in source], model.preprocess, failures),
                   len(source))
   dataset, split = split_source(source)
-  builder = input_pipeline.get_builder(dataset, config.data_dir)
-  pp = get_preprocess_fn(config.pp_eval, config.pp_modules)
-  total = input_pipeline.num_examples(builder, split, "--input")
-  return Inputs(_tfds_examples(builder, split, pp), total)
+  total = input_pipeline.num_examples(input_pipeline.get_builder(dataset, config.data_dir), split,
+                                      "--input")
+  return Inputs(({"name": f"{index:05d}", "image": image, "labels": inputs.get("labels"),
+                  "model": inputs}
+                 for index, (image, inputs) in enumerate(api.iter_examples(config, split,
+                                                                           dataset))), total)
 
 
 def split_source(source: str) -> tuple[str, str]:
@@ -417,23 +417,6 @@ def _file_examples(paths: Sequence[Path], names: Sequence[str], preprocess,
       continue
     yield {"name": name, "image": image,
            "model": preprocess(image)}
-
-
-def _tfds_examples(builder, split: str, pp) -> Iterator[dict]:
-  import tensorflow as tf
-  import tensorflow_datasets as tfds
-
-  skip = {"image": tfds.decode.SkipDecoding()}
-  for index, example in enumerate(builder.as_dataset(split=split, decoders=skip)):
-    processed = _numpy(pp(dict(example)))
-    image = tf.io.decode_image(example["image"], channels=3, expand_animations=False).numpy()
-    yield {"name": f"{index:05d}", "image": image, "labels": processed.get("labels"),
-           "model": processed}
-
-
-def _numpy(example: dict) -> dict:
-  return {k: np.asarray(v) for k, v in example.items()
-          if np.asarray(v).dtype.kind in "biuf"}
 
 
 def batched(examples, size: int) -> Iterator[list[dict]]:
