@@ -216,6 +216,17 @@ def train(*args: str) -> subprocess.CompletedProcess:
                         cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
+def test_predict_sets_config_keys_only_on_a_config():
+  """predict.py needs no --config (a run's config.json says everything), but a --config.<key>
+  without one has nothing to set: one line, before any work."""
+  result = subprocess.run([sys.executable, "predict.py", "--workdir=/tmp/unused",
+                           "--input=x.png", "--output=/tmp/unused_out", "--config.lr=1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert "--config.lr is set, but there is no --config to set it in" in result.stderr
+  assert "Traceback" not in result.stderr
+
+
 def test_config_flag_applies_arg_and_overrides():
   from absl import flags
   from ml_collections import config_flags

@@ -79,12 +79,12 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     argv, late = split_late_overrides(argv)
     late_args = {arg for arg, _, _ in late}
     sys.argv = [a for a in sys.argv if a not in late_args]  # config_flags reads sys.argv too
+    if _flag_value(argv, CONFIG_FLAG) is None and explicit_keys(argv):
+      raise ValueError(f"--config.{explicit_keys(argv)[0]} is set, but there is no --config "
+                       "to set it in: give --config (the run's config file) too")
     rest = flags.FLAGS(list(argv))
     config = flags.FLAGS[CONFIG_FLAG].value
     if config is None:  # no --config (optional where a run's config.json says everything)
-      if explicit_keys(argv):
-        raise ValueError(f"{explicit_keys(argv)[0]} is set, but there is no --config to set "
-                         "it in: give --config (the run's config file) too")
       return rest
     config.keys()  # config_flags defers some load errors to first use.
     for arg, path, text in late:
