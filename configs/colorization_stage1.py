@@ -56,21 +56,14 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   config.model = common.stage1_model("smoke" if toy else "base", res, patch_size,
                                      {"color": (3, patch_size**2)})
 
-  config.optax_name = "scale_by_adafactor"
-  config.optax = dict(beta2_cap=0.95)
-  config.lr = 4e-4
-  config.wd = 4e-5
-  config.schedule = dict(decay_type="cosine", warmup_steps=4_000)
-  config.grad_clip_norm = 1.0
+  common.set_stage1_optimizer(config, lr=4e-4, wd=4e-5)
 
   config.evals = [
       ("val", "validation"),
       ("colorization_val", "psnr"),
       ("colorization_val_fid", "coltran_fid"),
   ]
-  config.val = mlc.ConfigDict(dict(pp=config.pp_eval, prefix="val/"))
-  config.val.split = config.get_ref("val_split")
-  config.val.log_steps = config.get_ref("log_eval_steps")
+  common.add_validation(config)
   config.colorization_val = mlc.ConfigDict(dict(
       pp=config.pp_eval.replace("decode|", ""), split="validation", log_steps=2500,
       prefix="colorization/"))

@@ -147,6 +147,25 @@ def add_prediction_images(config: mlc.ConfigDict, split: str, log_steps: int) ->
                        prefix="images/")
 
 
+def set_stage1_optimizer(config: mlc.ConfigDict, lr: float, wd: float) -> None:
+  """The paper's stage I optimizer: big_vision's Adafactor, cosine schedule with 4k warmup
+  steps, gradient clipping at 1; `lr` and `wd` per task."""
+  config.optax_name = "scale_by_adafactor"
+  config.optax = dict(beta2_cap=0.95)
+  config.lr = lr
+  config.wd = wd
+  config.schedule = dict(decay_type="cosine", warmup_steps=4_000)
+  config.grad_clip_norm = 1.0
+
+
+def add_validation(config: mlc.ConfigDict) -> None:
+  """`config.val`: the validation loss on `val_split` through `pp_eval` every `log_eval_steps`
+  (both followed when overridden); the config lists it in `evals` as ("val", "validation")."""
+  config.val = mlc.ConfigDict(dict(pp=config.pp_eval, prefix="val/"))
+  config.val.split = config.get_ref("val_split")
+  config.val.log_steps = config.get_ref("log_eval_steps")
+
+
 def stage1_model(size: str, res: int, patch_size: int, inputs: dict) -> mlc.ConfigDict:
   """The stage I (`proj.uvim.vit`) model section of the paper, at `size` ('base' or 'smoke')."""
   model = mlc.ConfigDict(STAGE_I_MODELS[size])  # its code too

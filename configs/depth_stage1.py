@@ -59,17 +59,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   config.model = common.stage1_model("smoke" if toy else "base", res, patch_size,
                                      {"depth": (bins, patch_size**2)})
 
-  config.optax_name = "scale_by_adafactor"
-  config.optax = dict(beta2_cap=0.95)
-  config.lr = 1e-3
-  config.wd = 1e-5
-  config.schedule = dict(decay_type="cosine", warmup_steps=4_000)
-  config.grad_clip_norm = 1.0
+  common.set_stage1_optimizer(config, lr=1e-3, wd=1e-5)
 
   config.evals = [("val", "validation"), ("nyu_depth_val", "nyu_depth")]
-  config.val = mlc.ConfigDict(dict(pp=config.pp_eval, prefix="val/"))
-  config.val.split = config.get_ref("val_split")
-  config.val.log_steps = config.get_ref("log_eval_steps")
+  common.add_validation(config)
   config.nyu_depth_val = mlc.ConfigDict(dict(
       pp=(f'nyu_depth|{eval_crop}copy("labels", "ground_truth")|'
           f'resize({res})|resize({res}, key="labels", method="nearest")|'

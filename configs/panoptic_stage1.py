@@ -79,12 +79,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   config.model.thing_classes = instances["thing_classes"]
 
   # Optimizer section.
-  config.optax_name = "scale_by_adafactor"
-  config.optax = dict(beta2_cap=0.95)
-  config.lr = 4e-4
-  config.wd = 4e-5
-  config.schedule = dict(decay_type="cosine", warmup_steps=4_000)
-  config.grad_clip_norm = 1.0
+  common.set_stage1_optimizer(config, lr=4e-4, wd=4e-5)
 
   # Evaluation section: (name, evaluator type) pairs, each configured by `config.<name>`.
   config.evals = [
@@ -94,9 +89,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       ("panoptic_val", "coco_panoptic"),
   ]
   base_eval = dict(pp=config.pp_eval.replace("decode|", ""), log_steps=10_000)
-  config.val = mlc.ConfigDict(dict(pp=config.pp_eval, prefix="val/"))
-  config.val.split = config.get_ref("val_split")
-  config.val.log_steps = config.get_ref("log_eval_steps")
+  common.add_validation(config)
   config.panoptic_train = mlc.ConfigDict(base_eval)
   config.panoptic_train.prefix = "coco_panoptic_train/"
   config.panoptic_train.split = "train[4096:8192]"
